@@ -1,0 +1,31 @@
+# Two commands: `make demo` (the main job) and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test lint demo
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU build already on these machines instead of a CUDA one.
+# OpenRLHF goes in with --no-deps: its own requirements pull flash-attn and vllm (GPU-only); the
+# subset it really needs is listed in pyproject.toml. Re-runs are a no-op until pyproject.toml changes.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  reqs = p['dependencies'] + p['optional-dependencies']['dev']; \
+	  print('\n'.join(r for r in reqs if not r.startswith('openrlhf')))" > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	$(PY) -m pip install -q --no-deps openrlhf==0.11.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest

@@ -1,0 +1,3 @@
+"""aapa-rl: Adversarially Anchored Preference Alignment for OpenRLHF."""
+
+__version__ = "0.1.0"

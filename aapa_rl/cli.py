@@ -1,0 +1,23 @@
+"""`aapa-rl` command line: each feature module registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
+COMMAND_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aapa-rl", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Objective math as pure functions of tensors: shared by the local trainer and the OpenRLHF adapter.
+
+Shapes: B sequences, T tokens, P prompts with G rollouts each (B = P * G, consecutive groups).
+Masks are 0/1 tensors of the same shape as the per-token values they select.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ADVANTAGE_ESTIMATORS = ("group_norm", "dr_grpo", "rloo")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+SHAPING_TRANSFORMS = ("log", "neg_log_one_minus", "logit")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` where `mask` is set; 0 (not NaN) where the mask is empty."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target_t | ...) for every position: (B, T, V) logits, (B, T) targets -> (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "group_norm") -> torch.Tensor:
+    """Per-sample advantages with a per-prompt baseline over consecutive groups of `group_size`.
+
+    group_norm (GRPO): (r - mean) / (std + 1e-9); dr_grpo: r - mean; rloo: r - mean of the others.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {ADVANTAGE_ESTIMATORS}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards cannot form groups of {group_size} (>= 2 per group)")
+    r = rewards.float().reshape(-1, group_size)
+    mean = r.mean(-1, keepdim=True)
+    if estimator == "group_norm":
+        adv = (r - mean) / (r.std(-1, keepdim=True) + 1e-9)
+    elif estimator == "dr_grpo":
+        adv = r - mean
+    else:
+        adv = r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return adv.reshape(-1)
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """Reduce a (B, T) per-token loss: mean over all tokens, or mean over sequences of their token mean."""
+    if agg == "token-mean":
+        return masked_mean(loss, mask)
+    if agg == "seq-mean-token-mean":
+        counts = mask.sum(-1)
+        per_seq = (loss * mask).sum(-1) / (counts + 1e-8)
+        return masked_mean(per_seq, (counts > 0).float())
+    raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {LOSS_AGGREGATIONS}")
+
+
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token-mean",
+) -> torch.Tensor:
+    """PPO/GRPO clipped surrogate; clip_high > clip_low is DAPO's clip-higher."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    ratio = (log_probs - old_log_probs).clamp(-20.0, 20.0).exp()
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    return aggregate(-torch.min(unclipped, clipped), mask, agg)
+
+
+def approx_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || ref) estimators k1/k2/k3 (Schulman), clamped to [-10, 10] like OpenRLHF."""
+    log_ratio = log_probs.float() - ref_log_probs.float()
+    if estimator == "k1":
+        kl = log_ratio
+    elif estimator == "k2":
+        kl = log_ratio**2 / 2
+    elif estimator == "k3":
+        # Bounding before exp keeps the derivative finite where the clamp below would cut it anyway.
+        lr = log_ratio.clamp(min=-10)
+        kl = (-lr).exp() - 1 + lr
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    return kl.clamp(-10, 10)
+
+
+def phi_weight(log_probs: torch.Tensor) -> torch.Tensor:
+    """CHORD's token weight p(1-p), detached: it rescales tokens but must not be optimised itself."""
+    p = log_probs.detach().exp()
+    return p * (1 - p)
+
+
+def sft_loss(log_probs: torch.Tensor, mask: torch.Tensor, phi: bool = False) -> torch.Tensor:
+    """Token-mean negative log-likelihood, optionally phi-weighted (CHORD-phi)."""
+    nll = -log_probs
+    if phi:
+        nll = nll * phi_weight(log_probs)
+    return masked_mean(nll, mask)
+
+
+def chord_mu(step: int, warmup_steps: int, decay_steps: int, peak: float, valley: float) -> float:
+    """CHORD's mu(t): linear warm-up to `peak`, cosine decay to `valley`, then flat at the floor."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    if step >= warmup_steps + decay_steps:
+        return valley
+    progress = (step - warmup_steps) / decay_steps
+    return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def chord_loss(rl_loss: torch.Tensor, expert_loss: torch.Tensor, mu: float) -> torch.Tensor:
+    """CHORD's mix: (1 - mu) * L_rl + mu * L_sft_phi."""
+    return (1 - mu) * rl_loss + mu * expert_loss
+
+
+def shaping_signal(scores: torch.Tensor, transform: str = "log", eps: float = 1e-6) -> torch.Tensor:
+    """s = g(D) for discriminator scores D in (0, 1); every transform is increasing in D."""
+    d = scores.float().clamp(eps, 1 - eps)
+    if transform == "log":
+        return torch.log(d)
+    if transform == "neg_log_one_minus":
+        return -torch.log1p(-d)
+    if transform == "logit":
+        return torch.log(d) - torch.log1p(-d)
+    raise ValueError(f"unknown shaping transform {transform!r}; choose one of {SHAPING_TRANSFORMS}")
+
+
+def anchor_gaps(rollout_scores: torch.Tensor, expert_scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """g_i = log D(x_i, y*_i) - mean_j log D(x_i, y_ij): how much less expert-like the rollouts look."""
+    log_rollouts = rollout_scores.float().clamp(min=eps).log().mean(-1)
+    return expert_scores.float().clamp(min=eps).log() - log_rollouts
+
+
+def select_hard_set(
+    gaps: torch.Tensor, rho: float, temperature: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """H = the ceil(rho * P) prompts with the largest positive gap; weights |H| * softmax(g / T) over H.
+
+    Uniform weights (all 1) when `temperature` is None. Ties keep the lower index first.
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    # The epsilon keeps float noise such as 0.25 * 8 = 2.0000000000000004 from adding a prompt.
+    budget = math.ceil(rho * gaps.numel() - 1e-9)
+    order = torch.sort(gaps.float(), descending=True, stable=True).indices
+    chosen = order[:budget]
+    chosen = chosen[gaps[chosen] > 0]
+    if chosen.numel() == 0 or temperature is None:
+        return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
+    weights = chosen.numel() * torch.softmax(gaps[chosen].float() / temperature, dim=0)
+    return chosen, weights
+
+
+def anchor_loss(
+    log_probs: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, phi: bool = False
+) -> torch.Tensor:
+    """L_anchor = sum_i w_i sum_t -log pi(y*_it) / sum_i |y*_i| over the hard set (rows of the inputs).
+
+    An empty hard set gives an exact zero that still carries a graph (no NaN), so every rank can backward.
+    """
+    nll = -log_probs * mask
+    if phi:
+        nll = nll * phi_weight(log_probs)
+    per_row = nll.sum(-1)
+    return (weights.to(per_row.dtype) * per_row).sum() / mask.sum().clamp(min=1)

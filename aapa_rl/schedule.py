@@ -1,0 +1,106 @@
+"""Stage schedule for lambda(t), alpha(t), rho and the base objective, plus the adaptive-lambda controller."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BASE_OBJECTIVES = ("sft", "grpo", "chord")
+
+
+@dataclass
+class Stage:
+    """Steps up to (excluding) `end_step` use this stage; `lam` decays linearly to `lam_end` when set."""
+
+    end_step: int
+    objective: str
+    lam: float = 0.0
+    alpha: float = 0.0
+    rho: float = 0.0
+    lam_end: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in BASE_OBJECTIVES:
+            raise ValueError(f"stage objective {self.objective!r} is not one of {BASE_OBJECTIVES}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"stage rho must be in [0, 1], got {self.rho}")
+        if self.lam < 0 or self.alpha < 0 or (self.lam_end is not None and self.lam_end < 0):
+            raise ValueError("stage lam, lam_end and alpha must be >= 0")
+
+
+@dataclass
+class ScheduleValues:
+    stage: int
+    objective: str
+    lam: float
+    alpha: float
+    rho: float
+
+
+class AdaptiveLambda:
+    """Raise lambda when the mean anchor gap exceeds the drift budget, lower it when below.
+
+    Multiplicative like OpenRLHF's adaptive KL controller: lam *= (1 + rate) or /= (1 + rate), bounded.
+    """
+
+    def __init__(self, target_gap: float, rate: float = 0.1, lam_min: float = 0.0, lam_max: float = 10.0):
+        if target_gap <= 0 or rate <= 0 or not 0 <= lam_min <= lam_max:
+            raise ValueError("adaptive lambda needs target_gap > 0, rate > 0 and 0 <= lam_min <= lam_max")
+        self.target_gap, self.rate, self.lam_min, self.lam_max = target_gap, rate, lam_min, lam_max
+        self.lam: float | None = None  # set from the schedule's lambda on first use
+
+    def update(self, gap_mean: float) -> float:
+        if self.lam is None:
+            raise RuntimeError("AdaptiveLambda.update called before its lambda was initialised")
+        factor = 1 + self.rate if gap_mean > self.target_gap else 1 / (1 + self.rate)
+        # A lambda of exactly zero could never grow multiplicatively: restart it from a small floor.
+        self.lam = min(max(max(self.lam, 1e-3) * factor, self.lam_min), self.lam_max)
+        return self.lam
+
+
+class StageSchedule:
+    """An ordered list of stages; the last stage extends past its end step."""
+
+    def __init__(self, stages: list[Stage], adaptive: AdaptiveLambda | None = None):
+        if not stages:
+            raise ValueError("a stage schedule needs at least one stage")
+        ends = [s.end_step for s in stages]
+        if any(b <= a for a, b in zip(ends, ends[1:], strict=False)) or ends[0] <= 0:
+            raise ValueError(f"stage end steps must be positive and strictly increasing, got {ends}")
+        self.stages = stages
+        self.adaptive = adaptive
+
+    def _stage_index(self, step: int) -> int:
+        for i, stage in enumerate(self.stages):
+            if step < stage.end_step:
+                return i
+        return len(self.stages) - 1
+
+    def at(self, step: int) -> ScheduleValues:
+        i = self._stage_index(step)
+        stage = self.stages[i]
+        lam = stage.lam
+        if stage.lam_end is not None:
+            start = self.stages[i - 1].end_step if i else 0
+            progress = min(max((step - start) / (stage.end_step - start), 0.0), 1.0)
+            lam = stage.lam + (stage.lam_end - stage.lam) * progress
+        if self.adaptive is not None:
+            if self.adaptive.lam is None:
+                self.adaptive.lam = lam
+            lam = self.adaptive.lam
+        return ScheduleValues(stage=i, objective=stage.objective, lam=lam, alpha=stage.alpha, rho=stage.rho)
+
+    def observe(self, gap_mean: float) -> None:
+        if self.adaptive is not None and self.adaptive.lam is not None:
+            self.adaptive.update(gap_mean)
+
+    def state_dict(self) -> dict:
+        return {
+            "stages": [asdict(s) for s in self.stages],
+            "adaptive_lam": None if self.adaptive is None else self.adaptive.lam,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["stages"] != [asdict(s) for s in self.stages]:
+            raise ValueError("checkpoint was written with a different stage schedule; refusing to resume")
+        if self.adaptive is not None:
+            self.adaptive.lam = state["adaptive_lam"]

@@ -1,0 +1,210 @@
+"""aapa_rl.objectives: parity with OpenRLHF 0.11.2 on random tensors, and the AAPA pieces by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from openrlhf.models.loss import PolicyLoss
+from openrlhf.models.utils import compute_approx_kl
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+
+from aapa_rl import objectives as obj
+
+TOL = 1e-6
+
+
+def _random_batch(seed: int, batch: int = 6, tokens: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    log_probs = -torch.rand(batch, tokens, generator=g, dtype=torch.float64) * 3
+    old = log_probs + 0.3 * torch.randn(batch, tokens, generator=g, dtype=torch.float64)
+    adv = torch.randn(batch, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, tokens + 1, (batch,), generator=g)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).double()
+    return log_probs, old, adv, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("agg", obj.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("clip", [(0.2, 0.2), (0.2, 0.28)])
+def test_policy_loss_matches_openrlhf(seed, agg, clip):
+    log_probs, old, adv, mask = _random_batch(seed)
+    reference = PolicyLoss(clip_eps_low=clip[0], clip_eps_high=clip[1], token_level_loss=agg == "token-mean")
+    expected = reference(log_probs, old, adv.unsqueeze(-1), action_mask=mask)[0]
+    got = obj.policy_loss(log_probs, old, adv, mask, clip_low=clip[0], clip_high=clip[1], agg=agg)
+    assert abs(got.item() - expected.item()) < TOL
+    # Per-token advantages give the same value as broadcast per-sequence ones.
+    got_tokens = obj.policy_loss(log_probs, old, adv[:, None].expand_as(mask), mask, *clip, agg=agg)
+    assert abs(got_tokens.item() - expected.item()) < TOL
+
+
+def test_clip_higher_changes_the_loss():
+    log_probs, old, adv, mask = _random_batch(3)
+    log_probs = old + 0.5  # every ratio is e^0.5 > 1.28, so the upper clip binds for positive advantages
+    # A larger upper clip lets more of the positive advantage through: a lower (better) surrogate loss.
+    assert obj.policy_loss(log_probs, old, adv.abs(), mask, 0.2, 0.28) < obj.policy_loss(
+        log_probs, old, adv.abs(), mask, 0.2, 0.2
+    )
+
+
+@pytest.mark.parametrize("estimator", obj.KL_ESTIMATORS)
+def test_kl_matches_openrlhf(estimator):
+    log_probs, old, _, _ = _random_batch(4)
+    old = old - 12 * (torch.rand_like(old) > 0.9)  # some large ratios hit the clamps
+    expected = compute_approx_kl(log_probs, old, kl_estimator=estimator)
+    assert torch.allclose(obj.approx_kl(log_probs, old, estimator), expected, atol=TOL, rtol=0)
+
+
+def _openrlhf_advantages(rewards: torch.Tensor, group: int, estimator: str) -> torch.Tensor:
+    args = SimpleNamespace(
+        algo=SimpleNamespace(advantage=SimpleNamespace(estimator=estimator, gamma=1.0)),
+        rollout=SimpleNamespace(n_samples_per_prompt=group),
+        reward=SimpleNamespace(clip_range=None),
+    )
+    strategy, kl_ctl = SimpleNamespace(args=args), SimpleNamespace(value=0.0)
+    maker = RemoteExperienceMaker(None, None, None, None, kl_ctl, strategy, None)
+    tokens = 5
+    experiences = []
+    for start in range(0, rewards.numel(), 3):  # micro-batches that cut across groups
+        rows = rewards[start : start + 3]
+        experiences.append(
+            Experience(
+                rewards=rows.clone(),
+                action_mask=torch.ones(len(rows), tokens, dtype=torch.bool),
+                kl=torch.zeros(len(rows), tokens),
+                index=list(range(start, start + len(rows))),
+                info={},
+            )
+        )
+    experiences = maker.compute_advantages_and_returns(experiences)
+    return torch.cat([e.advantages[:, 0] for e in experiences])
+
+
+@pytest.mark.parametrize("estimator", obj.ADVANTAGE_ESTIMATORS)
+def test_group_advantages_match_openrlhf(estimator):
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.3, -2.0, 0.7, 5.0])
+    expected = _openrlhf_advantages(rewards, 4, estimator)
+    assert torch.allclose(obj.group_advantages(rewards, 4, estimator), expected, atol=TOL, rtol=0)
+
+
+def test_group_advantages_known_values_and_errors():
+    adv = obj.group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 4, "group_norm")
+    assert torch.allclose(adv, torch.tensor([0.5, -1.5, 0.5, 0.5]), atol=1e-6)
+    with pytest.raises(ValueError, match="groups of 3"):
+        obj.group_advantages(torch.zeros(4), 3)
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        obj.group_advantages(torch.zeros(4), 2, "gae")
+
+
+def test_sft_loss_and_phi_has_no_gradient_through_weight():
+    logits = torch.randn(2, 4, requires_grad=True, dtype=torch.float64)
+    log_probs = torch.nn.functional.logsigmoid(logits)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float64)
+    plain = obj.sft_loss(log_probs, mask)
+    assert abs(plain.item() - (-(log_probs * mask).sum() / 5).item()) < 1e-12
+
+    phi_loss = obj.sft_loss(log_probs, mask, phi=True)
+    (grad,) = torch.autograd.grad(phi_loss, logits, retain_graph=True)
+    # Stop-gradient: d/dx [-logp * w] with w constant = -w * dlogp/dx.
+    p = log_probs.detach().exp()
+    w = p * (1 - p)
+    (grad_logp,) = torch.autograd.grad(log_probs.sum(), logits)
+    expected = -(w * mask / 5) * grad_logp
+    assert torch.allclose(grad, expected, atol=1e-12)
+
+
+def test_chord_mu_schedule():
+    kw = dict(warmup_steps=10, decay_steps=20, peak=0.9, valley=0.05)
+    assert obj.chord_mu(0, **kw) == 0.0
+    assert obj.chord_mu(5, **kw) == pytest.approx(0.45)
+    assert obj.chord_mu(10, **kw) == pytest.approx(0.9)  # end of warm-up = peak
+    assert obj.chord_mu(20, **kw) == pytest.approx(0.05 + 0.85 * 0.5)  # mid-decay
+    assert obj.chord_mu(30, **kw) == pytest.approx(0.05)  # floor
+    assert obj.chord_mu(1000, **kw) == pytest.approx(0.05)
+    assert obj.chord_mu(0, warmup_steps=0, decay_steps=0, peak=0.1, valley=0.1) == pytest.approx(0.1)
+    assert obj.chord_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(2.5)
+
+
+def test_shaping_transforms():
+    d = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(obj.shaping_signal(d, "log"), d.log())
+    assert torch.allclose(obj.shaping_signal(d, "neg_log_one_minus"), -(1 - d).log())
+    assert torch.allclose(obj.shaping_signal(d, "logit"), (d / (1 - d)).log())
+    assert torch.isfinite(obj.shaping_signal(torch.tensor([0.0, 1.0]), "logit")).all()
+    with pytest.raises(ValueError, match="unknown shaping transform"):
+        obj.shaping_signal(d, "exp")
+
+
+def test_anchor_gaps():
+    rollouts = torch.tensor([[0.5, 0.25], [0.9, 0.9]])
+    experts = torch.tensor([0.8, 0.9])
+    gaps = obj.anchor_gaps(rollouts, experts)
+    assert gaps[0].item() == pytest.approx(math.log(0.8) - (math.log(0.5) + math.log(0.25)) / 2, abs=1e-6)
+    assert gaps[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(obj.anchor_gaps(torch.zeros(1, 3), torch.ones(1))).all()
+
+
+def test_select_hard_set_top_positive_and_weights():
+    gaps = torch.tensor([0.5, -1.0, 2.0, 0.1, 0.0, 1.0, 0.2, 0.3])
+    idx, w = obj.select_hard_set(gaps, rho=0.25)
+    assert idx.tolist() == [2, 5] and w.tolist() == [1.0, 1.0]
+    idx, w = obj.select_hard_set(gaps, rho=0.25, temperature=0.5)
+    expected = 2 * torch.softmax(torch.tensor([2.0, 1.0]) / 0.5, 0)
+    assert torch.allclose(w, expected) and w.sum().item() == pytest.approx(2.0)
+
+
+def test_select_hard_set_edge_cases():
+    # All gaps <= 0: empty set, and the anchor loss over it is a finite zero.
+    idx, w = obj.select_hard_set(torch.tensor([-0.1, 0.0, -3.0]), rho=1.0, temperature=1.0)
+    assert idx.numel() == 0 and w.numel() == 0
+    # Ties keep the lower index.
+    idx, _ = obj.select_hard_set(torch.tensor([1.0, 3.0, 3.0, 3.0]), rho=0.5)
+    assert idx.tolist() == [1, 2]
+    # Rounding: ceil(0.3 * 4) = 2, ceil(0.25 * 8) = 2 exactly, ceil(0.01 * 4) = 1, rho 0 -> none.
+    gaps = torch.arange(8, 0, -1).float()
+    assert obj.select_hard_set(gaps[:4], 0.3)[0].numel() == 2
+    assert obj.select_hard_set(gaps, 0.25)[0].numel() == 2
+    assert obj.select_hard_set(gaps[:4], 0.01)[0].numel() == 1
+    assert obj.select_hard_set(gaps, 0.0)[0].numel() == 0
+    # A batch of one group.
+    idx, w = obj.select_hard_set(torch.tensor([0.7]), rho=0.1, temperature=2.0)
+    assert idx.tolist() == [0] and w.tolist() == pytest.approx([1.0])
+    with pytest.raises(ValueError, match="rho"):
+        obj.select_hard_set(gaps, 1.5)
+
+
+def test_anchor_loss_hand_computed():
+    log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    weights = torch.tensor([2.0, 0.5])
+    loss = obj.anchor_loss(log_probs, mask, weights)
+    assert loss.item() == pytest.approx((2.0 * 6.0 + 0.5 * 1.0) / 5)
+    loss.backward()
+    assert torch.allclose(log_probs.grad, -weights[:, None] * mask / 5)
+
+    phi = obj.anchor_loss(log_probs, mask, weights, phi=True)
+    p = log_probs.detach().exp()
+    expected = (weights[:, None] * -log_probs.detach() * p * (1 - p) * mask).sum() / 5
+    assert phi.item() == pytest.approx(expected.item())
+
+
+def test_anchor_loss_empty_is_zero_without_nan():
+    log_probs = torch.zeros(0, 4, requires_grad=True)
+    loss = obj.anchor_loss(log_probs, torch.zeros(0, 4), torch.zeros(0))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(log_probs.grad).all()
+    dummy = torch.full((1, 3), -2.0, requires_grad=True)
+    masked_out = obj.anchor_loss(dummy, torch.zeros(1, 3), torch.ones(1))
+    masked_out.backward()
+    assert masked_out.item() == 0.0 and dummy.grad.abs().sum().item() == 0.0
+
+
+def test_token_log_probs_and_masked_mean():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.randint(0, 5, (2, 3))
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(obj.token_log_probs(logits, targets), expected)
+    assert obj.masked_mean(torch.ones(2, 2), torch.zeros(2, 2)).item() == 0.0
