@@ -1,0 +1,199 @@
+"""Code reward: the fraction of tests that the response's program passes, run in a sandbox.
+
+The program is the last fenced ```python block of the response (the last unlabelled block if none is
+labelled python). Labels: {"tests": "<python with assert statements>"} (a plain string means the same)
+or {"cases": [{"stdin": ..., "stdout": ...}, ...]} (a plain list means the same).
+- tests: each top-level `assert` is one test, other top-level statements are setup run in order; a
+  block without top-level asserts is one test. Program and tests run in one sandboxed process.
+- cases: the program runs once per case with that stdin; it passes when it exits 0 and its stdout
+  equals the expected one up to trailing whitespace on each line and blank lines at the ends.
+`strict`: reward 1 only when every test passes (cases stop at the first failure).
+Sandbox: see reward_fns/_sandbox.py; `code_isolated` in the metrics says whether namespaces were used,
+and `require_isolation=True` turns their absence into an error (reward 0, `code_error` 1).
+OpenRLHF: `--reward.remote_url reward_fns/code.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from reward_fns._common import final_answer, logger, make_reward_func, parse_label
+from reward_fns._sandbox import isolation_available, run_python
+
+TIMEOUT_S = 5.0
+MEMORY_MB = 1024
+PARALLEL = 4
+METRICS = (
+    "code_pass_rate",
+    "code_all_passed",
+    "code_no_program",
+    "code_timeout",
+    "code_error",
+    "code_isolated",
+)
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+# Runs in the sandbox. Program and tests arrive on stdin with a random token, so the program cannot
+# print fake results without digging the token out of the interpreter's memory.
+_HARNESS = """\
+import json, os, sys
+
+def _run():
+    task = json.loads(sys.stdin.readline())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    report, token = os.dup(1), task.pop("token")
+    namespace = {"__name__": "solution"}
+    try:
+        exec(compile(task["program"], "solution.py", "exec"), namespace)
+    except BaseException:
+        return
+    for i, (source, is_test) in enumerate(task["statements"]):
+        try:
+            exec(compile(source, "test_%d.py" % i, "exec"), namespace)
+        except BaseException:
+            continue
+        if is_test:
+            os.write(report, ("\\n%s pass %d\\n" % (token, i)).encode())
+
+_run()
+"""
+
+
+def extract_program(text: str) -> str | None:
+    """The last fenced python block, else the last unlabelled one."""
+    blocks = _FENCE.findall(text)
+    for wanted in (("python", "py", "python3"), ("",)):
+        for language, body in reversed(blocks):
+            if language.lower() in wanted:
+                return body
+    return None
+
+
+def _split_tests(tests: str, index: int) -> list[tuple[str, bool]]:
+    try:
+        module = ast.parse(tests)
+    except SyntaxError as exc:
+        raise ValueError(f"labels[{index}]: field 'tests' is not valid Python: {exc}") from exc
+    statements = [(ast.unparse(node), isinstance(node, ast.Assert)) for node in module.body]
+    if not any(is_test for _, is_test in statements):
+        return [(tests, True)]
+    return statements
+
+
+def parse_code_label(label: Any, index: int) -> tuple[str, Any]:
+    """("tests", [(statement, is_test), ...]) or ("cases", [(stdin, stdout), ...])."""
+    label = parse_label(label)
+    if isinstance(label, dict):
+        if label.get("tests") is not None:
+            label = label["tests"]
+        elif label.get("cases") is not None:
+            label = label["cases"]
+        else:
+            raise ValueError(
+                f"labels[{index}]: missing field 'tests' or 'cases' (label has fields {sorted(label)})"
+            )
+    if isinstance(label, str) and label.strip():
+        return "tests", _split_tests(label, index)
+    if isinstance(label, list) and label:
+        cases = []
+        for k, case in enumerate(label):
+            if not isinstance(case, dict) or not isinstance(case.get("stdout"), str):
+                raise ValueError(f"labels[{index}]: cases[{k}]: missing field 'stdout' (a string)")
+            if not isinstance(case.get("stdin", ""), str):
+                raise ValueError(f"labels[{index}]: cases[{k}]: field 'stdin' must be a string")
+            cases.append((case.get("stdin", ""), case["stdout"]))
+        return "cases", cases
+    raise ValueError(
+        f"labels[{index}]: missing field 'tests' or 'cases' (got {type(label).__name__} {label!r:.80})"
+    )
+
+
+def _normalise_output(text: str) -> str:
+    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).strip()
+
+
+def _score(program: str, kind: str, spec: list, strict: bool, timeout: float, memory_mb: int, isolate: bool):
+    """(passed, total, timed_out, sandbox_error) for one program."""
+    if kind == "tests":
+        token = secrets.token_hex(16)
+        task = json.dumps({"token": token, "program": program, "statements": spec}) + "\n"
+        result = run_python(_HARNESS, task.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)
+        prefix = f"{token} pass ".encode()
+        passed = {line[len(prefix) :] for line in result.stdout.splitlines() if line.startswith(prefix)}
+        total = sum(is_test for _, is_test in spec)
+        return len(passed), total, result.status == "timeout", result.status == "error"
+    passed = timed_out = error = 0
+    for stdin, expected in spec:
+        result = run_python(program, stdin.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)
+        timed_out |= result.status == "timeout"
+        error |= result.status == "error"
+        ok = result.status == "exited" and result.returncode == 0
+        if ok and _normalise_output(result.stdout.decode(errors="replace")) == _normalise_output(expected):
+            passed += 1
+        elif strict:
+            break
+    return passed, len(spec), bool(timed_out), bool(error)
+
+
+def batch_reward(
+    responses: list[str],
+    labels: list,
+    *,
+    strict: bool = False,
+    timeout: float = TIMEOUT_S,
+    memory_mb: int = MEMORY_MB,
+    require_isolation: bool = False,
+    answer_only: bool = True,
+    parallel: int = PARALLEL,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rewards (N,) in [0, 1] and per-sample metrics (N,) named in METRICS.
+
+    `timeout`: wall seconds per sandboxed run (one per sample for tests, one per case for cases);
+    `memory_mb`: address space per process; `parallel`: programs run at once by this call.
+    """
+    if len(labels) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(labels)} labels")
+    specs = [parse_code_label(label, i) for i, label in enumerate(labels)]
+    isolate = isolation_available()
+    if require_isolation and not isolate:
+        raise RuntimeError(
+            "code sandbox: require_isolation=True but Linux namespaces are unavailable "
+            f"(euid {os.geteuid()}; they need root and a platform that permits unshare)"
+        )
+    programs = [extract_program(final_answer(response, answer_only)) for response in responses]
+
+    def score(i: int) -> tuple[int, int, bool, bool]:
+        if programs[i] is None:
+            return 0, 1, False, False
+        kind, spec = specs[i]
+        try:
+            return _score(programs[i], kind, spec, strict, timeout, memory_mb, isolate)
+        except OSError:  # the sandbox could not start (out of processes, disk...): this sample only
+            logger.exception("code sandbox failed for response %d; reward 0", i)
+            return 0, 1, False, True
+
+    with ThreadPoolExecutor(max(1, min(parallel, len(responses)))) as executor:
+        outcomes = list(executor.map(score, range(len(responses))))
+    n = len(responses)
+    metrics = {key: torch.zeros(n) for key in METRICS}
+    for i, (passed, total, timed_out, error) in enumerate(outcomes):
+        metrics["code_pass_rate"][i] = passed / total
+        metrics["code_all_passed"][i] = float(passed == total)
+        metrics["code_no_program"][i] = float(programs[i] is None)
+        metrics["code_timeout"][i] = float(timed_out)
+        metrics["code_error"][i] = float(error)
+    metrics["code_isolated"][:] = float(isolate)
+    rewards = (metrics["code_all_passed"] if strict else metrics["code_pass_rate"]).clone()
+    return rewards, metrics
+
+
+reward_func = make_reward_func(batch_reward, METRICS, "code_error")

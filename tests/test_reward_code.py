@@ -1,0 +1,343 @@
+"""Code reward: test/case scoring, label errors, and hostile programs that must stay contained.
+
+The hostile programs are written so that they pass their test only when the attack succeeds: a
+reward of 0 means the sandbox held, and each test also checks the host afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from reward_fns import code
+from reward_fns._sandbox import isolation_available
+
+SANDBOX_UID_MIN = 10_000_000  # reward_fns._sandbox draws each run's uid above this
+
+
+def fenced(program: str) -> str:
+    return f"Here is my solution.\n```python\n{program}\n```\n"
+
+
+def reward(program: str, label, **options) -> tuple[float, dict[str, float]]:
+    rewards, metrics = code.batch_reward([fenced(program)], [label], **options)
+    return rewards.item(), {key: value.item() for key, value in metrics.items()}
+
+
+def sandbox_processes() -> list[int]:
+    pids = []
+    for status in glob.glob("/proc/[0-9]*/status"):
+        try:
+            with open(status) as file:
+                uid_line = next(line for line in file if line.startswith("Uid:"))
+        except (OSError, StopIteration):
+            continue
+        if int(uid_line.split()[1]) >= SANDBOX_UID_MIN:
+            pids.append(int(status.split("/")[2]))
+    return pids
+
+
+def assert_host_clean(sandbox_dirs_before: set[str]) -> None:
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "aapa-sandbox-*"))) <= sandbox_dirs_before
+
+
+@pytest.fixture
+def host():
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "aapa-sandbox-*")))
+    yield
+    assert_host_clean(before)
+
+
+ADD = "def add(a, b):\n    return a + b\n"
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nx = 5\nassert add(x, x) == 10\n"
+
+
+def test_tests_label_fraction_and_strict(host):
+    assert reward(ADD, {"tests": ADD_TESTS})[0] == 1.0
+    assert reward(ADD, ADD_TESTS)[0] == 1.0  # a plain string is tests
+    half_wrong = "def add(a, b):\n    return a + b if a >= 0 else 7\n"
+    value, metrics = reward(half_wrong, {"tests": ADD_TESTS})
+    assert value == pytest.approx(2 / 3)
+    assert metrics["code_all_passed"] == 0.0 and metrics["code_isolated"] == float(isolation_available())
+    assert reward(half_wrong, {"tests": ADD_TESTS}, strict=True)[0] == 0.0
+    assert reward("def add(a, b):\n    return 3\n", ADD_TESTS)[0] == pytest.approx(1 / 3)
+
+
+def test_program_that_crashes_or_exits_fails_all_tests(host):
+    assert reward("raise SystemExit(0)\n" + ADD, ADD_TESTS)[0] == 0.0
+    assert reward("import os\nos._exit(0)\n" + ADD, ADD_TESTS)[0] == 0.0
+    assert reward("def add(a, b:\n", ADD_TESTS)[0] == 0.0
+    # Printing lines that look like results does not count: the harness signs results with a token.
+    forged = ADD.replace("a + b", "99") + "for i in range(4):\n    print('pass', i)\n"
+    assert reward(forged, ADD_TESTS)[0] == 0.0
+
+
+def test_block_without_asserts_is_one_test(host):
+    checker = "def check(f):\n    if f(2, 2) != 4:\n        raise ValueError('wrong')\ncheck(add)\n"
+    assert reward(ADD, checker)[0] == 1.0
+    assert reward("def add(a, b):\n    return 5\n", checker)[0] == 0.0
+
+
+def test_cases_label(host):
+    echo_sum = "a, b = map(int, input().split())\nprint(a + b)\n"
+    cases = [
+        {"stdin": "1 2\n", "stdout": "3\n"},
+        {"stdin": "5 5", "stdout": "10"},
+        {"stdin": "1 1", "stdout": "3"},
+    ]
+    value, metrics = reward(echo_sum, {"cases": cases})
+    assert value == pytest.approx(2 / 3) and metrics["code_pass_rate"] == pytest.approx(2 / 3)
+    assert reward(echo_sum, cases[:2])[0] == 1.0  # a plain list is cases
+    assert reward(echo_sum, {"cases": cases}, strict=True)[0] == 0.0
+    assert reward("import sys\nprint(3)\nsys.exit(1)\n", cases[:1])[0] == 0.0  # right output, failed exit
+
+
+def test_program_extraction_and_think():
+    text = "```python\nprint(1)\n```\nthen\n```\nprint(2)\n```\n```py\nprint(3)\n```\n```bash\nls\n```"
+    assert code.extract_program(text) == "print(3)\n"
+    assert code.extract_program("```\nprint(2)\n```") == "print(2)\n"
+    assert code.extract_program("no code, or ```python\nunclosed") is None
+    responses = ["<think>```python\ndef add(a, b): return 0\n```</think>" + fenced(ADD), "no program here"]
+    rewards, metrics = code.batch_reward(responses, [ADD_TESTS, ADD_TESTS])
+    assert rewards.tolist() == [1.0, 0.0] and metrics["code_no_program"].tolist() == [0.0, 1.0]
+
+
+def test_label_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"labels\[1\]: missing field 'tests' or 'cases'"):
+        code.batch_reward(["a", "b"], [ADD_TESTS, {"answer": "3"}])
+    with pytest.raises(ValueError, match=r"labels\[0\]: cases\[1\]: missing field 'stdout'"):
+        code.batch_reward(["a"], [{"cases": [{"stdin": "", "stdout": ""}, {"stdin": "1"}]}])
+    with pytest.raises(ValueError, match=r"labels\[0\]: field 'tests' is not valid Python"):
+        code.batch_reward(["a"], ['{"tests": "assert (("}'])
+    out = code.reward_func(["q" + fenced(ADD)], ["q"], [{"answer": 1}])
+    assert out["rewards"].tolist() == [0.0] and out["extra_logs"]["code_error"].tolist() == [1.0]
+    assert set(out["extra_logs"]) == set(code.METRICS)
+
+
+def test_reward_func_strips_prompt_and_end_marker(host):
+    prompt = "<|im_start|>user\nWrite add.<|im_end|>\n<|im_start|>assistant\n"
+    out = code.reward_func([prompt + fenced(ADD) + "<|im_end|>"], [prompt], [{"tests": ADD_TESTS}])
+    assert out["rewards"].tolist() == [1.0] and out["scores"].tolist() == [1.0]
+    assert {k: v.shape for k, v in out["extra_logs"].items()} == {k: (1,) for k in code.METRICS}
+
+
+def test_require_isolation_switch():
+    if isolation_available():
+        assert reward(ADD, ADD_TESTS, require_isolation=True)[0] == 1.0
+    else:
+        with pytest.raises(RuntimeError, match="require_isolation"):
+            reward(ADD, ADD_TESTS, require_isolation=True)
+
+
+# --------------------------------------------------------------------------------------- hostile
+
+
+def test_namespaces_are_active_here():
+    # The hostile tests below rely on them (root on Linux); without them the sandbox holds less.
+    assert isolation_available(), "run as root on Linux with unshare permitted"
+
+
+def test_infinite_loop_is_killed_at_the_timeout(host):
+    start = time.monotonic()
+    value, metrics = reward("while True:\n    pass\n", "assert True", timeout=1.5)
+    assert value == 0.0 and metrics["code_timeout"] == 1.0
+    assert time.monotonic() - start < 1.5 + 1.0
+
+
+def test_fork_bomb_is_contained(host):
+    bomb = """
+import os, time
+born = 0
+for _ in range(500):
+    try:
+        if os.fork() == 0:
+            os.setsid()  # leave the process group: only the pid namespace / uid sweep catches these
+            time.sleep(60)
+            os._exit(0)
+        born += 1
+    except OSError:
+        break
+ATTACK_OK = born >= 500
+"""
+    start = time.monotonic()
+    assert reward(bomb, "assert ATTACK_OK", timeout=3)[0] == 0.0
+    assert time.monotonic() - start < 4
+
+
+def test_memory_hog_is_contained(host):
+    hog = """
+chunks = []
+try:
+    for _ in range(64):
+        chunks.append(bytearray(64 << 20))  # 4 GiB in all
+except MemoryError:
+    pass
+ATTACK_OK = len(chunks) == 64
+"""
+    assert reward(hog, "assert ATTACK_OK", memory_mb=256)[0] == 0.0
+
+
+def test_huge_stdout_is_capped(host):
+    start = time.monotonic()
+    flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
+    assert reward(flood, "assert True", timeout=4)[0] == 0.0
+    assert time.monotonic() - start < 3  # stopped by the output cap, not the timeout
+
+
+def test_writes_outside_the_workdir_are_refused(host, tmp_path):
+    open_dir = tempfile.mkdtemp(prefix="aapa-test-open-")
+    os.chmod(open_dir, 0o777)  # writable for any uid: only the read-only mounts stop the program
+    targets = [
+        os.path.join(open_dir, "escaped.txt"),
+        os.path.join(tempfile.gettempdir(), "aapa-escaped.txt"),
+        "/dev/shm/aapa-escaped.txt",
+        str(tmp_path / "escaped.txt"),
+    ]
+    attack = f"""
+written = 0
+for path in {targets!r}:
+    try:
+        with open(path, "w") as file:
+            file.write("escaped")
+        written += 1
+    except OSError:
+        pass
+open("inside.txt", "w").write("fine")  # the working directory itself is writable
+ATTACK_OK = written > 0 and open("inside.txt").read() == "fine"
+"""
+    try:
+        assert reward(attack, "assert ATTACK_OK")[0] == 0.0
+        assert not any(os.path.exists(path) for path in targets)
+        assert reward(attack.replace("written > 0 and ", ""), "assert ATTACK_OK")[0] == 1.0
+    finally:
+        for path in targets:
+            if os.path.exists(path):
+                os.remove(path)
+        os.rmdir(open_dir)
+
+
+def test_network_and_host_sockets_are_unreachable(host):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    # A Unix socket any uid may use, like Ray's or Docker's: a read-only mount alone would not stop it.
+    socket_dir = tempfile.mkdtemp(prefix="aapa-test-sock-")
+    os.chmod(socket_dir, 0o777)
+    unix_path = os.path.join(socket_dir, "control.sock")
+    unix_listener = socket.socket(socket.AF_UNIX)
+    unix_listener.bind(unix_path)
+    os.chmod(unix_path, 0o777)
+    unix_listener.listen()
+    unix_listener.setblocking(False)
+    attack = f"""
+import socket
+ATTACK_OK = False
+for family, address in [(socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_INET, ("1.1.1.1", 53)),
+                        (socket.AF_UNIX, {unix_path!r})]:
+    try:
+        connection = socket.socket(family)
+        connection.settimeout(1)
+        connection.connect(address)
+        ATTACK_OK = True
+    except OSError:
+        pass
+"""
+    try:
+        assert reward(attack, "assert ATTACK_OK")[0] == 0.0
+        for server in (listener, unix_listener):
+            with pytest.raises(BlockingIOError):
+                server.accept()
+    finally:
+        listener.close()
+        unix_listener.close()
+        os.remove(unix_path)
+        os.rmdir(socket_dir)
+
+
+def test_parent_environment_is_unreadable(host):
+    secret = "aapa-secret-" + os.urandom(8).hex()
+    os.environ["AAPA_TEST_SECRET"] = secret  # the caller's own environment
+    holder = subprocess.Popen(["sleep", "30"], env={"AAPA_TEST_SECRET": secret})  # and a host process's
+    attack = f"""
+import glob, os
+seen = " ".join(os.environ.values())
+for path in glob.glob("/proc/*/environ") + ["/proc/{os.getpid()}/environ", "/proc/{holder.pid}/environ"]:
+    try:
+        seen += open(path, "rb").read().decode(errors="replace")
+    except OSError:
+        pass
+ATTACK_OK = {secret!r} in seen
+"""
+    try:
+        assert reward(attack, "assert ATTACK_OK")[0] == 0.0
+        assert reward(attack.replace(f"{secret!r} in seen", "True"), "assert ATTACK_OK")[0] == 1.0
+    finally:
+        del os.environ["AAPA_TEST_SECRET"]
+        holder.kill()
+        holder.wait()
+
+
+def test_killing_the_parent_fails(host):
+    assert isolation_available()  # kill(-1) from an unisolated root program would hit the whole machine
+    attack = f"""
+import os, signal
+hits = 0
+for pid in (os.getppid(), {os.getpid()}, {os.getppid()}, 1):
+    try:
+        os.kill(pid, signal.SIGKILL)
+        hits += 1
+    except OSError:
+        pass
+try:
+    os.kill(-1, signal.SIGKILL)  # everything this uid may signal
+except OSError:
+    pass
+ATTACK_OK = hits > 0
+"""
+    start = time.monotonic()
+    assert reward(attack, "assert ATTACK_OK")[0] == 0.0
+    assert time.monotonic() - start < 5
+    assert os.getppid() > 1  # the test process and its parent are alive
+
+
+def test_segfault_via_ctypes(host):
+    value, metrics = reward("import ctypes\nctypes.string_at(0)\n", "assert True")
+    assert value == 0.0 and metrics["code_error"] == 0.0
+
+
+def test_threads_match_serial(host):
+    from concurrent.futures import ThreadPoolExecutor
+
+    programs = [
+        ADD,
+        "def add(a, b):\n    return 3\n",
+        "while True: pass",
+        "import ctypes\nctypes.string_at(0)",
+    ]
+    labels = [ADD_TESTS, ADD_TESTS, "assert True", "assert True"]
+    serial = [reward(p, label, timeout=1)[0] for p, label in zip(programs, labels, strict=True)]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda k: reward(programs[k % 4], labels[k % 4], timeout=1)[0], range(8)))
+    assert threaded == serial + serial
+    assert serial == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
+
+
+def test_sandbox_failure_costs_one_sample(monkeypatch):
+    def no_processes_left(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(code, "run_python", no_processes_left)
+    rewards, metrics = code.batch_reward([fenced(ADD), "no code"], [ADD_TESTS, ADD_TESTS])
+    assert rewards.tolist() == [0.0, 0.0] and metrics["code_error"].tolist() == [1.0, 0.0]

@@ -1,0 +1,191 @@
+"""IFEval reward: every instruction id with a hand-made passing and failing response, strict vs loose."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from reward_fns import ifeval
+
+ENGLISH = "The quick brown fox jumps over the lazy dog while the farmer watches from the porch."
+FRENCH = "Le renard brun rapide saute par-dessus le chien paresseux pendant que le fermier regarde."
+
+# id: (kwargs, passing response, failing response)
+CASES = {
+    "keywords:existence": ({"keywords": ["fox", "porch"]}, ENGLISH, "A fox, but no house part."),
+    "keywords:frequency": (
+        {"keyword": "cat", "frequency": 3, "relation": "at least"},
+        "Cat one, cat two and CAT three.",
+        "Cat one and cat two.",
+    ),
+    "keywords:forbidden_words": ({"forbidden_words": ["fox"]}, "A foxglove grows here.", "The Fox ran."),
+    "keywords:letter_frequency": (
+        {"letter": "z", "let_frequency": 2, "let_relation": "less than"},
+        "Lazy days.",
+        "Zany zebras.",
+    ),
+    "language:response_language": ({"language": "fr"}, FRENCH, ENGLISH),
+    "length_constraints:number_sentences": (
+        {"num_sentences": 3, "relation": "less than"},
+        "One sentence here. Mr. Smith wrote a second one!",
+        "First. Second. Third one?",
+    ),
+    "length_constraints:number_paragraphs": (
+        {"num_paragraphs": 2},
+        "First paragraph.\n***\nSecond paragraph.",
+        "First.\n***\n***\nSecond.",
+    ),
+    "length_constraints:number_words": (
+        {"num_words": 5, "relation": "at least"},
+        "one two three four five",
+        "one two three four",
+    ),
+    "length_constraints:nth_paragraph_first_word": (
+        {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "However"},
+        'It rains.\n\n"However, the sun returns.',
+        "It rains.\n\nThe sun returns.",
+    ),
+    "detectable_content:number_placeholders": (
+        {"num_placeholders": 2},
+        "Dear [name], see you at [place].",
+        "Dear [name], see you there.",
+    ),
+    "detectable_content:postscript": (
+        {"postscript_marker": "P.S."},
+        "Thanks for reading.\np.s. bring snacks.",
+        "Thanks for reading. PS bring snacks.",
+    ),
+    "detectable_format:number_bullet_lists": (
+        {"num_bullets": 2},
+        "Items:\n* apples\n- pears",
+        "Items:\n* apples\n* pears\n* plums",
+    ),
+    "detectable_format:constrained_response": (
+        {},
+        "I thought about it. My answer is maybe.",
+        "My answer is perhaps.",
+    ),
+    "detectable_format:number_highlighted_sections": (
+        {"num_highlights": 2},
+        "Some *first* and **second** highlights.",
+        "Only *one* highlight and an empty ** pair.",
+    ),
+    "detectable_format:multiple_sections": (
+        {"section_spliter": "Section", "num_sections": 2},
+        "Section 1\nIntro.\nSection 2\nBody.",
+        "Section 1\nEverything in one.",
+    ),
+    "detectable_format:json_format": ({}, '```json\n{"a": [1, 2]}\n```', "{'a': 1}"),
+    "detectable_format:title": ({}, "<<A Poem of Joy>>\nRoses are red.", "<< >>\nRoses are red."),
+    "combination:two_responses": ({}, "Answer one.\n******\nAnswer two.", "Same.\n******\nSame."),
+    "combination:repeat_prompt": (
+        {"prompt_to_repeat": "Write a haiku about rain."},
+        "write a haiku about rain. Drops fall on the roof.",
+        "Here is a haiku about rain.",
+    ),
+    "startend:end_checker": (
+        {"end_phrase": "Any other questions?"},
+        '"Rain is wet. Any other questions?"',
+        "Any other questions? Rain is wet.",
+    ),
+    "change_case:capital_word_frequency": (
+        {"capital_frequency": 3, "capital_relation": "at least"},
+        "I DON'T like RAIN.",  # I, DO, N'T, RAIN
+        "I like Rain and NOT snow.",
+    ),
+    "change_case:english_capital": ({}, ENGLISH.upper(), ENGLISH),
+    "change_case:english_lowercase": ({}, ENGLISH.lower(), FRENCH.lower()),
+    "punctuation:no_comma": ({}, "No commas here.", "One, two."),
+    "startend:quotation": ({}, '  "All wrapped up."  ', '"Not closed.'),
+}
+
+
+def label(instruction: str, kwargs: dict) -> dict:
+    return {"instruction_id_list": [instruction], "kwargs": [kwargs]}
+
+
+def test_all_25_ids_are_covered():
+    assert len(ifeval.CHECKS) == 25 and set(CASES) == set(ifeval.CHECKS)
+
+
+@pytest.mark.parametrize("instruction", sorted(CASES))
+def test_instruction_passes_and_fails(instruction):
+    kwargs, passing, failing = CASES[instruction]
+    rewards, metrics = ifeval.batch_reward([passing, failing], [label(instruction, kwargs)] * 2)
+    assert rewards.tolist() == [1.0, 0.0]
+    assert metrics["ifeval_strict_prompt"].tolist() == [1.0, 0.0]
+
+
+def test_loose_forgives_a_first_line_and_asterisks():
+    fenced_json = 'Sure here it is:\n{"a": 1}'
+    both = {
+        "instruction_id_list": ["detectable_format:json_format", "punctuation:no_comma"],
+        "kwargs": [{}, {}],
+    }
+    rewards, metrics = ifeval.batch_reward([fenced_json], [both])
+    assert rewards.item() == 0.5 and metrics["ifeval_strict_prompt"].item() == 0.0
+    assert metrics["ifeval_loose_instruction"].item() == 1.0 and metrics["ifeval_loose_prompt"].item() == 1.0
+    assert ifeval.batch_reward([fenced_json], [both], mode="loose")[0].item() == 1.0
+    assert ifeval.batch_reward([fenced_json], [both], all_instructions=True)[0].item() == 0.0
+    starred = '**"Bold quote"**'  # loose removes the asterisks
+    strict, loose = ifeval.follows(starred, ifeval.parse_ifeval_label(label("startend:quotation", {}), 0))
+    assert strict == [False] and loose == [True]
+
+
+def test_empty_response_follows_nothing():
+    assert ifeval.batch_reward(["  "], [label("punctuation:no_comma", {})])[0].item() == 0.0
+
+
+def test_text_helpers():
+    assert ifeval.count_words("It's 3 o'clock, isn't it?") == 8
+    text = "Dr. Who met J. Smith in the U.S. today. Tools, etc. are here... and there. Done! Really? Yes"
+    assert ifeval.count_sentences(text) == 5
+    assert ifeval.count_sentences("Lists help, etc. They do.") == 2
+    assert ifeval.count_sentences("") == 0 and ifeval.count_sentences("* no\n* stops") == 1
+    assert ifeval.count_capital_words("WE CAN'T (STOP) U.S.A. well-Known OK-DONE a1 A1") == 7
+    assert ifeval.detect_language("¿?!") is None
+
+
+def test_labels_json_string_plain_list_and_none_kwargs():
+    as_json = json.dumps({"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{"num_words": None}]})
+    assert ifeval.batch_reward(["ok", "a, b"], [as_json, ["punctuation:no_comma"]])[0].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"kwargs": [{}]}, r"labels\[0\]: missing field 'instruction_id_list'"),
+        ("just text", r"labels\[0\]: missing field 'instruction_id_list'"),
+        (label("keywords:nope", {}), "unknown instruction id"),
+        (label("length_constraints:number_words", {"num_words": 5}), r"missing field 'kwargs.relation'"),
+        (label("length_constraints:number_words", {"num_words": 5, "relation": "more"}), "must be one of"),
+        (label("length_constraints:number_words", {"num_words": "5", "relation": "at least"}), "integer"),
+        (label("keywords:existence", {"keywords": "fox"}), "list of strings"),
+        (label("punctuation:no_comma", {"keywords": ["x"]}), "unexpected kwargs"),
+        ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, "equal length"),
+    ],
+)
+def test_label_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ifeval.batch_reward(["text"], [bad])
+
+
+def test_reward_func_and_threads():
+    prompt = "Write two words without commas.\n"
+    queries = [
+        prompt + response for response in ("hello world", "hello, world", "<think>a, b</think>fine words")
+    ]
+    one = label("punctuation:no_comma", {})
+    serial = [ifeval.reward_func([q], [prompt], [one])["rewards"].item() for q in queries]
+    assert serial == [1.0, 0.0, 1.0]
+    cases = [(CASES[i][1], label(i, CASES[i][0])) for i in sorted(CASES)] * 2
+    expected = [ifeval.batch_reward([r], [lab])[0].item() for r, lab in cases]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda case: ifeval.batch_reward([case[0]], [case[1]])[0].item(), cases))
+    assert threaded == expected == [1.0] * len(cases)
+    broken = ifeval.reward_func(["x"], ["x"], [{"nothing": 1}])
+    assert broken["extra_logs"]["ifeval_error"].item() == 1.0 and set(broken["extra_logs"]) == set(
+        ifeval.METRICS
+    )

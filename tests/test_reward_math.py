@@ -1,0 +1,105 @@
+"""Math reward: equivalence through math-verify in killable workers, fast path, timeouts, labels."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from reward_fns import math as math_reward
+
+EQUIVALENT = [
+    ("\\boxed{\\frac{1}{2}}", "0.5"),
+    ("so the answer is $0.5$", "\\frac12"),
+    ("\\boxed{\\dfrac{3}{4}}", "3/4"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{\\sqrt{2}/2}", "\\frac{\\sqrt{2}}{2}"),
+    ("\\boxed{(1, 2]}", "(1,2]"),
+    ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}"),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2"),
+    ("The answer is 42.", "42"),
+    ("#### 18", "18"),
+]
+WRONG = [
+    ("\\boxed{83}", "82"),
+    ("\\boxed{[1, 2)}", "(1,2]"),
+    ("\\boxed{\\{1, 3\\}}", "\\{1,2\\}"),
+    ("\\boxed{0.51}", "\\frac12"),
+    ("no number at all", "7"),
+    ("\\boxed{\\frac{1}{", "1/2"),  # malformed LaTeX
+    ("\\boxed{\\sqrt{{{2}", "\\sqrt{2}"),
+]
+
+
+def rewards(pairs, **options) -> list[float]:
+    responses, golds = zip(*pairs, strict=True)
+    return math_reward.batch_reward(list(responses), list(golds), **options)[0].tolist()
+
+
+def test_equivalent_forms_score_one():
+    assert rewards(EQUIVALENT) == [1.0] * len(EQUIVALENT)
+
+
+def test_wrong_and_malformed_answers_score_zero():
+    assert rewards(WRONG) == [0.0] * len(WRONG)
+
+
+def test_fast_path_needs_no_worker():
+    responses = ["2+2 is... \\boxed{4}", "\\boxed{ 4 }", "\\boxed{5}", "\\boxed{-1,234}"]
+    scores, metrics = math_reward.batch_reward(responses, ["4", "4", "4", "-1234"])
+    assert scores.tolist() == [1.0, 1.0, 0.0, 1.0] and metrics["math_fast_path"].tolist() == [1.0] * 4
+    assert math_reward.fast_verdict("1,2", "12") is None  # a pair, not a number: math-verify decides
+    assert math_reward.last_boxed("a \\boxed{\\frac{a}{b}} then \\boxed 7$.") == "7"
+    assert math_reward.last_boxed("\\fbox{x^{2}}") == "x^{2}"
+    assert math_reward.extract_answer("between 3 and 4.5 units") == ("4.5", False)
+
+
+def test_think_block_and_labels():
+    responses = ["<think>maybe \\boxed{3}</think> It is \\boxed{4}", "<think>\\boxed{4} but unfinished"]
+    scores, metrics = math_reward.batch_reward(responses, [{"answer": 4}, '{"answer": "4"}'])
+    assert scores.tolist() == [1.0, 0.0] and metrics["math_no_answer"].tolist() == [0.0, 1.0]
+    assert math_reward.batch_reward(responses[1:], ["4"], answer_only=False)[0].tolist() == [1.0]
+    with pytest.raises(ValueError, match=r"labels\[1\]: missing field 'answer'"):
+        math_reward.batch_reward(["1", "2"], ["1", {"tests": "assert True"}])
+    assert math_reward.batch_reward(["\\boxed{\\{1,2\\}}"], ["{1,2}"])[0].tolist() == [1.0]  # not JSON
+
+
+def test_long_answer_and_unparseable_gold():
+    long = "Let me think. " + "x" * 10_000 + " Therefore \\boxed{\\frac{2}{4}}"
+    assert len(long) > 10_000 and rewards([(long, "1/2")]) == [1.0]
+    assert rewards([("word " * 2_000, "1/2")]) == [0.0]
+    scores, metrics = math_reward.batch_reward(["\\boxed{7}"], ["$ $"])
+    assert scores.tolist() == [0.0] and metrics["math_error"].tolist() == [1.0]
+
+
+def test_pathological_input_times_out_and_worker_is_replaced():
+    rewards([("\\boxed{0.5}", "1/2")])  # a warm worker, so the timing below is the check alone
+    timeout = 1.5
+    scores, metrics = math_reward.batch_reward(
+        ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{0.5}"], ["82", "1/2"], timeout=timeout, workers=1
+    )  # the check after the hung one is re-sent to a fresh worker
+    assert scores.tolist() == [0.0, 1.0] and metrics["math_timeout"].tolist() == [1.0, 0.0]
+    single_start = time.monotonic()
+    assert math_reward.batch_reward(["\\boxed{(x+1)^{100000}}"], ["82"], timeout=timeout)[0].tolist() == [0.0]
+    assert time.monotonic() - single_start < timeout + 1.0
+
+
+def test_reward_func_contract():
+    prompt = "<|im_start|>user\nQ: 37+45=?<|im_end|>\n<|im_start|>assistant\n"
+    out = math_reward.reward_func([prompt + "7+5=12. \\boxed{82}<|im_end|>"], [prompt], ["82"])
+    assert out["rewards"].tolist() == [1.0] and out["scores"].tolist() == [1.0]
+    assert set(out["extra_logs"]) == set(math_reward.METRICS)
+    broken = math_reward.reward_func(["q"], ["q"], [None])
+    assert broken["rewards"].tolist() == [0.0] and broken["extra_logs"]["math_error"].tolist() == [1.0]
+    assert set(broken["extra_logs"]) == set(math_reward.METRICS)
+
+
+def test_eight_threads_match_serial():
+    cases = EQUIVALENT[:5] + WRONG[:3]
+    serial = [math_reward.reward_func([r], [""], [g])["rewards"].item() for r, g in cases]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(
+            pool.map(lambda c: math_reward.reward_func([c[0]], [""], [c[1]])["rewards"].item(), cases * 2)
+        )
+    assert threaded == serial * 2 == [1.0] * 5 + [0.0] * 3 + [1.0] * 5 + [0.0] * 3
