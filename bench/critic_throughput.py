@@ -1,0 +1,92 @@
+"""Rollouts scored per second by AnchorCritic.evaluate (experts cached) vs the encoder's raw throughput.
+
+Raw = encoder.encode on the same rollout texts, measured in the same run, interleaved with the critic
+runs (best of --repeats for both, so a busy shared machine hurts both alike). Target: ratio >= 0.8.
+The trained variants also compute response statistics in Python (~10-20 us per rollout), which is
+small next to MiniLM but not next to the hashing encoder (~60-100 us per rollout on one core); the
+aligned variant embeds every sentence, i.e. several encoder inputs per rollout.
+
+    .venv/bin/python bench/critic_throughput.py [--prompts 32] [--group 8] [--encoders hash minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from aapa_rl.anchor import AnchorCritic, ExpertBank, ExpertRecord, build_discriminator, load_encoder
+
+STEPS = ("We start from the numbers {a} and {b}.", "Adding the ones digits gives {o}.",
+         "Adding the tens digits and the carry gives {t}.", "Checking by subtraction, {s} - {b} = {a}.",
+         "So the sum of {a} and {b} is {s}.", "The final answer is \\boxed{{{s}}}.")
+
+
+def make_batch(num_prompts: int, group: int, seed: int = 0):
+    rng = random.Random(seed)
+    records, rollouts = [], []
+    for k in range(num_prompts):
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        fill = {"a": a, "b": b, "s": a + b, "o": a % 10 + b % 10, "t": a // 10 + b // 10}
+        expert = " ".join(s.format(**fill) for s in STEPS)
+        records.append(ExpertRecord(f"Problem {k}: what is {a} + {b}?", expert, str(k), None, k))
+        # Rollouts: the expert with steps dropped, repeated or its answer changed, ~80-160 tokens each.
+        group_rollouts = []
+        for _ in range(group):
+            steps = [s.format(**fill) for s in STEPS if rng.random() > 0.2]
+            steps += [steps[-1]] * rng.randint(0, 3) if steps else []
+            group_rollouts.append(" ".join(steps).replace(str(a + b), str(a + b + rng.randint(0, 1))))
+        rollouts.append(group_rollouts)
+    return ExpertBank(records), [r.prompt for r in records], rollouts
+
+
+def seconds(loops: int, fn, *args, **kwargs) -> float:
+    """Mean wall time of `loops` calls."""
+    start = time.perf_counter()
+    for _ in range(loops):
+        fn(*args, **kwargs)
+    return (time.perf_counter() - start) / loops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--encoders", nargs="+", default=["hash", "minilm"])
+    parser.add_argument("--variants", nargs="+", default=["cosine", "pairwise", "classifier", "aligned"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: stable numbers on a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    bank, prompts, rollouts = make_batch(args.prompts, args.group)
+    flat = [y for group in rollouts for y in group]
+    rewards = torch.zeros(args.prompts, args.group)
+    step = {"alpha": 0.1, "rho": 0.25}
+    print(f"{len(flat)} rollouts per batch ({args.prompts} prompts x {args.group}), torch threads "
+          f"{torch.get_num_threads()}, best of {args.repeats}")
+    print(f"{'encoder':8s} {'variant':11s} {'raw enc/s':>10s} {'critic/s':>10s} {'ratio':>6s}")
+    for spec in args.encoders:
+        encoder = load_encoder(spec, args.device)
+        # Warm-up (allocations, lazy init, kernels for these shapes); fast encoders loop to >= 0.3 s a timing.
+        loops = max(1, round(0.3 / seconds(1, encoder.encode, flat)))
+        for variant in args.variants:
+            critic = AnchorCritic(build_discriminator(variant, encoder), bank)
+            critic.evaluate(prompts, rollouts, rewards, **step)  # caches experts and prompts
+            raw, scored = [], []
+            for _ in range(args.repeats):  # interleaved so load changes hit both alike
+                raw.append(seconds(loops, encoder.encode, flat))
+                scored.append(seconds(loops, critic.evaluate, prompts, rollouts, rewards, **step))
+            raw_rate, critic_rate = len(flat) / min(raw), len(flat) / min(scored)
+            verdict = "ok" if critic_rate >= 0.8 * raw_rate else "BELOW TARGET"
+            print(f"{spec:8s} {variant:11s} {raw_rate:10.1f} {critic_rate:10.1f} "
+                  f"{critic_rate / raw_rate:6.2f} {verdict}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

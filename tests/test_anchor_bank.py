@@ -1,0 +1,74 @@
+"""Expert bank: formats, lookup, and validation errors that name the file, row and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from anchor_data import make_records, write_jsonl
+
+from aapa_rl.anchor import DataError, ExpertBank
+from aapa_rl.anchor.training import read_rollouts
+
+
+def test_jsonl_parquet_and_datasets_dir_load_the_same_bank(tmp_path):
+    import datasets
+
+    records = make_records(5)
+    rows = [{k: v for k, v in r.items() if k != "fill"} | {"label": str(r["fill"]["s"])} for r in records]
+    jsonl = write_jsonl(tmp_path / "experts.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "experts.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "experts_ds"))
+    for path in (jsonl, tmp_path / "experts.parquet", tmp_path / "experts_ds"):
+        bank = ExpertBank.load(path)
+        assert len(bank) == 5 and not bank.skipped
+        assert bank.expert_for(prompt=records[3]["prompt"]) == records[3]["expert"]
+        assert bank.expert_for(id="p2") == records[2]["expert"]
+        assert bank.expert_for(prompt="unknown prompt") is None
+        assert bank.records[1].label == str(records[1]["fill"]["s"])
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q"}, "row 2: field 'expert' is missing"),
+        ({"prompt": "q", "expert": "  "}, "row 2: field 'expert' is empty"),
+        ({"prompt": "q", "expert": 3}, "row 2: field 'expert' must be a string, got int"),
+        ({"prompt": ["q"], "expert": "a"}, "row 2: field 'prompt' must be a string, got list"),
+        ({"prompt": "first", "expert": "another answer"}, "row 2: field 'expert': the prompt already has a "
+                                                          "different expert (row 1)"),
+        ({"prompt": "q", "expert": "a", "id": "one"}, "row 2: field 'id': 'one' already names another"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "first", "expert": "answer.", "id": "one"}, row])
+    with pytest.raises(DataError) as error:
+        ExpertBank.load(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_non_utf8_and_bad_json_rows_are_named_and_skips_are_counted(tmp_path, capsys):
+    path = tmp_path / "bank.jsonl"
+    path.write_bytes(b'{"prompt": "a", "expert": "x."}\n{"prompt": "b\xff\xfe", "expert": "y."}\n'
+                     b"not json\n\n" + json.dumps({"prompt": "c", "expert": "z."}).encode() + b"\n"
+                     + json.dumps({"prompt": "c", "expert": "z."}).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bank.jsonl: row 2: not valid UTF-8"):
+        ExpertBank.load(path)
+    bank = ExpertBank.load(path, allow_skips=True)
+    assert len(bank) == 2 and len(bank.skipped) == 3
+    assert "row 2: not valid UTF-8" in bank.skipped[0]
+    assert "row 3: not a JSON object" in bank.skipped[1]
+    assert "row 6: duplicate of row 5" in bank.skipped[2]
+    assert "2 rows kept, 3 skipped" in capsys.readouterr().err
+
+
+def test_rollouts_need_an_expert_for_their_prompt(tmp_path):
+    bank = ExpertBank.load(write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "a", "expert": "x."}]))
+    path = write_jsonl(tmp_path / "rollouts.jsonl", [{"prompt": "a", "response": ""},
+                                                     {"prompt": "b", "response": "y."},
+                                                     {"prompt": "a"}])
+    with pytest.raises(DataError, match=r"rollouts.jsonl: row 2: field 'prompt': no expert for it in"):
+        read_rollouts(path, bank)
+    rows, skipped = read_rollouts(path, bank, allow_skips=True)
+    assert rows == [("a", "")]  # an empty response is a legitimate (bad) rollout
+    assert len(skipped) == 2 and "row 3: field 'response' is missing" in skipped[1]

@@ -1,0 +1,179 @@
+"""Discriminator variants: ranking, training quality, frozen-ness, bad input, save/load, MiniLM."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from anchor_data import degenerate_rollouts, make_records, same_distribution_rollouts, write_jsonl
+
+from aapa_rl.anchor import (
+    DiscriminatorQualityError,
+    ExpertBank,
+    HashEncoder,
+    build_discriminator,
+    load_discriminator,
+    load_encoder,
+    train_discriminator,
+)
+from aapa_rl.anchor.training import GENERIC_NEGATIVES, hard_negatives
+
+torch.set_num_threads(1)
+# What each variant can see: the classifier has no expert to compare with (so it cannot tell a wrong
+# number or another prompt's expert), and sentence matching is blind to sentence order.
+VISIBLE = {
+    "cosine": GENERIC_NEGATIVES,
+    "pairwise": GENERIC_NEGATIVES,
+    "aligned": tuple(t for t in GENERIC_NEGATIVES if t != "sentences_shuffled"),
+    "classifier": ("truncated", "span_repeated", "reasoning_dropped", "filler_appended"),
+}
+
+
+def rollouts(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(r["prompt"], r["response"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return HashEncoder()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, encoder):
+    """One small discriminator per variant, trained on 60 prompts with the generic negatives."""
+    tmp = tmp_path_factory.mktemp("trained")
+    bank = ExpertBank.load(write_jsonl(tmp / "experts.jsonl", make_records(60)))
+    discs = {}
+    for variant in VISIBLE:
+        disc = build_discriminator(variant, encoder, hidden=64)
+        train_discriminator(disc, bank, [], tmp / variant, heldout=0.25, steps=200)
+        discs[variant] = disc
+    return discs, tmp
+
+
+@pytest.mark.parametrize("variant", list(VISIBLE))
+def test_each_variant_scores_experts_above_their_own_perturbations(trained, variant):
+    disc = trained[0][variant]
+    fresh = make_records(30, seed=7)  # prompts the head never saw
+    rng = random.Random(0)
+    for kind in VISIBLE[variant]:
+        above = 0
+        for k, record in enumerate(fresh):
+            expert = record["expert"]
+            negative = hard_negatives(expert, fresh[k - 1]["expert"], rng)[kind]
+            d_expert, d_negative = disc.score([record["prompt"]] * 2, [expert, negative], [expert] * 2)
+            above += bool(d_expert > d_negative)
+        assert above >= 0.9 * len(fresh), f"{variant}: expert above {kind} for {above}/{len(fresh)} prompts"
+
+
+def test_trained_discriminator_reports_high_auroc_when_separable_and_chance_when_not(tmp_path, encoder):
+    records = make_records(200)
+    bank = ExpertBank.load(write_jsonl(tmp_path / "experts.jsonl", records))
+    separable = train_discriminator(build_discriminator("classifier", encoder, hidden=64), bank,
+                                    rollouts(degenerate_rollouts(records)), tmp_path / "sep", heldout=0.5,
+                                    generic=False, steps=200)
+    assert separable["heldout"]["auroc"] > 0.95
+    assert separable["heldout"]["auroc_per_type"]["rollout"] > 0.95
+    # Rollouts drawn exactly like the experts: nothing to learn, and the report must say so.
+    blind = train_discriminator(build_discriminator("classifier", encoder, hidden=64), bank,
+                                rollouts(same_distribution_rollouts(records)), tmp_path / "blind",
+                                heldout=0.5, generic=False, steps=200)
+    assert blind["train"]["auroc"] > 0.9  # it memorises the training prompts ...
+    assert 0.35 < blind["heldout"]["auroc"] < 0.65  # ... and generalises to nothing
+    with pytest.raises(DiscriminatorQualityError, match=r"held-out AUROC 0\.\d+ < 0.6"):
+        load_discriminator(tmp_path / "blind")
+    assert load_discriminator(tmp_path / "blind", force=True).variant == "classifier"
+    for name in ("config.json", "head.safetensors", "report.json", "report.txt", "scores_hist.png"):
+        assert (tmp_path / "sep" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("variant", ["aligned", "aligned-trained"])
+def test_aligned_scores_a_repeated_sentence_below_the_clean_response(trained, encoder, variant):
+    disc = trained[0]["aligned"] if variant == "aligned-trained" else build_discriminator("aligned", encoder)
+    expert = "We add 23 and 45. The ones give 8 and the tens give 6. So the total is 68. The answer is 68."
+    repeated = expert.replace("68. The", "68. So the total is 68. The")
+    clean, looped = disc.score(["Q"] * 2, [expert, repeated], [expert] * 2)
+    assert looped < clean
+    precision, recall, f1 = disc.features(["Q"], [repeated], [expert])[0, :3].tolist()
+    assert recall == pytest.approx(1.0) and precision == pytest.approx(0.8)  # 4 of 5 sentences matched
+
+
+@pytest.mark.parametrize("variant", list(VISIBLE))
+def test_scoring_is_frozen(trained, variant):
+    disc = trained[0][variant]
+    before = {k: v.clone() for k, v in disc.state_dict().items()}
+    disc.train()  # a caller's stray .train() must not matter
+    record = make_records(1, seed=3)[0]
+    with torch.enable_grad():
+        scores = disc.score([record["prompt"]] * 2, [record["expert"], "It is 1."], [record["expert"]] * 2)
+    assert not scores.requires_grad and scores.grad_fn is None
+    assert not disc.training and not any(p.requires_grad for p in disc.parameters())
+    assert all(torch.equal(before[k], v) for k, v in disc.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", list(VISIBLE))
+def test_bad_responses_get_finite_scores_or_a_clear_error(trained, encoder, variant):
+    disc = trained[0][variant]
+    expert = make_records(1)[0]["expert"]
+    truncated_before = disc.truncated
+    weird = ["", "   ", "caf\udcc3\udca9 \ufffd bytes that were not UTF-8.", "The answer is 68. " * 5600]
+    assert len(weird[-1]) > 100_000
+    scores = disc.score(["Q"] * 4, weird, [expert] * 4)
+    assert scores.shape == (4,) and torch.isfinite(scores).all() and (scores > 0).all() and (scores < 1).all()
+    assert scores[-1] < disc.score(["Q"], [expert], [expert])[0]
+    assert disc.truncated == truncated_before + 1  # the 100k-char response was cut, and counted
+    with pytest.raises(TypeError, match=r"responses\[1\] is bytes"):
+        disc.score(["Q"] * 2, [expert, b"\xff\xfe"], [expert] * 2)
+    if disc.needs_expert:
+        with pytest.raises(ValueError, match="needs the expert"):
+            disc.score(["Q"], [expert])
+
+
+@pytest.mark.parametrize("variant", list(VISIBLE))
+def test_save_load_round_trip_gives_identical_scores(trained, variant):
+    disc, tmp = trained[0][variant], trained[1]
+    if variant == "cosine":  # nothing was trained: check that non-default m and tau survive the trip
+        disc = build_discriminator("cosine", disc.encoder, margin=0.3, tau=0.05)
+        disc.save(tmp / "cosine", json.loads((tmp / "cosine" / "report.json").read_text()))
+    loaded = load_discriminator(tmp / variant)
+    records = make_records(8, seed=5)
+    responses = [r["expert"] for r in records[1:]] + ["The answer is 3. The answer is 3."]
+    args = ([r["prompt"] for r in records], responses, [r["expert"] for r in records])
+    assert torch.equal(disc.score(*args), loaded.score(*args))
+    assert loaded.report["heldout"]["auroc"] == json.loads((tmp / variant / "report.json").read_text())[
+        "heldout"]["auroc"]
+
+
+def test_load_refuses_unreported_or_mismatched_discriminators(tmp_path, encoder):
+    disc = build_discriminator("cosine", encoder)
+    disc.save(tmp_path / "bare")
+    with pytest.raises(DiscriminatorQualityError, match="has no report.json"):
+        load_discriminator(tmp_path / "bare")
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config | {"encoder_id": "hash-other"}))
+    with pytest.raises(ValueError, match="trained with encoder 'hash-other'"):
+        load_discriminator(tmp_path / "bare", force=True)
+    with pytest.raises(ValueError, match="unknown discriminator variant 'bert'"):
+        build_discriminator("bert", encoder)
+
+
+def test_minilm_encoder_ranks_perturbations_and_counts_truncation():
+    encoder = load_encoder("minilm", device="cpu")
+    assert encoder.dim == 384 and encoder.max_tokens == 256
+    record = make_records(1, seed=11)[0]
+    expert = record["expert"]
+    negatives = hard_negatives(expert, make_records(2, seed=12)[1]["expert"], random.Random(0))
+    for variant in ("cosine", "aligned"):
+        disc = build_discriminator(variant, encoder)
+        kinds = [k for k in VISIBLE[variant] if negatives[k] is not None]
+        scores = disc.score([record["prompt"]] * (len(kinds) + 1), [expert] + [negatives[k] for k in kinds],
+                            [expert] * (len(kinds) + 1))
+        assert (scores[0] > scores[1:]).all(), dict(zip(["expert"] + kinds, scores.tolist(), strict=True))
+    embeddings = encoder.encode(["The cat sits on the mat.", "A cat is sitting on a mat.", "Stocks fell."])
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-4)
+    assert embeddings[0] @ embeddings[1] > 0.8 > 0.3 > embeddings[0] @ embeddings[2]
+    before = encoder.truncated
+    encoder.encode(["short", "word " * 1000, "\udcff"])
+    assert encoder.truncated == before + 1
