@@ -1,0 +1,1 @@
+"""Data pipeline: sampling (generate), expert banks (build-experts), trainer datasets (prepare-data)."""

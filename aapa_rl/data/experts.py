@@ -1,0 +1,134 @@
+"""`aapa-rl build-experts`: rejection sampling of teacher samples into the expert bank.
+
+For each prompt, the expert is the highest-reward sample whose reward is at least `min_reward` (the first
+such sample on ties). Bank rows: {id, prompt, expert, label}, the schema aapa_rl.anchor.ExpertBank reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aapa_rl.data.rows import BadRows, DataError, PromptRow, RowError, read_records, text
+
+RewardFn = Callable[[list[str], list], tuple[Any, dict]]
+
+
+def load_reward(name: str) -> RewardFn:
+    """`batch_reward` of reward_fns.<name>, or of a .py file that defines it."""
+    if name.endswith(".py"):
+        if not Path(name).is_file():
+            raise DataError(f"{name}: no such reward file")
+        spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(f"reward_fns.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"reward_fns.{name}":
+                raise  # the module exists but one of its imports does not
+            import reward_fns
+
+            known = sorted(m.name for m in pkgutil.iter_modules(reward_fns.__path__) if m.name[0] != "_")
+            raise DataError(f"unknown reward function {name!r}; available: {', '.join(known)} "
+                            "or a path to a .py file defining batch_reward") from e
+    if not callable(getattr(module, "batch_reward", None)):
+        raise DataError(f"reward {name!r} defines no batch_reward(responses, labels)")
+    return module.batch_reward
+
+
+def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_rows: BadRows
+                 ) -> dict[str, list[str]]:
+    """Responses per prompt id, in file order, checked against the prompt data."""
+    responses: dict[str, list[str]] = {}
+    for path in paths:
+        for row, record in read_records(path, bad_rows):
+            try:
+                sample_id = record.get("id")
+                if not isinstance(sample_id, str) or not sample_id:
+                    raise RowError("id", "missing" if sample_id is None else "expected a non-empty string")
+                if sample_id not in prompts:
+                    raise RowError("id", f"{sample_id!r} is not in the prompt data "
+                                         "(use the same --id-key as for generate)")
+                if text(record, "prompt") != prompts[sample_id].prompt:
+                    raise RowError("prompt", "differs from the prompt data's prompt with this id")
+                response = record.get("response")
+                if not isinstance(response, str):
+                    raise RowError("response", "missing" if response is None else
+                                   f"expected a string, got {type(response).__name__}")
+            except RowError as e:
+                bad_rows.handle(f"{path}: row {row}: {e}")
+                continue
+            responses.setdefault(sample_id, []).append(response)
+    return responses
+
+
+def build_experts(prompts: list[PromptRow], responses: dict[str, list[str]], reward_fn: RewardFn,
+                  min_reward: float = 1.0, chunk_size: int = 256) -> tuple[list[dict], dict[str, Any]]:
+    """(bank rows in prompt order, report with coverage and the reward distribution)."""
+    from tqdm import tqdm
+
+    flat = [(pid, response) for pid, rs in responses.items() for response in rs]
+    by_id = {p.id: p for p in prompts}
+    rewards: list[float] = []
+    for start in tqdm(range(0, len(flat), chunk_size), desc="reward", unit="chunk"):
+        chunk = flat[start:start + chunk_size]
+        values, _ = reward_fn([r for _, r in chunk], [by_id[pid].label for pid, _ in chunk])
+        rewards.extend(float(v) for v in values)
+    if len(rewards) != len(flat):
+        raise DataError(f"the reward function returned {len(rewards)} rewards for {len(flat)} responses")
+
+    best: dict[str, tuple[float, str]] = {}
+    passing = Counter()
+    for (pid, response), reward in zip(flat, rewards, strict=True):
+        if reward >= min_reward and response.strip():
+            passing[pid] += 1
+            if pid not in best or reward > best[pid][0]:
+                best[pid] = (reward, response)
+    bank = [{"id": p.id, "prompt": p.prompt, "expert": best[p.id][1], "label": p.label}
+            for p in prompts if p.id in best]
+
+    ordered = sorted(rewards)
+    quantiles = {"min": 0.0, "p25": 0.25, "median": 0.5, "p75": 0.75, "max": 1.0}
+    values = Counter(rewards)
+    report = {
+        "prompts": len(prompts),
+        "prompts_with_samples": len(responses),
+        "samples": len(flat),
+        "empty_responses": sum(not r.strip() for _, r in flat),
+        "min_reward": min_reward,
+        "verified_prompts": len(bank),
+        "coverage": len(bank) / len(prompts),
+        "coverage_of_sampled": len(bank) / len(responses) if responses else 0.0,
+        "reward": {"mean": sum(ordered) / len(ordered)} | {
+            name: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for name, q in quantiles.items()
+        } if ordered else None,
+        "reward_values": {str(v): c for v, c in sorted(values.items())} if len(values) <= 20 else None,
+        "prompts_by_passing_samples": {str(k): v for k, v in sorted(
+            Counter(passing.get(pid, 0) for pid in responses).items())},
+    }
+    return bank, report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    r = report["reward"]
+    lines = [
+        f"prompts: {report['prompts']}  with samples: {report['prompts_with_samples']}  "
+        f"samples: {report['samples']} (empty: {report['empty_responses']})",
+        f"verified experts (reward >= {report['min_reward']}): {report['verified_prompts']}  "
+        f"coverage: {report['coverage']:.1%} of all prompts, {report['coverage_of_sampled']:.1%} of sampled",
+    ]
+    if r is not None:
+        lines.append(f"reward: mean {r['mean']:.4g}  min {r['min']:.4g}  p25 {r['p25']:.4g}  "
+                     f"median {r['median']:.4g}  p75 {r['p75']:.4g}  max {r['max']:.4g}")
+    if report["reward_values"]:
+        lines.append("reward values: " + "  ".join(f"{v}: {c}" for v, c in report["reward_values"].items()))
+    lines.append("prompts by number of passing samples: "
+                 + "  ".join(f"{k}: {v}" for k, v in report["prompts_by_passing_samples"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Bad rows stop the data commands with an error naming file, row and field, or, with --skip-bad-rows,
+are skipped, counted and reported; outputs are written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aapa_rl.cli import main
+from aapa_rl.data.experts import read_samples
+from aapa_rl.data.prepare import read_bank
+from aapa_rl.data.rows import BadRows, DataError, FieldMap, atomic_writer, prompt_id, read_prompts
+
+FIELDS = FieldMap(prompt="question", id="uid", answer="answer", answer_after="####")
+GOOD = {"uid": "a", "question": "What is 1+1?", "answer": "1+1=2 #### 2"}
+
+
+def _write(path: Path, rows: list) -> Path:
+    """Rows as JSON lines; str and bytes rows are written as they are (broken lines)."""
+    lines = [
+        r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode() for r in rows
+    ]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"uid": "b", "answer": "#### 1"}, "row 2: field 'question': missing"),
+        (
+            {"uid": "b", "question": 7, "answer": "#### 1"},
+            "row 2: field 'question': expected a string, got int",
+        ),
+        ({"uid": "b", "question": " \n", "answer": "#### 1"}, "row 2: field 'question': empty text"),
+        (
+            {"uid": "a", "question": "Other?", "answer": "#### 1"},
+            "row 2: field 'uid': duplicate id 'a' (first at row 1)",
+        ),
+        (
+            {"uid": [1], "question": "Q?", "answer": "#### 1"},
+            "row 2: field 'uid': expected a string or an integer",
+        ),
+        ({"uid": "b", "question": "Q?", "answer": "2"}, "row 2: field 'answer': has no '####' marker"),
+        ({"uid": "b", "question": "Q?", "answer": "#### "}, "row 2: field 'answer': empty text"),
+        (
+            {"uid": "b", "question": "Q?", "answer": {"x": 1}},
+            "row 2: field 'answer': expected a string or a number",
+        ),
+        ('{"uid": "b", "question": ', "row 2: not valid JSON"),
+        ("[1, 2]", "row 2: expected a JSON object, got list"),
+        (b'{"question": "caf\xe9"}', "row 2: not valid UTF-8"),
+    ],
+)
+def test_prompt_row_errors_name_file_row_and_field(tmp_path, bad, message):
+    path = _write(tmp_path / "data.jsonl", [GOOD, bad])
+    with pytest.raises(DataError) as err:
+        read_prompts(path, FIELDS, BadRows(skip=False))
+    assert str(err.value).startswith(f"{path}: {message}")
+    assert "--skip-bad-rows" in str(err.value)
+
+
+def test_duplicate_prompt_without_ids(tmp_path):
+    path = _write(tmp_path / "data.jsonl", [{"q": "Same?"}, {"q": "Other?"}, {"q": "Same?"}])
+    with pytest.raises(DataError, match=r"row 3: field 'q': duplicate prompt \(first at row 1\)"):
+        read_prompts(path, FieldMap(prompt="q"), BadRows(skip=False))
+
+
+@pytest.mark.parametrize(
+    "fields, bad, message",
+    [
+        (
+            FieldMap(instruction_id_list="ids"),
+            {"ids": "punctuation:no_comma"},
+            "field 'ids': expected a non-empty list",
+        ),
+        (
+            FieldMap(instruction_id_list="ids", kwargs="kw"),
+            {"ids": ["a", "b"], "kw": [{}]},
+            "field 'kw': has 1 entries",
+        ),
+        (FieldMap(cases="cases"), {"cases": [{"stdin": "1"}]}, "field 'cases': case 0: expected an object"),
+        (FieldMap(tests="tests"), {"tests": ""}, "field 'tests': empty text"),
+    ],
+)
+def test_label_field_errors(tmp_path, fields, bad, message):
+    path = _write(tmp_path / "data.jsonl", [{"prompt": "P?", **bad}])
+    with pytest.raises(DataError, match=f"{path}: row 1: {message}"):
+        read_prompts(path, fields, BadRows(skip=False))
+
+
+def test_bank_and_sample_errors(tmp_path):
+    bank = _write(tmp_path / "bank.jsonl", [{"prompt": "P?", "expert": "E"}, {"prompt": "Q?"}])
+    with pytest.raises(DataError, match=f"{bank}: row 2: field 'expert': missing"):
+        read_bank(bank, BadRows(skip=False))
+    bank = _write(
+        tmp_path / "bank.jsonl",
+        [{"id": 1, "prompt": "P?", "expert": "E"}, {"id": 1, "prompt": "Q?", "expert": "F"}],
+    )
+    with pytest.raises(DataError, match=f"{bank}: row 2: field 'id': duplicate id '1'"):
+        read_bank(bank, BadRows(skip=False))
+
+    prompts = {
+        p.id: p for p in read_prompts(_write(tmp_path / "p.jsonl", [GOOD]), FIELDS, BadRows(skip=False))
+    }
+    cases = [
+        ({"id": "zz", "prompt": "P?", "response": "r"}, "row 1: field 'id': 'zz' is not in the prompt data"),
+        (
+            {"id": "a", "prompt": "Changed?", "response": "r"},
+            "row 1: field 'prompt': differs from the prompt data",
+        ),
+        ({"id": "a", "prompt": GOOD["question"], "response": None}, "row 1: field 'response': missing"),
+        (
+            {"id": "a", "prompt": GOOD["question"], "response": 3},
+            "row 1: field 'response': expected a string, got int",
+        ),
+    ]
+    for row, message in cases:
+        samples = _write(tmp_path / "s.jsonl", [row])
+        with pytest.raises(DataError, match=f"{samples}: {message}"):
+            read_samples([samples], prompts, BadRows(skip=False))
+
+
+def test_skipped_rows_are_counted_and_reported(tmp_path, capsys):
+    rows = [
+        GOOD,
+        {"uid": "b", "answer": "#### 1"},
+        dict(GOOD, uid="c", question="Q3?"),
+        "not json",
+        dict(GOOD, uid="a"),
+    ]
+    src = _write(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "out"
+    args = [
+        "prepare-data",
+        "--prompts",
+        str(src),
+        "--out-dir",
+        str(out),
+        "--prompt-key",
+        "question",
+        "--id-key",
+        "uid",
+    ]
+    args += ["--answer-key", "answer", "--answer-after", "####", "--eval-size", "0"]
+    assert main(args) == 2
+    assert f"error: {src}: row 2: field 'question': missing" in capsys.readouterr().err
+    assert not out.exists()
+
+    assert main([*args, "--skip-bad-rows"]) == 0
+    printed = capsys.readouterr().out
+    assert "bad rows skipped: 3" in printed
+    for message in [
+        "row 2: field 'question': missing",
+        "row 4: not valid JSON",
+        "row 5: field 'uid': duplicate id 'a'",
+    ]:
+        assert f"{src}: {message}" in printed
+    assert [json.loads(line)["id"] for line in (out / "train.jsonl").read_text().splitlines()] == ["a", "c"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["bad_rows_skipped"] == 3 and len(report["bad_rows"]) == 3
+
+
+def test_generate_names_bad_prompt_rows(tmp_path, capsys):
+    src = _write(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
+    code = main(
+        ["generate", "--model", str(tmp_path), "--prompts", str(src), "--output", str(tmp_path / "o.jsonl")]
+    )
+    assert code == 2 and f"{src}: row 2: field 'prompt': empty text" in capsys.readouterr().err
+
+
+def test_unsupported_input_and_missing_split(tmp_path):
+    (tmp_path / "data.csv").write_text("prompt\nx\n")
+    with pytest.raises(DataError, match="unsupported format"):
+        read_prompts(tmp_path / "data.csv", FieldMap(), BadRows(skip=False))
+    import datasets
+
+    rows = [{"prompt": "a"}]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"choose a split with --split \(this dataset has: train, test\)"):
+        read_prompts(tmp_path / "dd", FieldMap(), BadRows(skip=False))
+    assert read_prompts(tmp_path / "dd", FieldMap(), BadRows(skip=False), split="test")[0].id == prompt_id(
+        "a"
+    )
+
+
+def test_atomic_write_leaves_old_file_on_crash(tmp_path):
+    path = tmp_path / "bank.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_writer(path) as fh:
+        fh.write("half of the new")
+        raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bank.jsonl"]  # no temporary file left behind
+    with atomic_writer(path) as fh:
+        fh.write("new\n")
+    assert path.read_text() == "new\n"
+
+
+def test_prompt_template_wraps_prompts_and_is_checked(tmp_path, capsys):
+    path = _write(tmp_path / "data.jsonl", [{"prompt": "1+1?"}])
+    fields = FieldMap(prompt_template="{prompt}\nPut the final answer in \\boxed{}.")
+    [row] = read_prompts(path, fields, BadRows(skip=False))
+    assert row.prompt == "1+1?\nPut the final answer in \\boxed{}." and row.id == prompt_id(row.prompt)
+    out = tmp_path / "out"
+    assert (
+        main(["prepare-data", "--prompts", str(path), "--out-dir", str(out), "--prompt-template", "Q: {}"])
+        == 2
+    )
+    assert "--prompt-template must contain '{prompt}'" in capsys.readouterr().err
