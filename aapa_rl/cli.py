@@ -7,7 +7,9 @@ import importlib
 import sys
 
 # Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "aapa_rl.data.cli", "aapa_rl.anchor.cli", "aapa_rl.openrlhf_adapter.cli", "aapa_rl.local.cli",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,45 @@
+"""`aapa-rl launch --config configs/RECIPE.yaml [--dry-run] [-- extra OpenRLHF/--aapa.* flags]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "launch", help="run OpenRLHF's train_ppo_ray with AAPA from a recipe (on the Ray head node)",
+        description="Build the OpenRLHF command from a recipe, check it (files, GPU layout, batch sizes, "
+        "discriminator AUROC) and run it. Flags after `--` are appended and override the recipe.")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. configs/qwen3-0.6b-grpo-aapa.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the command and the checks; start nothing")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags appended to the command")
+    p.set_defaults(func=launch)
+
+
+def launch(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    import yaml
+
+    from .recipe import RecipeError, check, command, dry_run
+
+    extra = list(args.extra)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    if "--dry-run" in extra:  # `aapa-rl launch --config X -- ... --dry-run` still means ours
+        extra.remove("--dry-run")
+        args.dry_run = True
+    try:
+        if args.dry_run:
+            return dry_run(args.config, extra)
+        cmd = command(args.config, extra)
+    except (RecipeError, OSError, yaml.YAMLError) as e:
+        print(f"aapa-rl: {e}")
+        return 2
+    _, problems = check(cmd)
+    if problems:
+        print("aapa-rl: not launching:\n  " + "\n  ".join(problems))
+        return 1
+    print(shlex.join(cmd), flush=True)
+    return subprocess.run(cmd).returncode

@@ -1,0 +1,244 @@
+"""Driver side (the PPOTrainer Ray actor): discriminator shaping, anchor gaps and the hard set H per rollout
+batch; the stage schedule pushed to the policy ranks; plugin state in OpenRLHF's checkpoints."""
+
+from __future__ import annotations
+
+import math
+from operator import itemgetter
+
+import ray
+import torch
+from openrlhf.trainer.ppo_trainer import PPOTrainer
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.utils.logging_utils import init_logger
+
+from aapa_rl.anchor import ExpertBank
+from aapa_rl.objectives import chord_mu, select_hard_set
+from aapa_rl.schedule import ScheduleValues
+
+from .scoring import build_critic, score_groups
+from .settings import build_schedule
+
+logger = init_logger(__name__)
+
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+# Metrics the policy ranks report as sums (weighted alike), made ratios here: name -> (numerator, denom).
+ACTOR_RATIOS = {
+    "aapa/anchor_loss": ("aapa/anchor_nll_sum", "aapa/anchor_tokens"),
+    "aapa/sft_loss": ("aapa/sft_nll_sum", "aapa/sft_tokens"),
+    "aapa/expert_logp_mean": ("aapa/expert_logp_sum", "aapa/expert_tokens"),
+}
+
+
+def _label_expert(label, prompt: str, bank: ExpertBank | None) -> tuple[str, str | None]:
+    """(the prompt the discriminator sees, the expert) for one sample's label.
+
+    The expert comes from the label dict's `expert`, else the expert bank by the label's `id`, else by prompt.
+    A label's `prompt` (the raw prompt, before any chat template) is what the discriminator was trained on.
+    """
+    if not isinstance(label, dict):
+        return prompt, None if bank is None else bank.expert_for(prompt=prompt)
+    disc_prompt = label.get("prompt") or prompt
+    expert = label.get("expert")
+    if expert is None and bank is not None:
+        has_id = label.get("id") is not None
+        expert = bank.expert_for(id=label["id"]) if has_id else bank.expert_for(prompt=disc_prompt)
+    return disc_prompt, expert
+
+
+class AapaExperienceMaker(RemoteExperienceMaker):
+    """After rewards, before advantages: score rollouts with the frozen discriminator, shape the rewards,
+    choose H over the rollout batch and mark its anchors in `info` for the policy ranks."""
+
+    values: ScheduleValues | None = None  # this step's schedule values, set by AapaPPOTrainer.train_step
+    _critic = None
+    _bank = None
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences: list[Experience]) -> list[Experience]:
+        if self.values is None:
+            raise RuntimeError("no schedule values: AapaPPOTrainer.train_step sets them before each batch")
+        args, aapa, values = self.args, self.args.aapa, self.values
+        n = args.rollout.n_samples_per_prompt
+        samples = sorted(((idx, exp, row) for exp in experiences for row, idx in enumerate(exp.index)),
+                         key=itemgetter(0))
+        if [s[0] for s in samples] != list(range(len(samples))) or len(samples) % n:
+            raise RuntimeError(f"rollout batch of {len(samples)} samples does not form groups of "
+                               f"--rollout.n_samples_per_prompt {n} with indices 0..{len(samples) - 1}")
+        groups = [samples[i : i + n] for i in range(0, len(samples), n)]
+        if aapa.expert_bank and self._bank is None:
+            self._bank = ExpertBank.load(aapa.expert_bank)
+
+        prompts, experts, rollouts = [], [], []
+        for p, group in enumerate(groups):
+            _, exp0, row0 = group[0]
+            if any(exp.prompts[row] != exp0.prompts[row0] for _, exp, row in group):
+                raise RuntimeError(f"group {p} mixes prompts: samples {[s[0] for s in group]} must share one")
+            disc_prompt, expert = _label_expert(exp0.labels[row0], exp0.prompts[row0], self._bank)
+            prompts.append(disc_prompt)
+            experts.append(expert)
+            rollouts.append([self._response_text(exp, row) for _, exp, row in group])
+        seen: dict[str, str | None] = {}
+        for p, (prompt, expert) in enumerate(zip(prompts, experts, strict=True)):
+            if seen.setdefault(prompt, expert) != expert:
+                raise RuntimeError(f"prompt {prompt[:120]!r} has two different experts in one rollout batch "
+                                   f"(group {p}); the discriminator needs one expert per prompt")
+
+        for exp in experiences:
+            exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
+            exp.info["aapa/raw_reward"] = exp.rewards.clone()
+            exp.info["aapa_w"] = torch.zeros(len(exp.index))
+            exp.info["aapa_sft"] = torch.zeros(len(exp.index))
+        rewards = torch.stack([torch.stack([exp.rewards[row] for _, exp, row in group]) for group in groups])
+        # The SFT stage has no rollout reward: its policy-gradient term is shaping alone (spec, signal 1).
+        base = torch.zeros_like(rewards) if values.objective == "sft" else rewards
+        scored = self._score(prompts, experts, rollouts, base, values.alpha)
+        gaps = scored["gaps"].nan_to_num(nan=-math.inf)  # a prompt without an expert is never anchored
+        hard, weights = select_hard_set(gaps, values.rho, aapa.temperature)
+        anchor_w = torch.zeros(len(groups))
+        anchor_w[hard] = weights.float()
+
+        expert_term = values.objective in ("sft", "chord")
+        for p, group in enumerate(groups):
+            for j, (_, exp, row) in enumerate(group):
+                exp.rewards[row] = scored["shaped_rewards"][p, j]
+            # One sample per prompt carries its expert to the actor: one anchor / SFT forward per prompt.
+            _, exp, row = group[0]
+            exp.info["aapa_w"][row] = anchor_w[p]
+            exp.info["aapa_sft"][row] = float(expert_term and experts[p] is not None)
+            label = exp.labels[row]
+            if experts[p] is not None and not (isinstance(label, dict) and label.get("expert") == experts[p]):
+                exp.labels[row] = {**label, "expert": experts[p]} if isinstance(label, dict) else \
+                    {"answer": label, "expert": experts[p]}
+
+        self.last_metrics = self._metrics(experiences, rewards, scored, hard)
+        valid = ~scored["scores"].isnan()
+        self.last_scores = {"rollouts": scored["scores"][valid],
+                            "experts": scored["expert_scores"][~scored["expert_scores"].isnan()]}
+
+        estimator = args.algo.advantage.estimator
+        if values.objective == "sft" and estimator in GROUP_ESTIMATORS:
+            # alpha must scale the SFT stage's shaping term: a plain group-mean baseline (no std division).
+            args.algo.advantage.estimator = self.advantage_estimator = "dr_grpo"
+        try:
+            return super().compute_advantages_and_returns(experiences)
+        finally:
+            args.algo.advantage.estimator = self.advantage_estimator = estimator
+
+    def _response_text(self, exp: Experience, row: int) -> str:
+        # Same alignment as openrlhf's Actor.forward: the action mask covers the last A target tokens.
+        mask = exp.action_mask[row].bool()
+        tokens = exp.sequences[row, -mask.numel():][mask]
+        return self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+
+    def _score(self, prompts, experts, rollouts, rewards, alpha) -> dict[str, torch.Tensor]:
+        aapa = self.args.aapa
+        if aapa.score_on == "driver" or self.actor_model_group is None:
+            if self._critic is None:
+                self._critic = build_critic(aapa)
+            return score_groups(self._critic, prompts, experts, rollouts, rewards, alpha)
+        # On the policy GPUs: contiguous chunks of whole groups, one per rank, gathered in order.
+        handles = self.actor_model_group._actor_handlers
+        size = math.ceil(len(prompts) / len(handles))
+        refs = [handle.aapa_score.remote(aapa, prompts[a : a + size], experts[a : a + size],
+                                         rollouts[a : a + size], rewards[a : a + size], alpha)
+                for handle, a in zip(handles, range(0, len(prompts), size), strict=False)]
+        parts = ray.get(refs)
+        return {k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else sum(p[k] for p in parts)
+                for k in parts[0]}
+
+    def _metrics(self, experiences, rewards, scored, hard) -> dict[str, float]:
+        values = self.values
+        s, valid = scored["scores"], ~scored["scores"].isnan()
+        d_expert = scored["expert_scores"][~scored["expert_scores"].isnan()]
+        gaps = scored["gaps"][~scored["gaps"].isnan()]
+        shaping = scored["shaping"][valid]
+        logp = sum((e.action_log_probs.float() * e.action_mask).sum() for e in experiences)
+        tokens = sum(e.action_mask.sum() for e in experiences)
+        metrics = {
+            "aapa/stage": values.stage, "aapa/lambda": values.lam, "aapa/alpha": values.alpha,
+            "aapa/rho": values.rho,
+            "aapa/reward_raw_mean": rewards.mean().item(),
+            "aapa/reward_shaped_mean": scored["shaped_rewards"].mean().item(),
+            "aapa/shaping_mean": shaping.mean().item(),
+            "aapa/shaping_std": shaping.std(unbiased=False).item(),
+            "aapa/d_rollout_mean": s[valid].mean().item(),
+            "aapa/d_rollout_std": s[valid].std(unbiased=False).item(),
+            "aapa/d_expert_mean": d_expert.mean().item(),
+            "aapa/d_expert_std": d_expert.std(unbiased=False).item(),
+            "aapa/gap_mean": gaps.mean().item(), "aapa/gap_max": gaps.max().item() if len(gaps) else math.nan,
+            "aapa/hard_set_size": float(len(hard)),
+            "aapa/missing_experts": scored["missing_experts"].item(),
+            "aapa/encoder_truncations": scored["truncations"].item(),
+            "aapa/rollout_logp_mean": (logp / max(tokens, 1)).item(),
+        }
+        return metrics
+
+
+@ray.remote
+class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
+    """OpenRLHF's synchronous PPOTrainer with the AAPA experience maker, schedule and checkpoint state."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setup_aapa()
+
+    def setup_aapa(self) -> None:
+        self.experience_maker = AapaExperienceMaker(
+            self.actor_model_group, self.critic_model_group, self.reward_model_group,
+            self.reference_model_group, self.kl_ctl, self.strategy, self.tokenizer)
+        self.aapa_schedule = build_schedule(self.args.aapa)
+        self.aapa_counters = {"anchors": 0, "prompts_scored": 0, "missing_experts": 0}
+
+    def train_step(self, rollout_samples, global_step: int):
+        values = self.aapa_schedule.at(global_step)
+        mu = chord_mu(global_step, **self.args.aapa.chord) if values.objective == "chord" else 0.0
+        self.experience_maker.values = values
+        ray.get(self.actor_model_group.async_run_method(method_name="aapa_set_state", step=global_step,
+                                                        objective=values.objective, lam=values.lam, mu=mu))
+
+        status, next_step = super().train_step(rollout_samples, global_step)
+
+        aapa_metrics = self.experience_maker.last_metrics
+        if not math.isnan(aapa_metrics["aapa/gap_mean"]):  # NaN when no prompt of the batch has an expert
+            self.aapa_schedule.observe(aapa_metrics["aapa/gap_mean"])
+        self.aapa_counters["anchors"] += int(aapa_metrics["aapa/hard_set_size"])
+        self.aapa_counters["prompts_scored"] += len(rollout_samples) // self.args.rollout.n_samples_per_prompt
+        self.aapa_counters["missing_experts"] += int(aapa_metrics["aapa/missing_experts"])
+        status.update(aapa_metrics)
+        status["aapa/mu"] = mu
+        status["aapa/anchors_total"] = self.aapa_counters["anchors"]
+        for name, (numerator, denominator) in ACTOR_RATIOS.items():
+            if numerator in status:
+                status[name] = status.pop(numerator) / max(status.pop(denominator), 1e-12)
+        if self.tensorboard_logger:
+            scores = self.experience_maker.last_scores
+            self.tensorboard_logger.writer.add_histogram("aapa/d_rollouts", scores["rollouts"], next_step)
+            self.tensorboard_logger.writer.add_histogram("aapa/d_experts", scores["experts"], next_step)
+        return status, next_step
+
+    def aapa_state_dict(self) -> dict:
+        return {"schedule": self.aapa_schedule.state_dict(), "counters": dict(self.aapa_counters),
+                "discriminator": str(self.args.aapa.discriminator)}
+
+    def save_logs_and_checkpoints(self, global_step: int, logs_dict=None, client_states=None) -> None:
+        # In place: fit() hands the same dict to save_best_checkpoint, so best checkpoints carry it too.
+        if client_states is not None:
+            client_states["aapa"] = self.aapa_state_dict()
+        super().save_logs_and_checkpoints(global_step, logs_dict, client_states)
+
+    def init_checkpoint_states(self) -> dict:
+        states = super().init_checkpoint_states()
+        saved = states.get("aapa")
+        if saved is None:
+            if states.get("global_step", 0) > 0:
+                logger.warning("resuming from a checkpoint without AAPA state: the adaptive lambda and the "
+                               "AAPA counters start afresh (the stage follows the restored global step)")
+            return states
+        self.aapa_schedule.load_state_dict(saved["schedule"])
+        self.aapa_counters = dict(saved["counters"])
+        if saved["discriminator"] != str(self.args.aapa.discriminator):
+            logger.warning(f"checkpoint was trained with discriminator {saved['discriminator']}, "
+                           f"resuming with {self.args.aapa.discriminator}")
+        return states

@@ -1,0 +1,297 @@
+"""Recipes (YAML) -> the exact OpenRLHF command, and the dry-run checks that need no GPU.
+
+A recipe has two sections: `openrlhf:` (stock train_ppo_ray flags without the leading `--`; `true` is a bare
+flag, a list gives several values) and, for AAPA runs, `aapa:` (the `--aapa.*` flags). Flags given after `--`
+on the command line come last, so they override the recipe (argparse keeps the last value).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from .settings import (
+    AapaConfigError,
+    build_schedule,
+    check_files,
+    dests,
+    discriminator_auroc,
+    refused,
+    split_argv,
+)
+
+LAUNCH_MODULE = "aapa_rl.openrlhf_adapter.launch"
+STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+# OpenRLHF 0.11.2's defaults (cli/train_ppo_ray.py) for the flags the checks read; a test compares them with
+# the values its real parser produces.
+DEFAULTS = {
+    "actor.num_nodes": 1, "actor.num_gpus_per_node": 8, "ref.num_nodes": 1, "ref.num_gpus_per_node": 8,
+    "critic.num_nodes": 1, "critic.num_gpus_per_node": 8, "reward.num_nodes": 1,
+    "reward.num_gpus_per_node": 8,
+    "vllm.num_engines": None, "vllm.tensor_parallel_size": 1, "train.batch_size": 128,
+    "train.micro_batch_size": 1, "rollout.batch_size": 1024, "rollout.micro_batch_size": 1,
+    "rollout.n_samples_per_prompt": 1, "algo.kl.init_coef": 0.01, "algo.advantage.estimator": "gae",
+    "ds.ring_attn_size": 1, "ds.tensor_parallel_size": 1, "train.async_enable": False,
+    "train.dynamic_batch_enable": False, "train.colocate_all": False, "train.colocate_actor_ref": False,
+    "train.colocate_critic_reward": False, "data.input_key": "input", "data.label_key": None,
+    "data.prompt_dataset": None, "actor.model_name_or_path": None, "reward.remote_url": None,
+    "eval.dataset": None,
+}
+
+
+class RecipeError(ValueError):
+    """A recipe entry that cannot become a command; the message names the file and key."""
+
+
+def openrlhf_flags() -> set[str]:
+    """Every flag name train_ppo_ray.py defines, read from its source (importing it needs vLLM)."""
+    package = Path(importlib.util.find_spec("openrlhf").submodule_search_locations[0])
+    names = re.findall(r'add_argument\(\s*f?"--([^"]+)"', (package / "cli" / "train_ppo_ray.py").read_text())
+    return {n.replace("{prefix}", p) for n in names for p in ("actor", "critic")}
+
+
+def _flag_tokens(key: str, value) -> list[str]:
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [f"--{key}"]
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)]
+    return [f"--{key}", str(value)]
+
+
+def command(path: str | Path, extra: list[str] | None = None) -> list[str]:
+    """The exact command a recipe runs: `python -m <launcher> <flags> [extra]`."""
+    path = Path(path)
+    recipe = yaml.safe_load(path.read_text())
+    if not isinstance(recipe, dict) or set(recipe) - {"openrlhf", "aapa"} or \
+            not isinstance(recipe.get("openrlhf"), dict):
+        found = sorted(recipe) if isinstance(recipe, dict) else type(recipe).__name__
+        raise RecipeError(f"{path}: a recipe is a mapping with an `openrlhf:` section and an optional "
+                          f"`aapa:` section; found {found}")
+    argv = []
+    for key, value in recipe["openrlhf"].items():
+        if isinstance(value, dict) or str(key).startswith("-"):
+            raise RecipeError(f"{path}: openrlhf.{key}: write a flag as `section.name: value` (no dashes)")
+        argv += _flag_tokens(key, value)
+    aapa = recipe.get("aapa")
+    if aapa is not None:
+        known = dests()
+        for key, value in aapa.items():
+            if key not in known:
+                raise RecipeError(f"{path}: aapa.{key} is not an AAPA setting; known: {sorted(known)}")
+            structured = isinstance(value, dict | list)
+            argv += [f"--aapa.{key}", json.dumps(value)] if structured else _flag_tokens(f"aapa.{key}", value)
+    module = STOCK_MODULE if aapa is None else LAUNCH_MODULE
+    return [sys.executable, "-m", module, *argv, *(extra or [])]
+
+
+def parse_flags(tokens: list[str]) -> dict[str, list[str]]:
+    """`--name v1 v2 --flag` -> {name: [v1, v2], flag: []}; a repeated flag keeps its last values."""
+    flags: dict[str, list[str]] = {}
+    key = None
+    for token in tokens:
+        if token.startswith("--"):
+            key, has_value, value = token[2:].partition("=")
+            flags[key] = [value] if has_value else []
+        elif key is None:
+            raise RecipeError(f"value {token!r} does not follow a flag")
+        else:
+            flags[key].append(token)
+    return flags
+
+
+def check(cmd: list[str]) -> tuple[list[str], list[str]]:
+    """Validate a command without a GPU: (lines that passed or describe the run, problems)."""
+    aapa, args = None, cmd[3:]
+    if cmd[2] == LAUNCH_MODULE:
+        try:
+            aapa, args = split_argv(args)
+            schedule = build_schedule(aapa)
+        except AapaConfigError as e:
+            return [], [str(e)]
+    flags = parse_flags(args)
+
+    def get(name: str):
+        if name not in flags:
+            return DEFAULTS[name]
+        values = flags[name]
+        return True if not values else values[0] if len(values) == 1 else values
+
+    ok, bad = [], []
+    unknown = sorted(set(flags) - openrlhf_flags())
+    bad += [f"--{f} is not a train_ppo_ray flag of OpenRLHF 0.11.2" for f in unknown]
+    if not unknown:
+        ok.append(f"{len(flags)} OpenRLHF flags, all known to train_ppo_ray 0.11.2")
+    if aapa is not None:
+        bad += refused(get)
+    _check_files(get, aapa, ok, bad)
+    _check_layout(get, ok, bad)
+    _check_batches(get, ok, bad)
+    if aapa is not None:
+        prompts = int(get("rollout.batch_size"))
+        for i, stage in enumerate(schedule.stages):
+            if stage.lam > 0 and stage.rho == 0:
+                bad.append(f"--aapa.stages[{i}] has lam {stage.lam} but rho 0: no prompt can be anchored")
+            decay = "" if stage.lam_end is None else f" -> {stage.lam_end}"
+            ok.append(f"AAPA stage {i}, steps < {stage.end_step}: {stage.objective}, lam {stage.lam}{decay}, "
+                      f"alpha {stage.alpha}, rho {stage.rho} "
+                      f"(|H| <= {math.ceil(stage.rho * prompts - 1e-9)} of {prompts} prompts)")
+        if schedule.adaptive is not None:
+            ok.append(f"adaptive lambda: target gap {schedule.adaptive.target_gap}, "
+                      f"rate {schedule.adaptive.rate}")
+    return ok, bad
+
+
+def _is_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(DATA_SUFFIXES)
+
+
+def _check_files(get: Callable, aapa: SimpleNamespace | None, ok: list[str], bad: list[str]) -> None:
+    for name in ("actor.model_name_or_path", "data.prompt_dataset", "eval.dataset"):
+        value = get(name)
+        if value is None:
+            if name != "eval.dataset":
+                bad.append(f"--{name} is required")
+        elif Path(value).exists():
+            ok.append(f"--{name} {value}: found")
+        elif _is_hub_id(value):
+            ok.append(f"--{name} {value}: no such local path, taken as a Hugging Face hub id (not checked)")
+        else:
+            bad.append(f"--{name} {value}: no such file or directory")
+    for url in (get("reward.remote_url") or "").split(","):
+        if not url.endswith(".py"):
+            continue
+        if not Path(url).is_file():
+            bad.append(f"--reward.remote_url {url}: no such file")
+        elif not re.search(r"^(def reward_func\(|reward_func\s*=)", Path(url).read_text(), re.M):
+            bad.append(f"--reward.remote_url {url}: defines no reward_func(queries, prompts, labels)")
+        else:
+            ok.append(f"--reward.remote_url {url}: found, defines reward_func")
+    if aapa is None:
+        return
+    problems = check_files(aapa)
+    bad += problems
+    if not any(p.startswith("--aapa.discriminator") for p in problems):
+        auroc = discriminator_auroc(aapa.discriminator)
+        ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
+    data = get("data.prompt_dataset")
+    if data and Path(data).exists() and not any(p.startswith("--aapa.expert_bank") for p in problems):
+        _check_labels(aapa, data, get("data.input_key"), get("data.label_key"), ok, bad)
+
+
+def _check_labels(aapa: SimpleNamespace, data: str, input_key: str, label_key: str | None,
+                  ok: list[str], bad: list[str]) -> None:
+    """Every prompt row must lead to an expert (label dict, or the bank by id or prompt) that agrees with
+    the expert bank."""
+    from aapa_rl.anchor.bank import DataError, ExpertBank, read_rows
+
+    if label_key is None:
+        bad.append("--data.label_key is required with AAPA: the label dicts carry the expert responses")
+        return
+    bank = ExpertBank.load(aapa.expert_bank) if aapa.expert_bank else None
+    rows = missing = disagree = 0
+    for _, row in read_rows(data):
+        if isinstance(row, DataError):
+            bad.append(str(row))
+            return
+        rows += 1
+        label = row.get(label_key) if isinstance(row, dict) else None
+        label = label if isinstance(label, dict) else {}
+        prompt = label.get("prompt") or row.get(input_key)
+        from_bank = None
+        if bank is not None and label.get("id") is not None:
+            from_bank = bank.expert_for(id=label["id"])
+        elif bank is not None and isinstance(prompt, str):
+            from_bank = bank.expert_for(prompt=prompt)
+        missing += not (label.get("expert") or from_bank)
+        disagree += bool(label.get("expert") and from_bank and label["expert"] != from_bank)
+    where = f"{data} ({rows} rows)"
+    if missing and aapa.missing_expert == "error":
+        bad.append(f"{where}: {missing} rows have no expert (no label '{label_key}' with an 'expert', "
+                   "and not in the expert bank); fix the data or set aapa.missing_expert: skip")
+    if disagree:
+        bad.append(f"{where}: {disagree} label experts differ from the expert bank {aapa.expert_bank}")
+    if not (missing and aapa.missing_expert == "error") and not disagree:
+        skipped = f", {missing} without one (skipped from H)" if missing else ""
+        ok.append(f"{where}: experts for {rows - missing} rows{skipped}")
+
+
+def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
+    def gpus(group: str) -> int:
+        return int(get(f"{group}.num_nodes")) * int(get(f"{group}.num_gpus_per_node"))
+
+    actor = gpus("actor")
+    engines, tp = int(get("vllm.num_engines") or 0), int(get("vllm.tensor_parallel_size"))
+    uses_ref = float(get("algo.kl.init_coef")) > 0
+    colocate_all, colocate_ref = bool(get("train.colocate_all")), bool(get("train.colocate_actor_ref"))
+    uses_critic = get("algo.advantage.estimator") == "gae"
+    if engines < 1:
+        bad.append("--vllm.num_engines must be >= 1: rollouts are generated by vLLM")
+    if colocate_all and engines * tp != actor:
+        bad.append(f"--train.colocate_all needs vllm.num_engines x vllm.tensor_parallel_size "
+                   f"({engines} x {tp}) == actor GPUs ({actor})")
+    same_layout = all(get(f"ref.{k}") == get(f"actor.{k}") for k in ("num_nodes", "num_gpus_per_node"))
+    if uses_ref and (colocate_all or colocate_ref) and not same_layout:
+        bad.append("a colocated reference model needs --ref.num_nodes / --ref.num_gpus_per_node equal to the "
+                   "actor's")
+    total = actor
+    if not colocate_all:
+        total += engines * tp + (gpus("ref") if uses_ref and not colocate_ref else 0)
+        total += gpus("critic") if uses_critic else 0
+        if not get("reward.remote_url") and not (uses_critic and get("train.colocate_critic_reward")):
+            total += gpus("reward")
+    mode = "hybrid engine: everything colocated" if colocate_all else "separate GPU groups"
+    ok.append(f"layout: {total} GPUs ({mode}); actor {get('actor.num_nodes')} node(s) x "
+              f"{get('actor.num_gpus_per_node')} GPUs, {engines} vLLM engine(s) x TP {tp}, "
+              f"reference model {'on' if uses_ref else 'off'}")
+
+
+def _check_batches(get: Callable, ok: list[str], bad: list[str]) -> None:
+    # Every rank must get the same number of micro-batches, or its collectives wait for ever.
+    actor = int(get("actor.num_nodes")) * int(get("actor.num_gpus_per_node"))
+    n, prompts = int(get("rollout.n_samples_per_prompt")), int(get("rollout.batch_size"))
+    rollouts, train_bs = prompts * n, int(get("train.batch_size"))
+    micro, rollout_micro = int(get("train.micro_batch_size")), int(get("rollout.micro_batch_size"))
+    problems = []
+    if actor < 1 or train_bs % (micro * actor):
+        problems.append(f"--train.batch_size {train_bs} must be a multiple of train.micro_batch_size x actor "
+                        f"GPUs ({micro} x {actor})")
+    if rollouts % train_bs:
+        problems.append(f"rollout.batch_size x n_samples_per_prompt ({prompts} x {n}) must be a multiple of "
+                        f"--train.batch_size {train_bs}")
+    if rollouts % rollout_micro or (rollouts // rollout_micro) % max(actor, 1):
+        problems.append(f"{rollouts} rollouts in micro-batches of --rollout.micro_batch_size {rollout_micro} "
+                        f"must split evenly over {actor} actor GPUs")
+    estimator = get("algo.advantage.estimator")
+    if estimator in GROUP_ESTIMATORS and n < 2:
+        problems.append(f"--algo.advantage.estimator {estimator} needs --rollout.n_samples_per_prompt > 1")
+    bad += problems
+    if not problems:
+        ok.append(f"batches: {prompts} prompts x {n} samples = {rollouts} rollouts per step, "
+                  f"{rollouts // train_bs} optimizer step(s) of {train_bs}, "
+                  f"gradient accumulation {train_bs // (micro * actor)}")
+
+
+def dry_run(path: str | Path, extra: list[str] | None = None) -> int:
+    cmd = command(path, extra)
+    print(shlex.join(cmd))
+    ok, bad = check(cmd)
+    for line in ok:
+        print(f"  ok    {line}")
+    for line in bad:
+        print(f"  FAIL  {line}")
+    print(f"dry run: {len(bad)} problem(s); nothing was started" if bad
+          else "dry run: the recipe is consistent; nothing was started")
+    return 1 if bad else 0

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Submit an AAPA (or baseline) recipe to a running Ray cluster with `ray job submit`.
+# The runtime environment (launchers/runtime_env.yaml) ships the plugin, the reward functions, the recipes
+# and the data files to every node; the job then runs `aapa-rl launch` on the head node, which starts
+# OpenRLHF's train_ppo_ray with the AAPA classes injected.
+#
+#   RAY_ADDRESS=http://HEAD_IP:8265 launchers/submit.sh configs/qwen3-0.6b-grpo-aapa.yaml [extra flags]
+#   launchers/submit.sh configs/qwen3-0.6b-staged-aapa.yaml --actor.num_nodes 2 --ref.num_nodes 2 \
+#       --vllm.num_engines 16                                          # the two-node layout
+#
+# Extra flags (OpenRLHF's or --aapa.*) are appended to the recipe's and override it. The recipe is checked
+# here first (files, GPU layout, batch sizes, discriminator AUROC) and nothing is submitted if it fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=${1:-}
+if [[ -z "$CONFIG" ]]; then
+    echo "usage: launchers/submit.sh configs/RECIPE.yaml [extra OpenRLHF / --aapa.* flags]" >&2
+    exit 2
+fi
+shift
+PYTHON=${PYTHON:-python3}
+
+"$PYTHON" -m aapa_rl.cli launch --config "$CONFIG" --dry-run -- "$@"
+ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env launchers/runtime_env.yaml \
+    -- python3 -m aapa_rl.cli launch --config "$CONFIG" -- "$@"

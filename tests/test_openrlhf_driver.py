@@ -1,0 +1,243 @@
+"""Driver side of the OpenRLHF adapter on real openrlhf Experience objects (CPU, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
+
+from aapa_rl.anchor import build_discriminator, load_discriminator
+from aapa_rl.local.task import char_tokenizer, expert_for, prompt_for
+from aapa_rl.objectives import group_advantages, shaping_signal
+from aapa_rl.openrlhf_adapter.actor import _per_sample
+from aapa_rl.openrlhf_adapter.driver import AapaExperienceMaker
+from aapa_rl.openrlhf_adapter.settings import split_argv
+from aapa_rl.schedule import ScheduleValues
+
+TOKENIZER = char_tokenizer()
+PROBLEMS = [(12, "+", 34), (57, "-", 18), (23, "*", 4), (45, "+", 45)]
+GROUP = 4
+
+
+def save_discriminator(directory, auroc: float = 0.9) -> str:
+    """A real (cosine, hashing-encoder) discriminator directory with a training report."""
+    build_discriminator("cosine", "hash", margin=0.3, tau=0.1).save(directory, {"heldout": {"auroc": auroc}})
+    return str(directory)
+
+
+def make_args(disc_dir: str, *, n: int = GROUP, estimator: str = "group_norm", aapa_flags=()):
+    """OpenRLHF's nested arguments, as far as the experience maker reads them, with the AAPA section."""
+    ns = SimpleNamespace
+    stages = [{"end_step": 100, "objective": "grpo", "lam": 0.5, "alpha": 0.3, "rho": 0.5}]
+    aapa, _ = split_argv(["--aapa.discriminator", disc_dir, "--aapa.stages", json.dumps(stages),
+                          "--aapa.score_on", "driver", *aapa_flags])
+    return ns(
+        rollout=ns(n_samples_per_prompt=n, micro_batch_size=3, max_new_tokens=64, batch_size=len(PROBLEMS)),
+        train=ns(dynamic_batch_enable=False),
+        algo=ns(advantage=ns(estimator=estimator, gamma=1.0, lambd=1.0, no_std_norm=False),
+                kl=ns(use_loss=True)),
+        reward=ns(clip_range=(-10, 10), overlong_buffer_len=None, stop_properly_penalty_coef=None),
+        data=ns(max_len=256),
+        ds=ns(ring_attn_size=1, tensor_parallel_size=1),
+        actor=ns(num_nodes=1, num_gpus_per_node=1),
+        aapa=aapa,
+    )
+
+
+def rollout_sample(prompt: str, response: str, reward: float, label) -> Experience:
+    """One sample as OpenRLHF's SamplesGenerator builds it: prompt + response tokens, action mask over T-1."""
+    p = TOKENIZER(prompt, add_special_tokens=False).input_ids
+    r = TOKENIZER(response, add_special_tokens=False).input_ids + [TOKENIZER.eos_token_id]
+    seq = torch.tensor(p + r)
+    action_mask = torch.zeros(len(seq) - 1, dtype=torch.bool)
+    action_mask[len(p) - 1 :] = True
+    return Experience(
+        sequences=seq[None], attention_mask=torch.ones_like(seq)[None], action_mask=action_mask[None],
+        prompts=[prompt], labels=[label], rewards=torch.tensor([reward]),
+        response_length=torch.tensor([len(r)]),
+        truncated=torch.tensor([False]), total_length=torch.tensor([float(len(seq))]),
+        info={"reward": torch.tensor([reward])},
+    )
+
+
+def rollout_batch():
+    """16 rollouts (4 prompts x 4): the expert itself, the expert with its answer repeated, a wrong answer,
+    and noise. Returns (samples in rollout order, per-sample (prompt, response, reward, expert))."""
+    rows = []
+    for a, op, b in PROBLEMS:
+        prompt, expert = prompt_for(a, op, b), expert_for(a, op, b)
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        responses = [(expert, 1.0), (expert + f" \\boxed{{{answer}}}" * 3, 1.0),
+                     (expert.replace(str(answer), str(answer + 1)), 0.0), ("zz qq", 0.0)]
+        rows += [(prompt, response, reward, expert) for response, reward in responses]
+    samples = [rollout_sample(p, r, w, {"answer": "x", "expert": e}) for p, r, w, e in rows]
+    return samples, rows
+
+
+def make_experiences(maker: AapaExperienceMaker) -> tuple[list[Experience], list[tuple]]:
+    samples, rows = rollout_batch()
+    experiences = maker.split_rollout_samples(samples)  # OpenRLHF's own micro-batching (sets `index`)
+    gen = torch.Generator().manual_seed(0)
+    for exp in experiences:
+        exp.action_log_probs = -torch.rand(exp.action_mask.shape, generator=gen) * exp.action_mask
+        exp.kl = torch.zeros(exp.action_mask.shape)
+    return experiences, rows
+
+
+def make_maker(args) -> AapaExperienceMaker:
+    strategy = SimpleNamespace(args=args)
+    return AapaExperienceMaker(None, None, None, None, FixedKLController(0.0), strategy, TOKENIZER)
+
+
+def by_index(experiences, field):
+    """A per-sample field of all micro-batches, in rollout order."""
+    out = {}
+    for exp in experiences:
+        values = getattr(exp, field) if isinstance(field, str) else field(exp)
+        for row, idx in enumerate(exp.index):
+            out[idx] = values[row]
+    return [out[i] for i in range(len(out))]
+
+
+@pytest.fixture(scope="module")
+def disc_dir(tmp_path_factory):
+    return save_discriminator(tmp_path_factory.mktemp("disc"))
+
+
+def expected_scores(disc_dir, rows) -> torch.Tensor:
+    disc = load_discriminator(disc_dir)
+    return disc.score([r[0] for r in rows], [r[1] for r in rows], [r[3] for r in rows])
+
+
+def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
+    args = make_args(disc_dir)
+    maker = make_maker(args)
+    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    experiences, rows = make_experiences(maker)
+    assert len(experiences) == 6 and any(len(e.index) == 1 for e in experiences)  # groups span micro-batches
+
+    maker.compute_advantages_and_returns(experiences)
+
+    raw = torch.tensor([r[2] for r in rows])
+    d = expected_scores(disc_dir, rows)
+    shaped = raw + 0.3 * shaping_signal(d, "log", 1e-6)
+    assert torch.allclose(torch.stack(by_index(experiences, "rewards")), shaped, atol=1e-5)
+    assert torch.equal(torch.stack(by_index(experiences, lambda e: e.info["aapa/raw_reward"])), raw)
+    # OpenRLHF's group_norm saw the shaped rewards: advantage of every token = normalised shaped reward.
+    first_token_adv = torch.stack(by_index(experiences, lambda e: e.advantages[:, 0]))
+    assert torch.allclose(first_token_adv, group_advantages(shaped, GROUP, "group_norm"), atol=1e-4)
+    assert not torch.allclose(first_token_adv, group_advantages(raw, GROUP, "group_norm"), atol=1e-2)
+    # D prefers each clean expert over its repeated-answer copy: shaping separates equal rewards.
+    assert (d.view(-1, GROUP)[:, 0] > d.view(-1, GROUP)[:, 1]).all()
+
+
+def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
+    args = make_args(disc_dir, aapa_flags=["--aapa.temperature", "0.5"])
+    maker = make_maker(args)
+    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    experiences, rows = make_experiences(maker)
+    maker.compute_advantages_and_returns(experiences)
+
+    for exp in experiences:  # one weight per sample in every micro-batch
+        assert exp.info["aapa_w"].shape == (len(exp.index),) == exp.info["aapa_sft"].shape
+    weights = torch.stack(by_index(experiences, lambda e: e.info["aapa_w"])).view(-1, GROUP)
+    d = expected_scores(disc_dir, rows).view(-1, GROUP)
+    gaps = d[:, 0].log() - d.log().mean(-1)  # the expert is rollout 0 here, so D(y*) = D(rollout 0)
+    top = torch.topk(gaps, 2).indices  # rho 0.5 of 4 prompts
+    assert (gaps[top] > 0).all()
+    assert torch.count_nonzero(weights) == 2 and (weights[:, 1:] == 0).all()  # only each group's first sample
+    expected = 2 * torch.softmax(gaps[top] / 0.5, 0)
+    assert torch.allclose(weights[top, 0], expected, atol=1e-4)
+    sft = torch.stack(by_index(experiences, lambda e: e.info["aapa_sft"]))
+    assert torch.all(sft == 0)  # grpo: no SFT term
+    m = maker.last_metrics
+    for key in ("aapa/reward_raw_mean", "aapa/reward_shaped_mean", "aapa/shaping_mean", "aapa/shaping_std",
+                "aapa/gap_mean", "aapa/gap_max", "aapa/hard_set_size", "aapa/lambda", "aapa/alpha",
+                "aapa/stage", "aapa/d_rollout_mean", "aapa/d_expert_mean", "aapa/rollout_logp_mean"):
+        assert math.isfinite(m[key]), key
+    assert m["aapa/hard_set_size"] == 2 and m["aapa/lambda"] == 0.5
+    assert m["aapa/gap_max"] == pytest.approx(gaps.max().item(), abs=1e-4)
+    assert maker.last_scores["rollouts"].shape == (16,) and maker.last_scores["experts"].shape == (4,)
+
+
+def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
+    args = make_args(disc_dir)
+    maker = make_maker(args)
+    maker.values = ScheduleValues(stage=0, objective="sft", lam=1.0, alpha=0.3, rho=0.25)
+    experiences, rows = make_experiences(maker)
+    maker.compute_advantages_and_returns(experiences)
+
+    s = shaping_signal(expected_scores(disc_dir, rows), "log", 1e-6)
+    assert torch.allclose(torch.stack(by_index(experiences, "rewards")), 0.3 * s, atol=1e-5)
+    first_token_adv = torch.stack(by_index(experiences, lambda e: e.advantages[:, 0]))
+    assert torch.allclose(first_token_adv, group_advantages(0.3 * s, GROUP, "dr_grpo"), atol=1e-5)
+    assert args.algo.advantage.estimator == "group_norm" and maker.advantage_estimator == "group_norm"
+    sft = torch.stack(by_index(experiences, lambda e: e.info["aapa_sft"])).view(-1, GROUP)
+    assert (sft[:, 0] == 1).all() and (sft[:, 1:] == 0).all()
+
+
+def test_mixed_groups_and_missing_experts_are_errors(disc_dir):
+    maker = make_maker(make_args(disc_dir))
+    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    samples, _ = rollout_batch()
+    samples[1], samples[4] = samples[4], samples[1]  # a sample of prompt 1 inside the group of prompt 0
+    experiences = maker.split_rollout_samples(samples)
+    with pytest.raises(RuntimeError, match="group 0 mixes prompts"):
+        maker.compute_advantages_and_returns(experiences)
+
+    samples, _ = rollout_batch()
+    for s in samples[:GROUP]:
+        s.labels = [{"answer": "x"}]
+    with pytest.raises(KeyError, match="1 of 4 prompts have no expert"):
+        maker.compute_advantages_and_returns(make_experiences_from(maker, samples))
+
+    skip = make_maker(make_args(disc_dir, aapa_flags=["--aapa.missing_expert", "skip"]))
+    skip.values = maker.values
+    experiences = make_experiences_from(skip, samples)
+    skip.compute_advantages_and_returns(experiences)
+    assert skip.last_metrics["aapa/missing_experts"] == 1
+    weights = torch.stack(by_index(experiences, lambda e: e.info["aapa_w"])).view(-1, GROUP)
+    assert (weights[0] == 0).all()  # a prompt without an expert is never anchored
+
+
+def make_experiences_from(maker, samples):
+    experiences = maker.split_rollout_samples(samples)
+    for exp in experiences:
+        exp.action_log_probs = torch.zeros(exp.action_mask.shape)
+        exp.kl = torch.zeros(exp.action_mask.shape)
+    return experiences
+
+
+def test_replay_buffer_round_trip_keeps_weights_and_label_dicts(disc_dir, monkeypatch):
+    maker = make_maker(make_args(disc_dir))
+    maker.values = ScheduleValues(stage=0, objective="chord", lam=0.5, alpha=0.3, rho=0.5)
+    experiences, rows = make_experiences(maker)
+    maker.compute_advantages_and_returns(experiences)
+    weights = by_index(experiences, lambda e: e.info["aapa_w"])
+    sft = by_index(experiences, lambda e: e.info["aapa_sft"])
+    sent = {(r[0], r[1]): (w.item(), s.item()) for r, w, s in zip(rows, weights, sft, strict=True)}
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # only to construct the buffer on CPU
+    buffer = NaiveReplayBuffer(sample_batch_size=5, cpu_offload=True)
+    for exp in experiences:
+        buffer.append(exp)
+    assert len(buffer) == 16
+    received = {}
+    for start in range(0, 16, 5):
+        batch = buffer.collate_fn([buffer[i] for i in range(start, min(start + 5, 16))])
+        weights = _per_sample(batch.info["aapa_w"], len(batch.sequences))
+        sft = _per_sample(batch.info["aapa_sft"], len(batch.sequences))
+        for row, label in enumerate(batch.labels):
+            assert isinstance(label, dict) and label["expert"].endswith("}") and label["answer"] == "x"
+            mask = batch.action_mask[row].bool()
+            tokens = batch.sequences[row, -mask.numel() :][mask].tolist()
+            response = TOKENIZER.decode(tokens, skip_special_tokens=True)
+            received[(batch.prompts[row], response)] = (weights[row].item(), sft[row].item())
+    assert received == sent
+    assert sum(w for w, _ in received.values()) == pytest.approx(2.0)

@@ -1,0 +1,235 @@
+"""Launching: the module entry runs OpenRLHF's real train_ppo_ray up to GPU setup; recipes, dry runs."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import runpy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import openrlhf.utils
+import pytest
+import ray
+import yaml
+from openrlhf.trainer import ppo_trainer
+from openrlhf.trainer.ray import ppo_actor
+from openrlhf.utils import config
+from test_openrlhf_driver import save_discriminator
+
+from aapa_rl import cli
+from aapa_rl.local.task import expert_for, prompt_for
+from aapa_rl.openrlhf_adapter import launch
+from aapa_rl.openrlhf_adapter.actor import AapaPolicyModelActor
+from aapa_rl.openrlhf_adapter.driver import AapaPPOTrainer
+from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, command, openrlhf_flags
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(REPO.glob("configs/qwen3-*.yaml"))
+TWO_NODES = ["--actor.num_nodes", "2", "--ref.num_nodes", "2", "--vllm.num_engines", "16"]
+
+
+class StoppedBeforeGPU(Exception):
+    pass
+
+
+@pytest.fixture
+def stop_at_strategy(monkeypatch):
+    """Run train_ppo_ray for real up to `get_strategy`, its first GPU-bound step, and record what it saw."""
+    seen = {}
+
+    def get_strategy(args):
+        main = sys.modules["__main__"]  # runpy's namespace for train_ppo_ray while it runs
+        seen.update(args=args, argv=list(sys.argv), policy_actor=main.PolicyModelActor)
+        raise StoppedBeforeGPU
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # train() would otherwise start a Ray cluster
+    monkeypatch.setattr(openrlhf.utils, "get_strategy", get_strategy)
+    patched = ((config, "hierarchize"), (ppo_actor, "PolicyModelActor"), (ppo_trainer, "PPOTrainer"))
+    for module, name in patched:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.setattr(sys, "argv", ["launch"])
+    return seen
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The files the recipes read, as aapa-rl prepare-data writes them, plus a discriminator directory."""
+    root = tmp_path_factory.mktemp("data")
+    rows = [{"id": f"p{i}", "prompt": prompt_for(10 + i, "+", 20), "expert": expert_for(10 + i, "+", 20)}
+            for i in range(6)]
+    for name in ("train", "eval"):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"id": r["id"], "prompt": r["prompt"], "label": {"answer": "x", "expert": r["expert"]}}) + "\n"
+            for r in rows))
+    (root / "experts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    save_discriminator(root / "disc")
+    return root
+
+
+def data_flags(root: Path, aapa: bool = True) -> list[str]:
+    flags = ["--data.prompt_dataset", str(root / "train.jsonl"), "--eval.dataset", str(root / "eval.jsonl")]
+    if aapa:
+        flags += ["--aapa.discriminator", str(root / "disc"),
+                  "--aapa.expert_bank", str(root / "experts.jsonl")]
+    return flags
+
+
+BASE = ["--actor.model_name_or_path", "Qwen/Qwen3-0.6B", "--reward.remote_url", "reward_fns/math.py",
+        "--vllm.num_engines", "1", "--algo.advantage.estimator", "group_norm",
+        "--rollout.n_samples_per_prompt", "4"]
+
+
+def aapa_flags(root: Path, stages=None) -> list[str]:
+    stages = stages or [{"end_step": 10, "objective": "grpo", "lam": 0.5, "alpha": 0.1, "rho": 0.25}]
+    return ["--aapa.discriminator", str(root / "disc"), "--aapa.stages", json.dumps(stages)]
+
+
+def test_module_entry_strips_aapa_flags_attaches_them_and_injects_classes(stop_at_strategy, data):
+    argv = [*BASE[:6], "--aapa.temperature", "0.5", *BASE[6:], *aapa_flags(data), "--aapa.anchor_phi"]
+    with pytest.raises(StoppedBeforeGPU):
+        launch.main(argv)
+    args, seen_argv = stop_at_strategy["args"], stop_at_strategy["argv"]
+    assert not [a for a in seen_argv if a.startswith("--aapa")] and "--actor.model_name_or_path" in seen_argv
+    assert args.aapa.temperature == 0.5 and args.aapa.anchor_phi is True
+    assert args.aapa.stages[0]["objective"] == "grpo" and args.aapa.discriminator == str(data / "disc")
+    assert args.actor.model_name_or_path == "Qwen/Qwen3-0.6B"
+    assert args.reward.remote_url == ["reward_fns/math.py"]
+    assert args.rollout.n_samples_per_prompt == 4  # OpenRLHF's own parsing and fix-ups ran
+    assert stop_at_strategy["policy_actor"] is AapaPolicyModelActor  # the class train() will build
+    assert ppo_actor.PolicyModelActor is AapaPolicyModelActor and ppo_trainer.PPOTrainer is AapaPPOTrainer
+
+    # What the dry run assumes about OpenRLHF's parser: its flag names and defaults.
+    flat = {}
+
+    def walk(node, prefix=""):
+        for key, value in vars(node).items():
+            if hasattr(value, "__dict__") and not callable(value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(args)
+    flat = {k: v for k, v in flat.items() if not k.startswith("aapa.")}
+    assert set(flat) - {"local_rank", "use_ms"} <= openrlhf_flags()
+    assert openrlhf_flags() - set(flat) == {"actor.muon.no_nesterov", "critic.muon.no_nesterov"}
+    given = {"actor.model_name_or_path", "reward.remote_url", "vllm.num_engines", "algo.advantage.estimator",
+             "rollout.n_samples_per_prompt"}
+    defaults = {k: v for k, v in DEFAULTS.items() if k not in given}
+    assert {k: flat[k] for k in defaults} == defaults
+
+
+REFUSED = [("--train.async_enable", None), ("--train.dynamic_batch_enable", None),
+           ("--ds.ring_attn_size", "2"), ("--ds.tensor_parallel_size", "2")]
+
+
+@pytest.mark.parametrize("flag, value", REFUSED)
+def test_unsupported_modes_are_refused_before_gpu_work(stop_at_strategy, data, flag, value):
+    argv = [*BASE, *aapa_flags(data), flag, *([value] if value else [])]
+    with pytest.raises(SystemExit, match=f"{flag} is not supported with AAPA"):
+        launch.main(argv)
+    assert "args" not in stop_at_strategy
+
+
+def test_bad_aapa_settings_stop_the_launcher(stop_at_strategy, data, tmp_path):
+    base = [*BASE, *aapa_flags(data)]
+    with pytest.raises(SystemExit, match="unknown AAPA flag --aapa.lamda"):
+        launch.main([*base, "--aapa.lamda", "1"])
+    chord = [{"end_step": 10, "objective": "chord", "lam": 0.5, "rho": 0.25}]
+    with pytest.raises(SystemExit, match="a chord stage needs --aapa.chord"):
+        launch.main([*BASE, *aapa_flags(data, chord)])
+    with pytest.raises(SystemExit, match=r"stages\[0\].*rho must be in \[0, 1\]"):
+        launch.main([*BASE, *aapa_flags(data, [{"end_step": 5, "objective": "grpo", "rho": 2}])])
+    weak = save_discriminator(tmp_path / "weak", auroc=0.52)
+    with pytest.raises(SystemExit, match="held-out AUROC 0.520 < 0.6"):
+        launch.main([*base, "--aapa.discriminator", weak])
+    with pytest.raises(StoppedBeforeGPU):  # forced: goes on to OpenRLHF
+        launch.main([*base, "--aapa.discriminator", weak, "--aapa.force_discriminator"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipes_dry_run_and_parse_with_openrlhf(recipe, data, stop_at_strategy, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # recipes name reward_fns/... relative to the checkout
+    aapa = "aapa:" in recipe.read_text()
+    for extra in ([], TWO_NODES):
+        flags = [*data_flags(data, aapa), *extra]
+        assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *flags]) == 0
+        out = capsys.readouterr().out
+        cmd = command(recipe, flags)
+        assert shlex.split(out[: out.index("\n  ok ")]) == cmd  # the printed command, pasteable as is
+        assert f"layout: {16 if extra else 8} GPUs" in out and "FAIL" not in out
+        # The same command through OpenRLHF's real parser and its own consistency asserts.
+        monkeypatch.setattr(sys, "argv", ["train"])
+        with pytest.raises(StoppedBeforeGPU):
+            if cmd[2] == LAUNCH_MODULE:
+                launch.main(cmd[3:])
+            else:
+                monkeypatch.setattr(sys, "argv", ["train", *cmd[3:]])
+                runpy.run_module(cmd[2], run_name="__main__", alter_sys=True)
+        args = stop_at_strategy.pop("args")
+        assert args.actor.num_nodes == (2 if extra else 1) and hasattr(args, "aapa") == aapa
+
+
+def test_dry_run_reports_each_problem(data, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
+    bad_labels = tmp_path / "train.jsonl"
+    rows = [{"prompt": prompt_for(10, "+", 20), "label": {"answer": "x"}},  # expert from the bank
+            {"prompt": prompt_for(11, "+", 20), "label": {"answer": "x", "expert": "no"}}]  # disagrees
+    bad_labels.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = [*data_flags(data), "--data.prompt_dataset", str(bad_labels), "--eval.dataset",
+             "missing/eval.jsonl", "--train.batch_size", "100", "--train.async_enable",
+             "--actor.learning_rate", "1e-6"]
+    assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *flags]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    expected = ["--actor.learning_rate is not a train_ppo_ray flag", "--train.async_enable is not supported",
+                "--eval.dataset missing/eval.jsonl: no such file",
+                "1 label experts differ from the expert bank",
+                "--train.batch_size 100 must be a multiple of train.micro_batch_size x actor GPUs (4 x 8)",
+                "must be a multiple of --train.batch_size 100"]
+    for text in expected:
+        assert sum(text in line for line in fails) == 1, (text, fails)
+    assert len(fails) == len(expected)
+
+    # Launching (not a dry run) refuses the same problems without starting anything.
+    monkeypatch.setattr("subprocess.run", lambda cmd: pytest.fail("launched despite problems"))
+    assert cli.main(["launch", "--config", str(recipe), "--", *flags]) == 1
+    assert "not launching" in capsys.readouterr().out
+
+
+def test_launch_runs_exactly_the_printed_command(data, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-staged-aapa.yaml"
+    ran = []
+    monkeypatch.setattr("subprocess.run", lambda cmd: ran.append(cmd) or type("Done", (), {"returncode": 0}))
+    assert cli.main(["launch", "--config", str(recipe), "--", *data_flags(data)]) == 0
+    assert ran == [command(recipe, data_flags(data))]
+    assert shlex.split(capsys.readouterr().out) == ran[0]
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("openrlhf: {actor.num_nodes: 1}\naapa: {discriminator: d, lamda: 1}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: aapa.lamda is not an AAPA setting"):
+        command(bad)
+    bad.write_text("openrlhf: {--actor.num_nodes: 1}\n")
+    with pytest.raises(ValueError, match=r"openrlhf.--actor.num_nodes: write a flag as"):
+        command(bad)
+    bad.write_text("trainer: {}\n")
+    with pytest.raises(ValueError, match="found \\['trainer'\\]"):
+        command(bad)
+
+
+def test_launcher_scripts_parse_and_ship_the_plugin():
+    scripts = sorted((REPO / "launchers").glob("*.sh")) + [REPO / "launchers" / "slurm.sbatch"]
+    assert len(scripts) == 5
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (script.name, result.stderr)
+    env = yaml.safe_load((REPO / "launchers" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    shipped = [p for p in ("aapa_rl", "reward_fns", "configs", "runs/gsm8k-disc", "data/prepared/train.jsonl")
+               if not any(fnmatch.fnmatch(p, pattern) for pattern in env["excludes"])]
+    assert len(shipped) == 5  # the plugin, the rewards, the recipes and what they read reach every node
