@@ -190,10 +190,12 @@ def test_prepare_data_round_trip_through_openrlhf_prompt_dataset(gsm, capsys):
     answers = {q: a.rsplit("####", 1)[1].strip() for q, a in GSM}
     for i in range(len(dataset)):
         _, prompt, label, _ = dataset[i]
-        assert label == {"answer": answers[prompt], "expert": f"expert {[q for q, _ in GSM].index(prompt)}"}
+        expert = f"expert {[q for q, _ in GSM].index(prompt)}"
+        assert label == {"answer": answers[prompt], "prompt": prompt, "expert": expert}
     eval_set = PromptDataset(blending_datasets(str(out / "eval.jsonl"), None, strategy), None, strategy)
     assert eval_set[0][1] == held_out[0]["prompt"]
-    assert eval_set[0][2] == {"answer": "30", "expert": "expert 1"} and held_out[0]["expert"] == "expert 1"
+    assert eval_set[0][2] == {"answer": "30", "prompt": held_out[0]["prompt"], "expert": "expert 1"}
+    assert held_out[0]["expert"] == "expert 1"
 
     # The expert bank and SFT data of the training split, for the discriminator and the local trainer.
     bank = _jsonl(out / "experts.jsonl")
@@ -238,7 +240,7 @@ def test_prepare_data_reads_parquet_and_datasets_dirs_alike(gsm, tmp_path):
     train, held_out = outputs[0]
     assert len(held_out) == 2 and len(train) == 4  # round(0.34 * 6)
     assert sorted(r["id"] for r in train + held_out) == [str(i) for i in range(6)]
-    assert all(set(r["label"]) == {"answer"} for r in train)  # no bank given: no expert field
+    assert all(set(r["label"]) == {"answer", "prompt"} for r in train)  # no bank given: no expert field
     assert not (tmp_path / "out_gsm.parquet" / "experts.jsonl").exists()
 
 
@@ -295,6 +297,7 @@ def test_prepare_data_keeps_ifeval_and_code_label_fields(tmp_path):
     )
     train = _jsonl(tmp_path / "o" / "train.jsonl")
     assert train[0]["label"] == {
+        "prompt": rows[0]["prompt"],
         "instruction_id_list": rows[0]["instruction_id_list"],
         "kwargs": rows[0]["kwargs"],
         "tests": "assert True",

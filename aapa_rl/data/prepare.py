@@ -79,7 +79,9 @@ def prepare(prompts: list[PromptRow], bank: dict[str, tuple[int, str, str]] | No
     out: dict[str, list[dict]] = {"train": [], "eval": []}
     dropped = 0
     for i, p in enumerate(prompts):
-        label = dict(p.label)
+        # The raw prompt rides along: with a chat template, OpenRLHF's prompt differs from the one the
+        # discriminator was trained on, and the adapter scores with this one.
+        label = {**p.label, "prompt": p.prompt}
         if bank is not None:
             label["expert"] = experts.get(p.id)
         if i in held_out:
@@ -101,7 +103,7 @@ def prepare(prompts: list[PromptRow], bank: dict[str, tuple[int, str, str]] | No
         train_experts = [r for r in out["train"] if r["label"]["expert"] is not None]
         out["experts"] = [
             {"id": r["id"], "prompt": r["prompt"], "expert": r["label"]["expert"],
-             "label": {k: v for k, v in r["label"].items() if k != "expert"}}
+             "label": {k: v for k, v in r["label"].items() if k not in ("expert", "prompt")}}
             for r in train_experts
         ]
         out["sft"] = [{"id": r["id"], "prompt": r["prompt"], "expert": r["label"]["expert"]}
