@@ -29,3 +29,8 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The main job: SFT-warm a tiny model, train the discriminator, run GRPO and GRPO+AAPA, compare.
+# A finished run only reprints its summary; pass DEMO_ARGS=--overwrite to run it again.
+demo: $(STAMP)
+	$(PY) -m aapa_rl.local.demo --out runs/demo $(DEMO_ARGS)

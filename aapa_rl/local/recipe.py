@@ -1,0 +1,369 @@
+"""Training recipes: YAML validated in full (unknown keys, wrong types, missing files) before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aapa_rl.local.task import ArithmeticTask
+from aapa_rl.objectives import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, SHAPING_TRANSFORMS
+from aapa_rl.schedule import BASE_OBJECTIVES
+
+FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class RecipeError(ValueError):
+    """A recipe problem; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # Hugging Face directory; None builds the tiny Qwen3 with the char tokenizer
+    tokenizer: str | None = None  # defaults to `path`; "char" is the embedded character tokenizer
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+@dataclass
+class DataConfig:
+    sft: str | None = None  # JSONL {prompt, expert}: the SFT stream (sft objective, CHORD's expert part)
+    train: str | None = None  # JSONL {prompt, label}: RL prompts
+    eval: str | None = None  # JSONL {prompt, label, expert?}: held-out prompts
+    expert_bank: str | None = None  # expert bank for AAPA (aapa_rl.anchor.ExpertBank)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # a safe start for real models; the tiny-model recipes set their own
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 at the last step
+    micro_batch_size: int = 0  # sequences per forward/backward; gradients accumulate (0: all at once)
+
+
+@dataclass
+class LossConfig:
+    estimator: str = "group_norm"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token-mean"
+    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the KL reference
+    kl_estimator: str = "k3"
+    sft_batch_size: int = 32  # expert rows per step for sft and for CHORD's expert part
+    chord_warmup_steps: int = 0
+    chord_decay_steps: int = 200
+    chord_peak: float = 0.9
+    chord_valley: float = 0.05
+    chord_phi: bool = True
+    anchor_phi: bool = False
+
+
+@dataclass
+class StageConfig:
+    end_step: int
+    objective: str
+    lam: float = 0.0
+    alpha: float = 0.0
+    rho: float = 0.0
+    lam_end: float | None = None
+
+
+@dataclass
+class AdaptiveConfig:
+    target_gap: float
+    rate: float = 0.1
+    lam_min: float = 0.0
+    lam_max: float = 10.0
+
+
+@dataclass
+class AapaConfig:
+    discriminator: str | None = None  # directory written by `aapa-rl discriminator train`
+    force: bool = False  # accept a discriminator whose held-out AUROC is near chance
+    temperature: float | None = None  # hard-set weights softmax(g/T); None: uniform
+    transform: str = "log"
+    missing_expert: str = "error"  # or "skip": prompts without an expert are left out of H and counted
+    selection: str = "gap"  # "random": the anchor prompts are drawn at random (a control for the critic)
+
+
+@dataclass
+class LogConfig:
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_samples: int = 200
+    save_every: int = 50
+    plots: bool = True
+
+
+@dataclass
+class Recipe:
+    out: str
+    steps: int
+    stages: list[StageConfig]
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    max_nonfinite: int = 3  # this many non-finite steps in a row abort the run
+    task: ArithmeticTask | None = None  # the embedded arithmetic task; generates data and sets the reward
+    reward: str | dict | list | None = None  # "arithmetic", a reward_fns module name, or a combine config
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    adaptive: AdaptiveConfig | None = None
+    aapa: AapaConfig = field(default_factory=AapaConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def uses_rollouts(self) -> bool:
+        return any(s.objective != "sft" or s.alpha > 0 or s.lam > 0 for s in self.stages)
+
+    @property
+    def uses_sft_data(self) -> bool:
+        return any(s.objective in ("sft", "chord") for s in self.stages)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value, tp, where: str):
+    """Check `value` against the annotation `tp`, building nested dataclasses; raise naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        names = " or ".join(_type_name(o) for o in options)
+        if len(errors) == 1:
+            raise RecipeError(errors[0])
+        raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and FLOAT_RE.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads `1e-4` (no dot) as a string
+    if tp in (dict, list) and isinstance(value, tp):
+        return value
+    if tp in (int, str, bool, float) and type(value) is tp:
+        return value
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise RecipeError(f"{where}: missing required key(s) {missing}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    """`a.b.0.c=value`: the value is parsed as YAML (numbers, booleans, null, lists) and set at the path."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: {part!r} is not an index of {'.'.join(parts[:i])}")
+            part = int(part)
+        elif isinstance(node, dict):
+            if not last and node.get(part) is None:
+                node[part] = {}
+        else:
+            raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or a list")
+        if last:
+            node[part] = yaml.safe_load(raw)
+        else:
+            node = node[part]
+
+
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | None = None, *, base: dict | None = None
+) -> Recipe:
+    """Read, override (`key=value`) and validate a recipe. Relative file paths resolve against the cwd."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: the recipe must be a mapping at the top level")
+    else:
+        data = dict(base or {})
+    try:
+        for assignment in overrides or []:
+            _apply_override(data, assignment)
+        recipe = _build(Recipe, data, "")
+        _check(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{path or 'recipe'}: {exc}") from None
+    return recipe
+
+
+def recipe_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _check(r: Recipe) -> None:
+    """Cross-field checks and file existence, so a bad recipe fails before the model is built."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise RecipeError(msg)
+
+    need(r.steps > 0, f"steps must be > 0, got {r.steps}")
+    need(bool(r.stages), "stages: at least one stage is required")
+    for i, s in enumerate(r.stages):
+        need(
+            s.objective in BASE_OBJECTIVES,
+            f"stages[{i}].objective: {s.objective!r} is not one of {BASE_OBJECTIVES}",
+        )
+        need(0 <= s.rho <= 1, f"stages[{i}].rho must be in [0, 1], got {s.rho}")
+        need(s.lam >= 0 and s.alpha >= 0, f"stages[{i}]: lam and alpha must be >= 0")
+    ends = [s.end_step for s in r.stages]
+    need(
+        all(b > a for a, b in zip(ends, ends[1:], strict=False)) and ends[0] > 0,
+        f"stages: end_step must be positive and strictly increasing, got {ends}",
+    )
+    need(
+        r.loss.estimator in ADVANTAGE_ESTIMATORS,
+        f"loss.estimator: {r.loss.estimator!r} is not one of {ADVANTAGE_ESTIMATORS}",
+    )
+    need(r.loss.agg in LOSS_AGGREGATIONS, f"loss.agg: {r.loss.agg!r} is not one of {LOSS_AGGREGATIONS}")
+    need(
+        r.loss.kl_estimator in KL_ESTIMATORS,
+        f"loss.kl_estimator: {r.loss.kl_estimator!r} is not one of {KL_ESTIMATORS}",
+    )
+    need(
+        r.aapa.transform in SHAPING_TRANSFORMS,
+        f"aapa.transform: {r.aapa.transform!r} is not one of {SHAPING_TRANSFORMS}",
+    )
+    need(r.aapa.selection in ("gap", "random"), f"aapa.selection: {r.aapa.selection!r} is not gap or random")
+    need(
+        r.aapa.missing_expert in ("error", "skip"),
+        f"aapa.missing_expert: {r.aapa.missing_expert!r} is not 'error' or 'skip'",
+    )
+    need(
+        r.model.dtype in ("auto", "float32", "bfloat16"),
+        f"model.dtype: {r.model.dtype!r} is not auto, float32 or bfloat16",
+    )
+    need(r.rollout.group_size >= 2, f"rollout.group_size must be >= 2, got {r.rollout.group_size}")
+    need(r.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
+    need(r.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    need(r.rollout.temperature > 0, "rollout.temperature must be > 0")
+    need(
+        r.optim.lr_schedule in ("constant", "cosine"),
+        f"optim.lr_schedule: {r.optim.lr_schedule!r} is not constant or cosine",
+    )
+    need(r.optim.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0")
+    need(r.loss.sft_batch_size >= 1, "loss.sft_batch_size must be >= 1")
+    need(r.max_nonfinite >= 1, "max_nonfinite must be >= 1")
+    need(r.log.save_every >= 0 and r.log.eval_every >= 0, "log.save_every and log.eval_every must be >= 0")
+
+    if r.task is not None:
+        given = [k for k, v in dataclasses.asdict(r.data).items() if v is not None]
+        need(
+            not given,
+            f"data.{given[0] if given else ''}: the arithmetic task generates its own data; "
+            "remove the data section or the task section",
+        )
+        need(
+            r.reward in (None, "arithmetic"),
+            f"reward: the arithmetic task uses its own reward, got {r.reward!r}",
+        )
+    else:
+        need(r.reward != "arithmetic", "reward: 'arithmetic' needs the task section (task: {...})")
+        if r.uses_rollouts:
+            need(r.data.train is not None, "data.train: RL stages need a prompt file")
+            need(r.reward is not None, "reward: RL stages need a reward function")
+        if r.uses_sft_data:
+            need(
+                r.data.sft is not None, "data.sft: sft/chord stages need an SFT file ({prompt, expert} JSONL)"
+            )
+    if r.model.path is None:
+        need(
+            r.model.tokenizer in (None, "char"),
+            "model.tokenizer: without model.path the tiny model needs 'char'",
+        )
+    uses_aapa = any(s.lam > 0 or s.alpha > 0 for s in r.stages) or r.adaptive is not None
+    if uses_aapa:
+        need(
+            r.aapa.discriminator is not None, "aapa.discriminator: stages with lam > 0 or alpha > 0 need one"
+        )
+        need(
+            r.task is not None or r.data.expert_bank is not None,
+            "data.expert_bank: AAPA needs an expert bank",
+        )
+    if r.aapa.discriminator is not None:
+        need(
+            r.task is not None or r.data.expert_bank is not None,
+            "data.expert_bank: a discriminator needs an expert bank to compare with",
+        )
+    files = {f"data.{k}": v for k, v in dataclasses.asdict(r.data).items()}
+    files["model.path"] = r.model.path
+    files["aapa.discriminator"] = r.aapa.discriminator
+    if r.model.tokenizer not in (None, "char"):
+        files["model.tokenizer"] = r.model.tokenizer
+    for key, value in files.items():
+        need(value is None or Path(value).exists(), f"{key}: file or directory not found: {value}")
+    if isinstance(r.reward, str) and r.reward != "arithmetic":
+        import importlib
+
+        try:
+            module = importlib.import_module(f"reward_fns.{r.reward}")
+        except ImportError as exc:
+            raise RecipeError(f"reward: no reward function module reward_fns.{r.reward} ({exc})") from None
+        need(hasattr(module, "batch_reward"), f"reward: reward_fns.{r.reward} has no batch_reward")

@@ -1,0 +1,600 @@
+"""The single-process trainer: SFT, GRPO (group_norm / dr_grpo / rloo) and CHORD, each with or without AAPA,
+following a stage schedule. All loss math goes through aapa_rl.objectives and the anchor through
+aapa_rl.anchor.AnchorCritic, so this file only moves tensors between them.
+
+A run directory holds: config.yaml, metrics.jsonl (one row per step, eval rows prefixed `eval/`),
+scores.jsonl (per-step D and log-prob samples), tb/ (TensorBoard), eval/ (per-sample eval records),
+checkpoints/step_N/ (save_pretrained + trainer_state.pt), final (a link to the last checkpoint),
+plots/*.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from aapa_rl.local.evaluation import evaluate, load_reward
+from aapa_rl.local.policy import (
+    autocast,
+    generate,
+    load_policy,
+    load_tokenizer,
+    pack,
+    response_log_probs,
+    truncated,
+)
+from aapa_rl.local.recipe import Recipe, recipe_dict
+from aapa_rl.objectives import (
+    anchor_loss,
+    approx_kl,
+    chord_mu,
+    group_advantages,
+    masked_mean,
+    policy_loss,
+    sft_loss,
+)
+from aapa_rl.schedule import AdaptiveLambda, Stage, StageSchedule
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+
+
+class RunDirError(RuntimeError):
+    """The run directory already holds a run (or holds none to resume)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+class _SkipStep(Exception):
+    """A non-finite loss or gradient: the step's update is dropped."""
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file; a bad row (not an object, a field missing) is an error naming the row."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: row {number}: not valid JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {number}: expected a JSON object")
+            for field in fields:
+                if field not in row or row[field] is None:
+                    raise ValueError(f"{path}: row {number}: field {field!r} is missing")
+                if field in ("prompt", "expert") and (not isinstance(row[field], str) or not row[field]):
+                    raise ValueError(f"{path}: row {number}: field {field!r} must be a non-empty string")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+class Stream:
+    """Endless shuffled passes over `n` rows; its state makes a resumed run read the same rows."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.order, self.pos = n, random.Random(seed), [], 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+                self.pos = 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order, self.pos = state["order"], state["pos"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
+    done = [d for d in done if (d / "trainer_state.pt").exists()]
+    return done[-1] if done else None
+
+
+class Trainer:
+    def __init__(
+        self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True
+    ):
+        self.recipe = r = recipe
+        self.run_dir = Path(r.out)
+        self.progress = progress
+        resume_from = self._prepare_run_dir(resume, overwrite)
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # no bars for loading/saving a tiny model
+        torch.manual_seed(r.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+        paths = dataclasses.asdict(r.data)
+        if r.task is not None:
+            written = r.task.write(self.run_dir / "data")
+            paths = {
+                "sft": written["sft"],
+                "train": written["train"],
+                "eval": written["eval"],
+                "expert_bank": written["experts"],
+            }
+        self.sft_rows = read_jsonl(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
+        self.train_rows = read_jsonl(paths["train"], ("prompt", "label")) if r.uses_rollouts else []
+        self.eval_rows = (
+            read_jsonl(paths["eval"], ("prompt", "label"))[: r.log.eval_samples] if paths["eval"] else []
+        )
+        self.bank = None
+        if paths["expert_bank"]:
+            from aapa_rl.anchor import ExpertBank
+
+            self.bank = ExpertBank.load(paths["expert_bank"])
+        self.reward_fn = load_reward(r.reward, r.task) if (r.uses_rollouts or self.eval_rows) else None
+
+        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
+        self.policy = load_policy(r.model.path, self.tokenizer, seed=r.seed, device=self.device)
+        self.reference = None
+        if r.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        if resume_from is not None:
+            self.policy = load_policy(str(resume_from), self.tokenizer, device=self.device)
+        self.policy.train()
+
+        self.discriminator = self.critic = None
+        if r.aapa.discriminator:
+            from aapa_rl.anchor import AnchorCritic, load_discriminator
+
+            self.discriminator = load_discriminator(
+                r.aapa.discriminator, force=r.aapa.force, device=str(self.device)
+            )
+            self.critic = AnchorCritic(
+                self.discriminator,
+                self.bank,
+                temperature=r.aapa.temperature,
+                transform=r.aapa.transform,
+                missing_expert=r.aapa.missing_expert,
+            )
+        adaptive = AdaptiveLambda(**dataclasses.asdict(r.adaptive)) if r.adaptive else None
+        self.schedule = StageSchedule([Stage(**dataclasses.asdict(s)) for s in r.stages], adaptive)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(),
+            lr=r.optim.lr,
+            weight_decay=r.optim.weight_decay,
+            betas=(r.optim.beta1, r.optim.beta2),
+        )
+        self.sft_stream = Stream(len(self.sft_rows), r.seed + 1)
+        self.train_stream = Stream(len(self.train_rows), r.seed + 2)
+        self.step = 0
+        self.nonfinite = 0
+        if resume_from is not None:
+            self._load_state(resume_from)
+        self._open_logs()
+
+    # ----------------------------------------------------------------------------------------- run directory
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        d = self.run_dir
+        holds_run = d.is_dir() and any((d / m).exists() for m in RUN_MARKERS)
+        if resume:
+            checkpoint = latest_checkpoint(d)
+            if checkpoint is None:
+                raise RunDirError(f"{d}: no checkpoint to resume from; start over with --overwrite")
+            return checkpoint
+        if holds_run:
+            if not overwrite:
+                raise RunDirError(
+                    f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
+                )
+            shutil.rmtree(d)
+        elif d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise RunDirError(
+                f"{d} exists and is not an empty directory or a run directory; choose another out"
+            )
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(recipe_dict(self.recipe), sort_keys=False))
+        return None
+
+    def _open_logs(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        for name in ("metrics.jsonl", "scores.jsonl"):
+            path = self.run_dir / name
+            if path.exists():  # a resumed run drops what was logged after its checkpoint
+                keep = [
+                    line
+                    for line in path.read_text().splitlines(True)
+                    if line.strip() and json.loads(line)["step"] < self.step
+                ]
+                path.write_text("".join(keep))
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self.scores_file = open(self.run_dir / "scores.jsonl", "a")
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.scores_file.close()
+        self.tb.close()
+
+    def _log(self, metrics: dict, scores: dict | None) -> None:
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        if scores:
+            self.scores_file.write(json.dumps({"step": step, **scores}) + "\n")
+            self.scores_file.flush()
+            for key in ("d_rollout", "d_expert"):
+                if scores.get(key):
+                    self.tb.add_histogram(f"aapa/{key}", torch.tensor(scores[key]), step)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        state = {
+            "step": self.step,
+            "nonfinite": self.nonfinite,
+            "schedule": self.schedule.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "streams": {"sft": self.sft_stream.state_dict(), "train": self.train_stream.state_dict()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
+        return final
+
+    def _load_state(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sft_stream.load_state_dict(state["streams"]["sft"])
+        self.train_stream.load_state_dict(state["streams"]["train"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        print(f"resumed from {checkpoint} at step {self.step}")
+
+    # ---------------------------------------------------------------------------------------------- training
+    def lr_at(self, step: int) -> float:
+        o = self.recipe.optim
+        scale = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        if o.lr_schedule == "cosine":
+            scale *= 0.5 * (1 + math.cos(math.pi * step / self.recipe.steps))
+        return o.lr * scale
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.recipe.optim.micro_batch_size or n
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+    def _backward(self, loss: torch.Tensor) -> float:
+        if not torch.isfinite(loss):
+            raise _SkipStep
+        if loss.requires_grad:
+            loss.backward()
+        return loss.item()
+
+    def train_step(self, step: int) -> tuple[dict, dict]:
+        r, dev = self.recipe, self.device
+        sv = self.schedule.at(step)
+        lr = self.lr_at(step)
+        m: dict = {
+            "step": step,
+            "stage": sv.stage,
+            "objective": sv.objective,
+            "lambda": sv.lam,
+            "alpha": sv.alpha,
+            "rho": sv.rho,
+            "lr": lr,
+        }
+        scores: dict = {}
+        started = time.perf_counter()
+        stage_start = self.schedule.stages[sv.stage - 1].end_step if sv.stage else 0
+        mu = 0.0
+        if sv.objective == "chord":
+            mu = chord_mu(
+                step - stage_start,
+                r.loss.chord_warmup_steps,
+                r.loss.chord_decay_steps,
+                r.loss.chord_peak,
+                r.loss.chord_valley,
+            )
+            m["mu"] = mu
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = {"policy": 0.0, "kl": 0.0, "sft": 0.0, "anchor": 0.0}
+        result = None
+        try:
+            if sv.objective != "sft" or sv.alpha > 0 or sv.lam > 0:
+                result = self._rollout_part(sv, mu, m, scores, losses)
+            if sv.objective in ("sft", "chord"):
+                rows = [self.sft_rows[i] for i in self.sft_stream.take(r.loss.sft_batch_size)]
+                batch = pack(self.tokenizer, [x["prompt"] for x in rows], [x["expert"] for x in rows], dev)
+                total = batch.response_mask.sum()
+                coef = 1.0 if sv.objective == "sft" else mu
+                phi = sv.objective == "chord" and r.loss.chord_phi
+                for sl in self._chunks(len(rows)):
+                    sub = batch.rows(sl)
+                    with autocast(dev, r.model.dtype):
+                        lp = response_log_probs(self.policy, sub)
+                    share = sub.response_mask.sum() / total
+                    nll = sft_loss(lp, sub.response_mask, phi)
+                    self._backward(coef * share * nll)
+                    losses["sft"] += nll.item() * share.item()
+            if result is not None and result[0]:
+                self._anchor_part(sv, *result, m, scores, losses)
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
+            )
+            if not torch.isfinite(grad_norm):
+                raise _SkipStep
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            m["grad_norm"] = float(grad_norm)
+            m["nonfinite_skipped"] = 0
+        except _SkipStep:
+            self.optimizer.zero_grad(set_to_none=True)
+            m["nonfinite_skipped"] = 1
+        for key, value in losses.items():
+            m[f"loss/{key}"] = value
+        m["time/step"] = time.perf_counter() - started
+        return m, scores
+
+    def _rollout_part(self, sv, mu: float, m: dict, scores: dict, losses: dict):
+        """Sample, reward, score with the critic, and backpropagate the policy-gradient (and KL) terms."""
+        r, dev = self.recipe, self.device
+        P, G = r.rollout.prompts_per_step, r.rollout.group_size
+        rows = [self.train_rows[i] for i in self.train_stream.take(P)]
+        prompts, labels = [x["prompt"] for x in rows], [x["label"] for x in rows]
+        t0 = time.perf_counter()
+        batch = generate(
+            self.policy,
+            self.tokenizer,
+            prompts,
+            n=G,
+            max_new_tokens=r.rollout.max_new_tokens,
+            temperature=r.rollout.temperature,
+            top_p=r.rollout.top_p,
+            top_k=r.rollout.top_k,
+            dtype=r.model.dtype,
+        )
+        m["time/rollout"] = time.perf_counter() - t0
+        if sv.objective == "sft":  # pure SFT has no task reward: the rollouts carry only the shaping term
+            rewards, extras = torch.zeros(P * G), {}
+        else:
+            t0 = time.perf_counter()
+            rewards, extras = self.reward_fn(batch.texts, [lab for lab in labels for _ in range(G)])
+            m["time/reward"] = time.perf_counter() - t0
+        rewards = rewards.float().cpu()
+        m["reward/raw"] = float(rewards.mean())
+        for key, value in extras.items():
+            m[f"reward/{key}"] = float(value.float().mean())
+        shaped, critic_result = rewards, None
+        if self.critic is not None:
+            t0 = time.perf_counter()
+            critic_result = self.critic.evaluate(
+                prompts,
+                [batch.texts[i * G : (i + 1) * G] for i in range(P)],
+                rewards.view(P, G),
+                alpha=sv.alpha,
+                rho=sv.rho,
+            )
+            m["time/critic"] = time.perf_counter() - t0
+            shaped = critic_result.shaped_rewards.reshape(-1).float().cpu()
+            m.update({f"aapa/{k}": v for k, v in critic_result.metrics.items()})
+            scores["d_rollout"] = critic_result.scores.reshape(-1).tolist()
+            scores["d_expert"] = critic_result.expert_scores.tolist()
+        m["reward/shaped"] = float(shaped.mean())
+        mask = batch.response_mask
+        lengths = mask.sum(-1)
+        m["response/length"] = float(lengths.float().mean())
+        m["response/truncated"] = float(truncated(batch, self.tokenizer.eos_token_id).float().mean())
+        scores["length"] = lengths.tolist()
+
+        coef = {"grpo": 1.0, "chord": 1.0 - mu, "sft": 1.0 if sv.alpha > 0 else 0.0}[sv.objective]
+        estimator = "dr_grpo" if sv.objective == "sft" else r.loss.estimator  # spec: group-mean baseline
+        advantages = group_advantages(shaped, G, estimator).to(dev)
+        ref_lp = None
+        if self.reference is not None:
+            with torch.no_grad(), autocast(dev, r.model.dtype):
+                ref_lp = torch.cat(
+                    [
+                        response_log_probs(self.reference, batch.rows(sl), r.rollout.temperature)
+                        for sl in self._chunks(P * G)
+                    ]
+                )
+        total_tokens = mask.sum()
+        total_seqs = (lengths > 0).sum()
+        seq_logp = []
+        for sl in self._chunks(P * G):
+            sub = batch.rows(sl)
+            with autocast(dev, r.model.dtype):
+                lp = response_log_probs(self.policy, sub, r.rollout.temperature)
+            token_share = sub.response_mask.sum() / total_tokens
+            share = (
+                token_share
+                if r.loss.agg == "token-mean"
+                else (sub.response_mask.sum(-1) > 0).sum() / total_seqs
+            )
+            pg = policy_loss(
+                lp,
+                lp.detach(),
+                advantages[sl],
+                sub.response_mask,
+                r.loss.clip_low,
+                r.loss.clip_high,
+                r.loss.agg,
+            )
+            loss = coef * share * pg
+            if ref_lp is not None:
+                kl = masked_mean(approx_kl(lp, ref_lp[sl], r.loss.kl_estimator), sub.response_mask)
+                losses["kl"] += kl.item() * token_share.item()
+                loss = loss + r.loss.kl_coef * token_share * kl
+            losses["policy"] += pg.item() * float(share)
+            if coef > 0 or ref_lp is not None:
+                self._backward(loss)
+            seq_logp.append(
+                (lp.detach() * sub.response_mask).sum(-1) / sub.response_mask.sum(-1).clamp(min=1)
+            )
+        seq_logp = torch.cat(seq_logp).float().cpu()
+        m["logp/rollout"] = float(seq_logp.mean())
+        scores["logp_rollout"] = seq_logp.tolist()
+
+        experts = (
+            critic_result.experts
+            if critic_result is not None
+            else [self.bank.expert_for(prompt=p) for p in prompts]
+            if self.bank is not None
+            else []
+        )
+        return experts, prompts, critic_result
+
+    def _anchor_part(self, sv, experts, prompts, critic_result, m: dict, scores: dict, losses: dict) -> None:
+        """Expert log-probs of this batch's prompts (logged), and lambda * L_anchor over the hard set H."""
+        r, dev = self.recipe, self.device
+        have = [i for i, e in enumerate(experts) if e is not None]
+        if not have:
+            return
+        batch = pack(self.tokenizer, [prompts[i] for i in have], [experts[i] for i in have], dev)
+        with torch.no_grad(), autocast(dev, r.model.dtype):
+            lp = response_log_probs(self.policy, batch).float()
+        mask = batch.response_mask
+        seq = (lp * mask).sum(-1) / mask.sum(-1)
+        m["logp/expert"] = float(seq.mean())
+        scores["logp_expert"] = seq.cpu().tolist()
+        if critic_result is None:
+            return
+        row_of = {i: j for j, i in enumerate(have)}
+        hard = [row_of[i] for i in critic_result.hard_set.tolist()]
+        weights = critic_result.hard_weights.to(dev)
+        if r.aapa.selection == "random":  # control arm: as many anchor prompts, picked blind to the gaps
+            k = math.ceil(sv.rho * len(prompts) - 1e-9)
+            hard = torch.randperm(len(have))[:k].tolist()
+            weights = torch.ones(len(hard), device=dev)
+        m["aapa/anchor_rows"] = len(hard)
+        if not hard:
+            losses["anchor"] = 0.0
+        elif sv.lam > 0:
+            sub = batch.rows(torch.tensor(hard))
+            with autocast(dev, r.model.dtype):
+                hard_lp = response_log_probs(self.policy, sub)
+            la = anchor_loss(hard_lp, sub.response_mask, weights, phi=r.loss.anchor_phi)
+            losses["anchor"] = self._backward(sv.lam * la) / sv.lam
+        else:  # lambda = 0 (e.g. a monitored baseline): report L_anchor without optimising it
+            idx = torch.tensor(hard, device=dev)
+            losses["anchor"] = float(anchor_loss(lp[idx], mask[idx], weights, phi=r.loss.anchor_phi))
+        gap = critic_result.metrics.get("gap_mean", math.nan)
+        if math.isfinite(gap):
+            self.schedule.observe(gap)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        r = self.recipe
+        summary, records = evaluate(
+            self.policy,
+            self.tokenizer,
+            self.eval_rows,
+            self.reward_fn,
+            max_new_tokens=r.rollout.max_new_tokens,
+            dtype=r.model.dtype,
+            discriminator=self.discriminator,
+        )
+        (self.run_dir / "eval").mkdir(exist_ok=True)
+        with open(self.run_dir / "eval" / f"step_{self.step:06d}.jsonl", "w") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        return summary
+
+    def fit(self) -> dict:
+        """Train to `steps`, evaluating and checkpointing on schedule; returns the final eval summary."""
+        r = self.recipe
+        if self.step >= r.steps:
+            self.close()
+            print(f"{self.run_dir} already finished its {r.steps} steps; raise `steps` to train further")
+            done = self.run_dir / "summary.json"
+            return json.loads(done.read_text())["eval"] if done.exists() else {}
+        started = time.perf_counter()
+        bar = tqdm(
+            range(self.step, r.steps),
+            initial=self.step,
+            total=r.steps,
+            desc=f"train {self.run_dir.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        summary: dict = {}
+        try:
+            for step in bar:
+                metrics, scores = self.train_step(step)
+                self.step = step + 1
+                self.nonfinite = self.nonfinite + 1 if metrics["nonfinite_skipped"] else 0
+                if metrics["nonfinite_skipped"]:
+                    tqdm.write(
+                        f"step {step}: non-finite loss or gradient, update skipped "
+                        f"({self.nonfinite} in a row)"
+                    )
+                last = self.step == r.steps
+                if self.eval_rows and ((r.log.eval_every and self.step % r.log.eval_every == 0) or last):
+                    summary = self.evaluate()
+                    metrics.update({f"eval/{k}": v for k, v in summary.items()})
+                self._log(metrics, scores)
+                if self.nonfinite >= r.max_nonfinite:
+                    good = latest_checkpoint(self.run_dir)
+                    raise NonFiniteError(
+                        f"{self.nonfinite} non-finite steps in a row (last at step {step}); "
+                        f"aborting. Last good checkpoint: {good or 'none'}"
+                    )
+                if self.nonfinite == 0 and (last or (r.log.save_every and self.step % r.log.save_every == 0)):
+                    saved = self.save()
+                    if last:  # RUN/final always names the trained model
+                        final = self.run_dir / "final"
+                        final.unlink(missing_ok=True)
+                        final.symlink_to(saved.relative_to(self.run_dir))
+                bar.set_postfix(
+                    {
+                        k.split("/")[-1]: f"{metrics[k]:.3g}"
+                        for k in ("reward/raw", "reward/correct", "response/length", "aapa/gap_mean")
+                        if isinstance(metrics.get(k), float)
+                    }
+                )
+        finally:
+            bar.close()
+            self.close()
+        if r.log.plots:
+            from aapa_rl.local.plots import plot_run
+
+            plot_run(self.run_dir)
+        result = {"steps": self.step, "train_seconds": time.perf_counter() - started, "eval": summary}
+        (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        return summary

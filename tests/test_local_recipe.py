@@ -1,0 +1,113 @@
+"""Recipe validation: every problem is reported, naming the key or the path, before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aapa_rl.local.recipe import RecipeError, load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = {"out": "runs/x", "steps": 3, "task": {}, "stages": [{"end_step": 3, "objective": "sft"}]}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_minimal_recipe_and_overrides(tmp_path):
+    recipe = load_recipe(
+        _write(tmp_path, MINIMAL),
+        ["optim.lr=2e-4", "stages.0.rho=0.5", "rollout.top_k=5", "aapa.temperature=null", "log.plots=false"],
+    )
+    assert recipe.optim.lr == 2e-4 and recipe.stages[0].rho == 0.5 and recipe.rollout.top_k == 5
+    assert recipe.task.flawed_fraction == 0.05 and recipe.log.plots is False
+    assert recipe.optim.beta1 == 0.9  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    "data,overrides,message",
+    [
+        ({**MINIMAL, "optimizer": {}}, [], r"unknown key\(s\) \['optimizer'\]"),
+        (MINIMAL, ["optim.learning_rate=1"], r"optim: unknown key\(s\) \['learning_rate'\]"),
+        (MINIMAL, ["optim.lr=fast"], r"optim.lr: expected float, got str 'fast'"),
+        (MINIMAL, ["steps=2.5"], r"steps: expected int, got float"),
+        (MINIMAL, ["rollout=8"], r"rollout: expected a mapping"),
+        (MINIMAL, ["stages.0.objective=ppo"], r"stages\[0\].objective: 'ppo' is not one of"),
+        (MINIMAL, ["stages.3.lam=1"], r"'3' is not an index of stages"),
+        (MINIMAL, ["stages.0.end_step"], r"expected key=value"),
+        ({k: v for k, v in MINIMAL.items() if k != "steps"}, [], r"missing required key\(s\) \['steps'\]"),
+        (MINIMAL, ["stages.0.alpha=0.5"], r"aapa.discriminator: stages with lam > 0 or alpha > 0 need one"),
+        (MINIMAL, ["model.path=/no/such/model"], r"model.path: file or directory not found: /no/such/model"),
+        (MINIMAL, ["aapa.discriminator=/no/such/disc", "stages.0.lam=1"], r"aapa.discriminator: .*not found"),
+        (MINIMAL, ["data.train=/no/such.jsonl"], r"data.train: the arithmetic task generates its own data"),
+        (MINIMAL, ["task.flaw=typo"], r"task: task.flaw must be one of"),
+        (MINIMAL, ["loss.estimator=gae"], r"loss.estimator: 'gae' is not one of"),
+        (MINIMAL, ["rollout.group_size=1"], r"rollout.group_size must be >= 2"),
+        (
+            {**MINIMAL, "task": None, "reward": "math", "stages": [{"end_step": 3, "objective": "grpo"}]},
+            [],
+            r"data.train: RL stages need a prompt file",
+        ),
+        (
+            {
+                **MINIMAL,
+                "task": None,
+                "data": {"train": "/no/such.jsonl"},
+                "reward": "math",
+                "stages": [{"end_step": 3, "objective": "grpo"}],
+            },
+            [],
+            r"data.train: file or directory not found",
+        ),
+        (
+            {**MINIMAL, "task": None, "data": {"sft": __file__}, "reward": "no_such_reward"},
+            [],
+            r"reward: no reward function module reward_fns.no_such_reward",
+        ),
+        (
+            MINIMAL,
+            ["stages=[{end_step: 3, objective: sft}, {end_step: 2, objective: grpo}]"],
+            r"end_step must be positive and strictly increasing",
+        ),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, data, overrides, message):
+    path = _write(tmp_path, data)
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(path, overrides)
+    assert str(path) in str(err.value)
+
+
+def test_missing_or_broken_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found: .*nope.yaml"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(RecipeError, match="bad.yaml: not valid YAML"):
+        load_recipe(bad)
+
+
+def test_shipped_demo_recipes_validate(tmp_path):
+    load_recipe(REPO / "configs" / "demo-sft.yaml")
+    (tmp_path / "disc").mkdir()
+    (tmp_path / "model").mkdir()
+    for name in ("demo-grpo.yaml", "demo-grpo-aapa.yaml"):
+        recipe = load_recipe(
+            REPO / "configs" / name,
+            [f"model.path={tmp_path / 'model'}", f"aapa.discriminator={tmp_path / 'disc'}"],
+        )
+        assert recipe.stages[-1].objective == "grpo" and recipe.aapa.discriminator
+
+
+def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
+    from aapa_rl.cli import main
+
+    path = _write(tmp_path, {**MINIMAL, "optimizer": {}})
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['optimizer']" in err and "Traceback" not in err

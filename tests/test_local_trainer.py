@@ -1,0 +1,262 @@
+"""The local trainer on the tiny model: each objective with and without AAPA, SFT learning, guards, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
+
+from aapa_rl.local.recipe import load_recipe
+from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+AAPA = {"alpha": 0.5, "lam": 1.0, "rho": 0.5}
+SCHEDULES = {
+    "sft": [{"end_step": 2, "objective": "sft"}],
+    "grpo": [{"end_step": 2, "objective": "grpo"}],
+    "chord": [{"end_step": 2, "objective": "chord"}],
+    "staged": [{"end_step": 1, "objective": "sft"}, {"end_step": 3, "objective": "grpo"}],
+}
+
+
+def _recipe(out: Path, stages: list[dict], aapa: bool, **extra):
+    if aapa:
+        stages = [
+            {**s, **AAPA, **({"lam_end": 0.2} if i == len(stages) - 1 and len(stages) > 1 else {})}
+            for i, s in enumerate(stages)
+        ]
+    data = base_recipe(
+        out, steps=stages[-1]["end_step"], stages=stages, model={"path": str(warm_run() / "final")}, **extra
+    )
+    if aapa:
+        data["aapa"] = {"discriminator": str(discriminator_dir())}
+    return load_recipe(None, base=data)
+
+
+def test_sft_loss_falls_over_30_steps():
+    rows = metrics(warm_run())
+    losses = [r["loss/sft"] for r in rows]
+    assert rows[0]["objective"] == "sft" and len(losses) == 40
+    assert sum(losses[25:30]) / 5 < 0.6 * losses[0], losses[:30]
+
+
+@pytest.mark.parametrize("aapa", [False, True], ids=["plain", "aapa"])
+@pytest.mark.parametrize("objective", list(SCHEDULES))
+def test_objective_smoke(tmp_path, objective, aapa):
+    recipe = _recipe(tmp_path / "run", SCHEDULES[objective], aapa)
+    trainer = Trainer(recipe, progress=False)
+    task_reward = trainer.reward_fn
+
+    def varied(texts, labels):
+        # The barely-warmed model is rarely right, so every group would tie at 0 and give no gradient;
+        # a small length-dependent term keeps the task reward's logs and makes the advantages non-zero.
+        rewards, logs = task_reward(texts, labels)
+        return rewards + torch.tensor([len(t) % 3 / 10 for t in texts]), logs
+
+    trainer.reward_fn = varied
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    trainer.fit()
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(recipe.steps))
+    assert all(r["nonfinite_skipped"] == 0 and r["grad_norm"] > 0 for r in rows)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters(), strict=True))
+    stages = {s["objective"] for s in SCHEDULES[objective]}
+    if "sft" in stages or "chord" in stages:
+        assert any(r["loss/sft"] > 0 for r in rows)
+    if stages & {"grpo", "chord"}:
+        assert all("reward/raw" in r and r["response/length"] > 0 for r in rows if r["objective"] != "sft")
+    if objective == "chord":
+        assert all(0 <= r["mu"] <= 1 for r in rows)
+    if aapa:
+        # Every logged AAPA quantity is there, and the anchor term was active on a non-empty hard set.
+        for key in (
+            "aapa/gap_mean",
+            "aapa/gap_max",
+            "aapa/hard_set_size",
+            "aapa/shaping_mean",
+            "aapa/shaping_std",
+            "aapa/d_rollout_mean",
+            "aapa/d_expert_mean",
+            "logp/expert",
+            "logp/rollout",
+            "reward/shaped",
+            "lambda",
+            "alpha",
+            "stage",
+        ):
+            assert all(key in r for r in rows), key
+        assert any(r["aapa/hard_set_size"] > 0 and r["loss/anchor"] > 0 for r in rows)
+        scores = [json.loads(line) for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
+        assert scores and all(0 < d < 1 for s in scores for d in s["d_rollout"] + s["d_expert"])
+    else:
+        assert all("aapa/gap_mean" not in r and r["loss/anchor"] == 0 for r in rows)
+    if objective == "staged":
+        assert [r["stage"] for r in rows] == [0, 1, 1]
+        if aapa:  # lambda decays linearly to lam_end over the second stage
+            assert rows[1]["lambda"] == pytest.approx(1.0) and rows[2]["lambda"] == pytest.approx(0.6)
+    assert (tmp_path / "run" / "final" / "trainer_state.pt").exists()
+
+
+def test_grpo_variants_kl_and_micro_batches(tmp_path):
+    """rloo + KL to the reference + seq-mean aggregation + micro-batches, with adaptive lambda."""
+    recipe = _recipe(
+        tmp_path / "run",
+        [{"end_step": 2, "objective": "grpo"}],
+        True,
+        loss={"estimator": "rloo", "kl_coef": 0.1, "agg": "seq-mean-token-mean"},
+        optim={"lr": 1e-3, "micro_batch_size": 5},
+        adaptive={"target_gap": 0.01, "rate": 0.5},
+    )
+    Trainer(recipe, progress=False).fit()
+    rows = metrics(tmp_path / "run")
+    assert all(r["loss/kl"] >= 0 for r in rows) and rows[1]["loss/kl"] > 0  # policy moved off the reference
+    # The controller raised lambda because the gap exceeds the tiny target.
+    assert rows[1]["lambda"] > rows[0]["lambda"]
+
+
+def test_micro_batches_accumulate_the_same_gradient(tmp_path):
+    """Splitting a step into micro-batches must give the gradient of the whole batch."""
+    grads = []
+    for size in (0, 3):
+        recipe = _recipe(
+            tmp_path / f"run{size}",
+            [{"end_step": 1, "objective": "chord"}],
+            True,
+            optim={"lr": 1e-3, "micro_batch_size": size},
+            loss={"kl_coef": 0.05, "sft_batch_size": 8},
+        )
+        trainer = Trainer(recipe, progress=False)
+        trainer.optimizer.step = lambda: None  # keep the gradient, skip the update
+        trainer.train_step(0)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None]))
+        trainer.close()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
+    recipe = _recipe(
+        tmp_path / "run",
+        [{"end_step": 6, "objective": "sft"}],
+        False,
+        max_nonfinite=2,
+        log={"save_every": 1, "eval_every": 0, "plots": False},
+    )
+    trainer = Trainer(recipe, progress=False)
+    original = trainer.train_step
+
+    def poisoned(step):
+        if step >= 3:  # from step 3 on, every forward gives NaN logits
+            trainer.policy.lm_head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+        return original(step)
+
+    trainer.train_step = poisoned
+    with pytest.raises(NonFiniteError, match="step_000003"):
+        trainer.fit()
+    rows = metrics(tmp_path / "run")
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 0, 0, 1, 1]
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_000001", "step_000002", "step_000003"]  # nothing saved after the NaNs
+
+
+def test_run_dir_is_never_overwritten_silently(tmp_path):
+    recipe = _recipe(tmp_path / "run", [{"end_step": 1, "objective": "sft"}], False)
+    Trainer(recipe, progress=False).fit()
+    with pytest.raises(RunDirError, match="--resume.*--overwrite"):
+        Trainer(recipe, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    other = _recipe(tmp_path / "other", [{"end_step": 1, "objective": "sft"}], False)
+    with pytest.raises(RunDirError, match="not an empty directory"):
+        Trainer(other, overwrite=True, progress=False)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    trainer = Trainer(recipe, overwrite=True, progress=False)
+    trainer.close()
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def _train_cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "aapa_rl.cli", "train", "--config", str(config), "--no-progress", *extra]
+
+
+def test_resume_after_sigkill_continues_identically(tmp_path):
+    """A run killed mid-way (SIGKILL) and resumed logs the same steps as one that never stopped."""
+    steps = 6
+    data = base_recipe(
+        tmp_path / "x",
+        steps=steps,
+        stages=[{"end_step": steps, "objective": "grpo", **AAPA}],
+        model={"path": str(warm_run() / "final")},
+        aapa={"discriminator": str(discriminator_dir())},
+        adaptive={"target_gap": 0.5, "rate": 0.2},
+        log={"save_every": 2, "eval_every": 0, "eval_samples": 8, "plots": False},
+    )
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    Trainer(load_recipe(config, [f"out={tmp_path / 'ref'}"]), progress=False).fit()  # never interrupted
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(config, "--out", str(run), "--set", "log.save_every=2"),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while (
+        not (run / "checkpoints" / "step_000002").exists() and proc.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "step_000002").exists()
+    assert not (run / "checkpoints" / f"step_{steps:06d}").exists(), "the run finished before it was killed"
+    resumed = subprocess.run(
+        _train_cmd(config, "--out", str(run), "--resume"), env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+
+    ref_rows, got_rows = metrics(tmp_path / "ref"), metrics(run)
+    assert [r["step"] for r in got_rows] == list(range(steps))
+    drop = ("time/", "eval/")
+    for a, b in zip(ref_rows, got_rows, strict=True):
+        a = {k: v for k, v in a.items() if not k.startswith(drop)}
+        b = {k: v for k, v in b.items() if not k.startswith(drop)}
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == (
+                a[key] if isinstance(a[key], str) else pytest.approx(a[key], rel=1e-5, abs=1e-6)
+            ), (a["step"], key)
+    ref_state = torch.load(tmp_path / "ref" / "final" / "trainer_state.pt", weights_only=False)
+    got_state = torch.load(run / "final" / "trainer_state.pt", weights_only=False)
+    assert ref_state["schedule"] == got_state["schedule"] and ref_state["streams"] == got_state["streams"]
+    from safetensors.torch import load_file
+
+    ref_w, got_w = (
+        load_file(tmp_path / "ref" / "final" / "model.safetensors"),
+        load_file(run / "final" / "model.safetensors"),
+    )
+    assert all(torch.allclose(ref_w[k], got_w[k], atol=1e-6) for k in ref_w)
+
+
+def test_random_anchor_control_uses_the_same_budget(tmp_path):
+    """The control arm anchors ceil(rho * P) random prompts whatever their gaps; the default follows H."""
+    runs = {}
+    for selection in ("gap", "random"):
+        recipe = _recipe(tmp_path / selection, [{"end_step": 2, "objective": "grpo"}], True)
+        recipe.aapa.selection = selection
+        Trainer(recipe, progress=False).fit()
+        runs[selection] = metrics(tmp_path / selection)
+    assert all(r["aapa/anchor_rows"] == r["aapa/hard_set_size"] for r in runs["gap"])
+    assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs["random"])  # ceil(0.5 * 4)
