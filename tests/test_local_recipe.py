@@ -37,7 +37,7 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL, ["optim.lr=fast"], r"optim.lr: expected float, got str 'fast'"),
         (MINIMAL, ["steps=2.5"], r"steps: expected int, got float"),
         (MINIMAL, ["rollout=8"], r"rollout: expected a mapping"),
-        (MINIMAL, ["stages.0.objective=ppo"], r"stages\[0\].objective: 'ppo' is not one of"),
+        (MINIMAL, ["stages.0.objective=ppo"], r"stages\[0\]: stage objective 'ppo' is not one of"),
         (MINIMAL, ["stages.3.lam=1"], r"'3' is not an index of stages"),
         (MINIMAL, ["stages.0.end_step"], r"expected key=value"),
         ({k: v for k, v in MINIMAL.items() if k != "steps"}, [], r"missing required key\(s\) \['steps'\]"),

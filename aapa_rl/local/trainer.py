@@ -44,7 +44,7 @@ from aapa_rl.objectives import (
     policy_loss,
     sft_loss,
 )
-from aapa_rl.schedule import AdaptiveLambda, Stage, StageSchedule
+from aapa_rl.schedule import AdaptiveLambda, StageSchedule
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -177,7 +177,7 @@ class Trainer:
                 missing_expert=r.aapa.missing_expert,
             )
         adaptive = AdaptiveLambda(**dataclasses.asdict(r.adaptive)) if r.adaptive else None
-        self.schedule = StageSchedule([Stage(**dataclasses.asdict(s)) for s in r.stages], adaptive)
+        self.schedule = StageSchedule(list(r.stages), adaptive)
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(),
             lr=r.optim.lr,
@@ -337,6 +337,7 @@ class Trainer:
             if sv.objective != "sft" or sv.alpha > 0 or sv.lam > 0:
                 result = self._rollout_part(sv, mu, m, scores, losses)
             if sv.objective in ("sft", "chord"):
+                t0 = time.perf_counter()
                 rows = [self.sft_rows[i] for i in self.sft_stream.take(r.loss.sft_batch_size)]
                 batch = pack(self.tokenizer, [x["prompt"] for x in rows], [x["expert"] for x in rows], dev)
                 total = batch.response_mask.sum()
@@ -350,8 +351,10 @@ class Trainer:
                     nll = sft_loss(lp, sub.response_mask, phi)
                     self._backward(coef * share * nll)
                     losses["sft"] += nll.item() * share.item()
+                m["time/sft"] = time.perf_counter() - t0
             if result is not None and result[0]:
                 self._anchor_part(sv, *result, m, scores, losses)
+            t0 = time.perf_counter()
             params = [p for p in self.policy.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
@@ -361,6 +364,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            m["time/optimizer"] = time.perf_counter() - t0
             m["grad_norm"] = float(grad_norm)
             m["nonfinite_skipped"] = 0
         except _SkipStep:
@@ -423,6 +427,7 @@ class Trainer:
         scores["length"] = lengths.tolist()
 
         coef = {"grpo": 1.0, "chord": 1.0 - mu, "sft": 1.0 if sv.alpha > 0 else 0.0}[sv.objective]
+        t0 = time.perf_counter()
         estimator = "dr_grpo" if sv.objective == "sft" else r.loss.estimator  # spec: group-mean baseline
         advantages = group_advantages(shaped, G, estimator).to(dev)
         ref_lp = None
@@ -467,6 +472,7 @@ class Trainer:
             seq_logp.append(
                 (lp.detach() * sub.response_mask).sum(-1) / sub.response_mask.sum(-1).clamp(min=1)
             )
+        m["time/policy"] = time.perf_counter() - t0  # policy-gradient (and KL) forward/backward
         seq_logp = torch.cat(seq_logp).float().cpu()
         m["logp/rollout"] = float(seq_logp.mean())
         scores["logp_rollout"] = seq_logp.tolist()
@@ -506,11 +512,14 @@ class Trainer:
         if not hard:
             losses["anchor"] = 0.0
         elif sv.lam > 0:
+            t0 = time.perf_counter()
             sub = batch.rows(torch.tensor(hard))
             with autocast(dev, r.model.dtype):
                 hard_lp = response_log_probs(self.policy, sub)
             la = anchor_loss(hard_lp, sub.response_mask, weights, phi=r.loss.anchor_phi)
             losses["anchor"] = self._backward(sv.lam * la) / sv.lam
+            m["time/anchor"] = time.perf_counter() - t0  # the anchor term's forward/backward
+            m["aapa/anchor_tokens"] = int(sub.response_mask.sum())
         else:  # lambda = 0 (e.g. a monitored baseline): report L_anchor without optimising it
             idx = torch.tensor(hard, device=dev)
             losses["anchor"] = float(anchor_loss(lp[idx], mask[idx], weights, phi=r.loss.anchor_phi))
