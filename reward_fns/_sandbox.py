@@ -71,9 +71,14 @@ def _environment(workdir: str) -> dict[str, str]:
     }
 
 
+# Programs run on the base interpreter (standard library only), not the virtual environment: a venv may
+# live under /tmp, which the jail hides, and model-written code has no business importing our packages.
+PYTHON = os.path.realpath(sys.executable)
+
+
 def _interpreter_paths() -> list[str]:
     """Directories the program's interpreter needs, which the jail makes reachable for its uid."""
-    paths = sorted({sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))})
+    paths = sorted({sys.base_prefix, os.path.dirname(PYTHON)})
     return [p for p in paths if not any(p != q and p.startswith(q + os.sep) for q in paths)]
 
 
@@ -103,7 +108,7 @@ def run_python(source: str, stdin: bytes, *, timeout: float, memory_mb: int, iso
         config = {
             "isolate": isolate,
             "uid": uid,
-            "python": sys.executable,
+            "python": PYTHON,
             "expose": _interpreter_paths(),
             "cpu_s": int(timeout) + 1,
             "memory_mb": memory_mb,
