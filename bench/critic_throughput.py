@@ -1,10 +1,19 @@
 """Rollouts scored per second by AnchorCritic.evaluate (experts cached) vs the encoder's raw throughput.
 
-Raw = encoder.encode on the same rollout texts, measured in the same run, interleaved with the critic
-runs (best of --repeats for both, so a busy shared machine hurts both alike). Target: ratio >= 0.8.
-The trained variants also compute response statistics in Python (~10-20 us per rollout), which is
-small next to MiniLM but not next to the hashing encoder (~60-100 us per rollout on one core); the
-aligned variant embeds every sentence, i.e. several encoder inputs per rollout.
+Raw = encoder.encode on the texts the critic embeds, measured in the same run, interleaved with the
+critic runs (best of --repeats for both, so a busy shared machine hurts both alike). Target: ratio >= 0.8.
+Those texts are the rollouts, except for `aligned`, which embeds each rollout's sentences instead (its
+encoder work, however the encoder batches it); its ratio against encoding whole rollouts is printed too.
+Rates are rollouts per second either way. Rollouts are ~230 characters (~60 word/punctuation tokens).
+
+On top of the encoder, the critic tokenises each rollout for the response statistics (trained variants,
+~15-20 us per rollout in Python), runs the head, and for `aligned` splits sentences and matches them.
+That is small next to MiniLM, but not next to the hashing encoder (~10 us per rollout on one core).
+
+glibc returns freed memory to the OS and page-faults it back on the next call; on this VM each page costs
+~1 us, and how often it happens depends on the heap's history, not on the code (hash encoder: 10 to 35 us
+per rollout between runs). So the bench keeps freed memory (mallopt) for both sides; --malloc-defaults
+measures without that.
 
     .venv/bin/python bench/critic_throughput.py [--prompts 32] [--group 8] [--encoders hash minilm]
 """
@@ -12,16 +21,23 @@ aligned variant embeds every sentence, i.e. several encoder inputs per rollout.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import random
 import time
 
 import torch
 
 from aapa_rl.anchor import AnchorCritic, ExpertBank, ExpertRecord, build_discriminator, load_encoder
+from aapa_rl.anchor.discriminator import MAX_SENTENCES, split_sentences
 
-STEPS = ("We start from the numbers {a} and {b}.", "Adding the ones digits gives {o}.",
-         "Adding the tens digits and the carry gives {t}.", "Checking by subtraction, {s} - {b} = {a}.",
-         "So the sum of {a} and {b} is {s}.", "The final answer is \\boxed{{{s}}}.")
+STEPS = (
+    "We start from the numbers {a} and {b}.",
+    "Adding the ones digits gives {o}.",
+    "Adding the tens digits and the carry gives {t}.",
+    "Checking by subtraction, {s} - {b} = {a}.",
+    "So the sum of {a} and {b} is {s}.",
+    "The final answer is \\boxed{{{s}}}.",
+)
 
 
 def make_batch(num_prompts: int, group: int, seed: int = 0):
@@ -42,6 +58,16 @@ def make_batch(num_prompts: int, group: int, seed: int = 0):
     return ExpertBank(records), [r.prompt for r in records], rollouts
 
 
+def keep_freed_memory() -> bool:
+    """Turn off glibc's trimming of the heap and mmap for blocks up to 32 MiB (False where not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def seconds(loops: int, fn, *args, **kwargs) -> float:
     """Mean wall time of `loops` calls."""
     start = time.perf_counter()
@@ -51,26 +77,44 @@ def seconds(loops: int, fn, *args, **kwargs) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--encoders", nargs="+", default=["hash", "minilm"])
     parser.add_argument("--variants", nargs="+", default=["cosine", "pairwise", "classifier", "aligned"])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: stable numbers on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)"
+    )
+    parser.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc settings alone (freed memory goes back to the OS)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = (
+        "glibc defaults"
+        if args.malloc_defaults
+        else ("freed memory kept" if keep_freed_memory() else "defaults (not glibc)")
+    )
 
     bank, prompts, rollouts = make_batch(args.prompts, args.group)
     flat = [y for group in rollouts for y in group]
+    sentences = [s for y in flat for s in split_sentences(y)[:MAX_SENTENCES]]  # what `aligned` embeds
     rewards = torch.zeros(args.prompts, args.group)
     step = {"alpha": 0.1, "rho": 0.25}
-    print(f"{len(flat)} rollouts per batch ({args.prompts} prompts x {args.group}), torch threads "
-          f"{torch.get_num_threads()}, best of {args.repeats}")
-    print(f"{'encoder':8s} {'variant':11s} {'raw enc/s':>10s} {'critic/s':>10s} {'ratio':>6s}")
+    print(
+        f"{len(flat)} rollouts per batch ({args.prompts} prompts x {args.group}, {len(sentences)} "
+        f"sentences), torch threads {torch.get_num_threads()}, best of {args.repeats}, malloc: {malloc}"
+    )
+    print(
+        f"{'encoder':8s} {'variant':11s} {'raw input':>10s} {'raw enc/s':>10s} {'critic/s':>10s} "
+        f"{'ratio':>6s}"
+    )
     for spec in args.encoders:
         encoder = load_encoder(spec, args.device)
         # Warm-up (allocations, lazy init, kernels for these shapes); fast encoders loop to >= 0.3 s a timing.
@@ -78,14 +122,27 @@ def main() -> None:
         for variant in args.variants:
             critic = AnchorCritic(build_discriminator(variant, encoder), bank)
             critic.evaluate(prompts, rollouts, rewards, **step)  # caches experts and prompts
-            raw, scored = [], []
-            for _ in range(args.repeats):  # interleaved so load changes hit both alike
-                raw.append(seconds(loops, encoder.encode, flat))
+            texts = sentences if variant == "aligned" else flat
+            raw, whole, scored = [], [], []
+            for _ in range(args.repeats):  # interleaved so load changes hit all alike
+                raw.append(seconds(loops, encoder.encode, texts))
                 scored.append(seconds(loops, critic.evaluate, prompts, rollouts, rewards, **step))
+                if texts is sentences:
+                    whole.append(seconds(loops, encoder.encode, flat))
             raw_rate, critic_rate = len(flat) / min(raw), len(flat) / min(scored)
             verdict = "ok" if critic_rate >= 0.8 * raw_rate else "BELOW TARGET"
-            print(f"{spec:8s} {variant:11s} {raw_rate:10.1f} {critic_rate:10.1f} "
-                  f"{critic_rate / raw_rate:6.2f} {verdict}", flush=True)
+            print(
+                f"{spec:8s} {variant:11s} {'sentences' if texts is sentences else 'rollouts':>10s} "
+                f"{raw_rate:10.1f} {critic_rate:10.1f} {critic_rate / raw_rate:6.2f} {verdict}",
+                flush=True,
+            )
+            if whole:
+                whole_rate = len(flat) / min(whole)
+                print(
+                    f"{'':20s} {'(rollouts':>10s} {whole_rate:10.1f} {critic_rate:10.1f} "
+                    f"{critic_rate / whole_rate:6.2f} for reference)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Training (training.py) fits only the head on precomputed features; the encoder n
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -24,7 +23,7 @@ N_STATS = 4
 MAX_SENTENCES = 64  # sentences per text that get embedded; the rest count as unmatched
 TERMINAL = set(".!?;:)]}>\"'`*|。！？")
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+|\s*\n\s*")
+SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+|\n")  # split_sentences strips what is around a \n
 
 
 class DiscriminatorQualityError(RuntimeError):
@@ -42,7 +41,8 @@ def text_stats(text: str) -> tuple[int, float, float, float]:
     trigrams = Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
     total = max(1, len(tokens) - 2)
     distinct = len(trigrams) / total if trigrams else 1.0
-    repeated = sum(c for c in trigrams.values() if c > 1) / total
+    once = list(trigrams.values()).count(1)  # positions in repeated trigrams = all but the seen-once ones
+    repeated = (len(tokens) - 2 - once) / total if trigrams else 0.0
     stripped = text.rstrip()
     truncated = 0.0 if stripped and stripped[-1] in TERMINAL else 1.0
     return len(text), distinct, repeated, truncated
@@ -62,7 +62,8 @@ class Discriminator(nn.Module):
         self.needs_expert = variant != "classifier"
         self.config = {"variant": variant, "encoder": encoder.spec, "encoder_id": encoder.id,
                        "margin": margin, "tau": tau, "hidden": hidden}
-        self._expert_stats: dict[str, tuple] = {}
+        self._expert_stats: dict[str, tuple] = {}  # per expert: text_stats, computed once
+        self._expert_sentences: dict[str, list[str]] = {}  # per expert: split_sentences, computed once
         self.report: dict | None = None  # the training report, when loaded from a directory
         self.capped = 0  # texts with more than MAX_SENTENCES sentences (aligned)
         d = encoder.dim
@@ -89,45 +90,63 @@ class Discriminator(nn.Module):
         return self.encoder.truncated + self.capped
 
     def _stats(self, responses: list[str], experts: list[str] | None) -> torch.Tensor:
-        rows = []
-        for i, response in enumerate(responses):
-            length, distinct, repeated, truncated = text_stats(response)
-            if experts is None:  # classifier: absolute statistics, no expert needed
-                rows.append((math.log1p(length) / 10, distinct, repeated, truncated))
-                continue
-            expert = experts[i]
-            if expert not in self._expert_stats:
-                self._expert_stats[expert] = text_stats(expert)
-            e_length, e_distinct, e_repeated, e_truncated = self._expert_stats[expert]
-            ratio = max(-3.0, min(3.0, math.log((length + 1) / (e_length + 1))))
-            rows.append((ratio, distinct - e_distinct, repeated - e_repeated, truncated - e_truncated))
-        return torch.tensor(rows, dtype=torch.float32, device=self.encoder.device).reshape(-1, N_STATS)
+        stats = {text: text_stats(text) for text in dict.fromkeys(responses)}  # a group may repeat one
+        y = np.array([stats[text] for text in responses], np.float64).reshape(-1, N_STATS)
+        if experts is None:  # classifier: absolute statistics, no expert needed
+            y[:, 0] = np.log1p(y[:, 0]) / 10
+        else:
+            for expert in dict.fromkeys(experts):
+                if expert not in self._expert_stats:
+                    self._expert_stats[expert] = text_stats(expert)
+            e = np.array([self._expert_stats[expert] for expert in experts], np.float64).reshape(-1, N_STATS)
+            y[:, 0] = np.clip(np.log((y[:, 0] + 1) / (e[:, 0] + 1)), -3.0, 3.0)
+            y[:, 1:] -= e[:, 1:]
+        return torch.from_numpy(y.astype(np.float32)).to(self.encoder.device)
 
     def _alignment(self, responses: list[str], experts: list[str], cached: bool) -> torch.Tensor:
-        """(precision, recall, F) of a one-to-one greedy matching of response and expert sentences."""
+        """(precision, recall, F) of a one-to-one greedy matching of response and expert sentences. All
+        pairs at once: similarities fill a (pair, response sentence, expert sentence) array padded with -1,
+        and each greedy step takes every pair's best remaining cell, then retires its row and column."""
+        unique = list(dict.fromkeys(experts))  # a group shares its expert: embed its sentences once
+        for expert in unique:
+            if expert not in self._expert_sentences:
+                self._expert_sentences[expert] = split_sentences(expert)
+        e_sents = [self._expert_sentences[e] for e in unique]
         r_sents = [split_sentences(r) for r in responses]
-        e_sents = [split_sentences(e) for e in experts]
-        self.capped += sum(len(ss) > MAX_SENTENCES for ss in r_sents + e_sents)
+        self.capped += sum(len(ss) > MAX_SENTENCES for ss in r_sents)
+        self.capped += sum(len(self._expert_sentences[e]) > MAX_SENTENCES for e in experts)
         embed = self.cache.embed if cached else self.encoder.encode
         r_emb = embed([s for ss in r_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
         e_emb = self.cache.embed([s for ss in e_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
-        out, r_at, e_at = [], 0, 0
-        for rs, es in zip(r_sents, e_sents, strict=True):
-            m, n = min(len(rs), MAX_SENTENCES), min(len(es), MAX_SENTENCES)
-            sim = np.clip(r_emb[r_at:r_at + m] @ e_emb[e_at:e_at + n].T, 0, 1)
-            r_at, e_at = r_at + m, e_at + n
-            total = 0.0
-            for _ in range(min(m, n)):  # greedy: best remaining pair, then retire its row and column
-                i, j = divmod(int(sim.argmax()), n)
-                if sim[i, j] <= 0:
-                    break
-                total += float(sim[i, j])
-                sim[i, :] = -1
-                sim[:, j] = -1
-            p = total / len(rs) if rs else 0.0
-            r = total / len(es) if es else 0.0
-            out.append((p, r, 2 * p * r / (p + r) if p + r > 0 else 0.0))
-        return torch.tensor(out, dtype=torch.float32, device=self.encoder.device).reshape(-1, 3)
+
+        index = {e: u for u, e in enumerate(unique)}
+        pair_expert = np.array([index[e] for e in experts], np.int64)
+        r_len = np.array([len(ss) for ss in r_sents], np.int64)
+        e_len = np.array([len(ss) for ss in e_sents], np.int64)
+        r_n, e_n = np.minimum(r_len, MAX_SENTENCES), np.minimum(e_len, MAX_SENTENCES)
+        e_start = np.cumsum(e_n) - e_n
+        row_pair = np.repeat(np.arange(len(responses)), r_n)  # row of r_emb -> (pair, sentence number)
+        row_k = np.arange(len(row_pair)) - np.repeat(np.cumsum(r_n) - r_n, r_n)
+        row_expert = pair_expert[row_pair]
+        sims = np.full((len(responses), r_n.max(initial=0), e_n.max(initial=0)), -1, np.float32)
+        for u in range(len(unique)):  # one matmul per expert, for the sentences of all its responses
+            rows = np.flatnonzero(row_expert == u)
+            block = r_emb[rows] @ e_emb[e_start[u]: e_start[u] + e_n[u]].T
+            sims[row_pair[rows], row_k[rows], : e_n[u]] = np.clip(block, 0, 1)
+        total, pairs = np.zeros(len(responses)), np.arange(len(responses))
+        for _ in range(min(sims.shape[1:])):
+            i, j = np.divmod(sims.reshape(len(responses), -1).argmax(1), sims.shape[2])
+            best = sims[pairs, i, j]
+            if not (best > 0).any():
+                break
+            total += np.where(best > 0, best, 0)  # a best of 0 (or padding) means nothing left to match
+            sims[pairs, i, :] = -1
+            sims[pairs, :, j] = -1
+        pair_e_len = e_len[pair_expert]  # all sentences count, matched or not (also those past the cap)
+        p = np.divide(total, r_len, out=np.zeros_like(total), where=r_len > 0)
+        r = np.divide(total, pair_e_len, out=np.zeros_like(total), where=pair_e_len > 0)
+        f = np.divide(2 * p * r, p + r, out=np.zeros_like(total), where=p + r > 0)
+        return torch.from_numpy(np.stack([p, r, f], -1).astype(np.float32)).to(self.encoder.device)
 
     def features(self, prompts: list[str], responses: list[str], experts: list[str] | None = None,
                  *, cached: bool = False) -> torch.Tensor:

@@ -37,30 +37,35 @@ class HashEncoder:
         self.cache_key = self.id
         self.truncated = 0
 
-    def _embed(self, text: str) -> np.ndarray:
-        text = " ".join(text.lower().split())
-        if len(text) > self.max_chars:
-            self.truncated += 1
-            text = text[: self.max_chars]
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.uint64)
-        grams, h = [], codes
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """All texts in one pass (per-text numpy calls would cost more than the hashing): one rolling hash
+        over the concatenation, keeping the n-grams that lie inside one text, and one bincount into
+        (text, bucket) cells."""
+        check_texts(texts, "texts")
+        texts = [" ".join(text.lower().split()) for text in texts]
+        self.truncated += sum(len(text) > self.max_chars for text in texts)
+        texts = [text[: self.max_chars] for text in texts]
+        lengths = np.array([len(text) for text in texts], np.int64)
+        codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
+        codes = codes.astype(np.uint64)
+        owner = np.repeat(np.arange(len(texts)), lengths)  # the text each character belongs to
+        room = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(codes))  # characters left in it
+        grams, rows, h = [], [], codes
         for n in range(2, self.ngrams[-1] + 1):  # rolling polynomial hash; uint64 wraps, as a hash should
             h = h[:-1] * np.uint64(0x9E3779B97F4A7C15) + codes[n - 1:]
             if n >= self.ngrams[0]:
-                grams.append(h)
+                inside = room[: len(h)] >= n
+                grams.append(h[inside])
+                rows.append(owner[: len(h)][inside])
         h = np.concatenate(grams)
         h ^= h >> np.uint64(31)
         sign = ((h >> np.uint64(40)) & np.uint64(1)).astype(np.float64) * 2 - 1
-        vec = np.bincount((h % np.uint64(self.dim)).astype(np.int64), weights=sign, minlength=self.dim)
-        norm = np.linalg.norm(vec)
-        return vec / norm if norm > 0 else vec
-
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        check_texts(texts, "texts")
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, text in enumerate(texts):
-            out[i] = self._embed(text)
-        return torch.from_numpy(out).to(self.device)
+        cells = np.concatenate(rows) * self.dim + (h % np.uint64(self.dim)).astype(np.int64)
+        vec = np.bincount(cells, weights=sign, minlength=len(texts) * self.dim).reshape(len(texts), self.dim)
+        vec = vec.astype(np.float64, copy=False)  # bincount gives int64 when there is no n-gram at all
+        norm = np.sqrt(np.einsum("ij,ij->i", vec, vec))[:, None]
+        np.divide(vec, norm, out=vec, where=norm > 0)
+        return torch.from_numpy(vec.astype(np.float32)).to(self.device)
 
 
 class SentenceEncoder:
