@@ -34,3 +34,5 @@ test: lint
 # A finished run only reprints its summary; pass DEMO_ARGS=--overwrite to run it again.
 demo: $(STAMP)
 	$(PY) -m aapa_rl.local.demo --out runs/demo $(DEMO_ARGS)
+
+include bench/bench.mk

@@ -1,0 +1,454 @@
+"""Drift benchmark: GRPO, CHORD and their AAPA variants on the embedded arithmetic task with a flawed reward.
+
+    .venv/bin/python bench/drift.py [--config bench/drift.yaml] [--quick] [--seeds 1 2] [--out runs/bench]
+
+1. SFT-warm the tiny Qwen3 once (a fraction of its demonstrations carry the reward's flaw) and train the
+   frozen discriminator on its rollouts; both are kept in OUT/start and reused while the config's task,
+   sft and discriminator sections are unchanged.
+2. Run every arm x seed of the config from that start (`workers` processes side by side, one torch thread
+   each), through `aapa-rl train`; run directories go to OUT/runs. A finished run whose recipe is unchanged
+   is reused (runs are deterministic on CPU), so --quick after the full bench, or a bench run again after
+   an interruption, only trains what is missing.
+3. Write one JSON per run (final held-out metrics, eval curve, training curve) and summary.json to
+   bench/results/drift[-quick]/, PNG curves beside them, and print the table (mean +- std over seeds) and
+   the targets of issue 8, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = [  # (eval summary key, header)
+    ("accuracy", "accuracy"),
+    ("reward/format", "format"),
+    ("reward/boxes", "boxes"),
+    ("length", "length"),
+    ("expert_nll_token", "nll/tok"),
+    ("expert_nll_seq", "nll/seq"),
+    ("p_end_after_expert", "P(end)"),
+    ("reward", "flawed reward"),
+    ("d_response", "D(resp)"),
+]
+TRAIN_KEYS = [  # per-step training metrics kept in each run's JSON
+    "reward/raw",
+    "reward/correct",
+    "reward/flaw_bonus",
+    "reward/format",
+    "response/length",
+    "aapa/d_rollout_mean",
+    "aapa/gap_mean",
+    "lambda",
+    "loss/anchor",
+    "time/step",
+]
+
+
+def load_config(path: Path, quick: bool) -> dict:
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("task", "sft", "discriminator", "rl", "seeds", "workers", "arms"):
+        if key not in cfg:
+            raise SystemExit(f"{path}: missing key {key!r}")
+    if quick:
+        q = cfg.get("quick") or {}
+        unknown = [a for a in q.get("arms", []) if a not in cfg["arms"]]
+        if unknown:
+            raise SystemExit(f"{path}: quick.arms names unknown arms {unknown}")
+        cfg["arms"] = {a: cfg["arms"][a] for a in q.get("arms", cfg["arms"])}
+        cfg["seeds"] = q.get("seeds", cfg["seeds"][:1])
+    return cfg
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra` merged in (nested mappings merged key by key)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def prepare_start(cfg: dict, start: Path) -> dict:
+    """The SFT model (start/sft/final), the discriminator (start/discriminator) and the SFT start's eval;
+    rebuilt only when the config's task, sft or discriminator section changed."""
+    key = {k: cfg[k] for k in ("task", "sft", "discriminator")}
+    marker = start / "start.json"
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done["key"] == key:
+            print(f"SFT start and discriminator: reusing {start}")
+            return {**done, "rebuilt": False}
+    shutil.rmtree(start, ignore_errors=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    from aapa_rl.anchor import ExpertBank, build_discriminator, load_discriminator, train_discriminator
+    from aapa_rl.local.evaluation import evaluate
+    from aapa_rl.local.policy import generate
+    from aapa_rl.local.recipe import load_recipe
+    from aapa_rl.local.trainer import Trainer, read_jsonl
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(cfg["sft"].get("threads", 1) or 1)
+    seconds = {}
+    t0 = time.perf_counter()
+    recipe = load_recipe(None, base={**cfg["sft"], "out": str(start / "sft"), "task": cfg["task"]})
+    sft = Trainer(recipe)
+    sft.fit()
+    seconds["sft"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    d = cfg["discriminator"]
+    data = start / "sft" / "data"
+    rows = read_jsonl(data / "train.jsonl", ("prompt", "label"))[: d["rollout_prompts"]]
+    n = d["samples"]
+    batch = generate(
+        sft.policy,
+        sft.tokenizer,
+        [r["prompt"] for r in rows],
+        n=n,
+        max_new_tokens=recipe.rollout.max_new_tokens,
+    )
+    pairs = [(rows[i // n]["prompt"], text) for i, text in enumerate(batch.texts)]
+    sampled = {r["prompt"] for r in rows}
+    full_bank = ExpertBank.load(data / "experts.jsonl")
+    bank = ExpertBank([x for x in full_bank.records if x.prompt in sampled], source=full_bank.source)
+    disc_dir = start / "discriminator"
+    disc = build_discriminator(d["variant"], d["encoder"], cache_dir=disc_dir / "embedding_cache")
+    report = train_discriminator(disc, bank, pairs, disc_dir, steps=d["steps"], seed=0)
+    seconds["discriminator"] = time.perf_counter() - t0
+
+    eval_rows = read_jsonl(data / "eval.jsonl", ("prompt", "label"))[: recipe.log.eval_samples]
+    summary, _ = evaluate(
+        sft.policy,
+        sft.tokenizer,
+        eval_rows,
+        recipe.task.reward,
+        max_new_tokens=recipe.rollout.max_new_tokens,
+        discriminator=load_discriminator(disc_dir, force=cfg["rl"].get("aapa", {}).get("force", False)),
+    )
+    done = {"key": key, "eval": summary, "discriminator": report["heldout"], "seconds": seconds}
+    marker.write_text(json.dumps(done, indent=2) + "\n")
+    return {**done, "rebuilt": True}
+
+
+def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> dict:
+    arm = {k: v for k, v in cfg["arms"][name].items() if k != "label"}
+    recipe = merge(cfg["rl"], arm)
+    recipe["aapa"] = {**recipe.get("aapa", {}), "discriminator": str(start / "discriminator")}
+    recipe.update(
+        out=str(run_dir),
+        seed=seed,
+        steps=arm["stages"][-1]["end_step"],
+        task=cfg["task"],
+        model={"path": str(start / "sft" / "final")},
+    )
+    return recipe
+
+
+def train(config_path: Path, run_dir: Path) -> tuple[int, float]:
+    """One `aapa-rl train` process (output in RUN.log); returns its exit code and wall time."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "aapa_rl.cli", "train", "--config", str(config_path), "--overwrite"]
+    t0 = time.perf_counter()
+    with open(run_dir.with_suffix(".log"), "w") as log:
+        code = subprocess.run(
+            cmd + ["--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=env
+        ).returncode
+    return code, time.perf_counter() - t0
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) and math.isfinite(v) else v
+
+
+def run_record(cfg: dict, name: str, seed: int, run_dir: Path, start_eval: dict, wall: float) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    curve = [{"step": 0, **{k: _round(start_eval[k]) for k, _ in COLUMNS if k in start_eval}}]
+    for r in rows:
+        if "eval/accuracy" in r:
+            curve.append(
+                {"step": r["step"] + 1, **{k: _round(r[f"eval/{k}"]) for k, _ in COLUMNS if f"eval/{k}" in r}}
+            )
+    return {
+        "arm": name,
+        "label": cfg["arms"][name]["label"],
+        "seed": seed,
+        "arm_config": {k: v for k, v in cfg["arms"][name].items() if k != "label"},
+        "steps": summary["steps"],
+        "train_seconds": round(summary["train_seconds"], 1),
+        "wall_seconds": round(wall, 1) if math.isfinite(wall) else None,  # None: reused from an earlier bench
+        "final": {k: _round(v) for k, v in summary["eval"].items()},
+        "eval_curve": curve,
+        "train_curve": {"step": [r["step"] for r in rows]}
+        | {k: [_round(r.get(k)) for r in rows] for k in TRAIN_KEYS if any(k in r for r in rows)},
+    }
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def table(start_eval: dict, records: list[dict], cfg: dict) -> tuple[dict, str]:
+    """Mean and std over seeds per arm; and a markdown table (the SFT start first)."""
+    stats: dict = {}
+    for name in cfg["arms"]:
+        runs = [r for r in records if r["arm"] == name]
+        if runs:
+            stats[name] = {
+                "label": runs[0]["label"],
+                "seeds": [r["seed"] for r in runs],
+                **{k: mean_std([r["final"][k] for r in runs]) for k, _ in COLUMNS if k in runs[0]["final"]},
+            }
+    lines = ["| arm | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    lines.append(
+        "| SFT start | - | " + " | ".join(f"{start_eval.get(k, math.nan):.3f}" for k, _ in COLUMNS) + " |"
+    )
+    for s in stats.values():
+        cells = [f"{s[k][0]:.3f} +- {s[k][1]:.3f}" if k in s else "-" for k, _ in COLUMNS]
+        lines.append(f"| {s['label']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    return stats, "\n".join(lines)
+
+
+def check_targets(start_eval: dict, stats: dict, cfg: dict) -> list[dict]:
+    """Issue 8's targets, on means over seeds: met or not, with the numbers."""
+    out = []
+
+    def fmt(name: str) -> float:
+        return stats[name]["reward/format"][0]
+
+    if "aapa" in stats:
+        acc, start_acc = stats["aapa"]["accuracy"][0], start_eval["accuracy"]
+        out.append(
+            {
+                "target": "full AAPA keeps greedy format >= 0.9",
+                "value": fmt("aapa"),
+                "met": fmt("aapa") >= 0.9,
+            }
+        )
+        out.append(
+            {
+                "target": f"full AAPA accuracy within 3 points of the SFT start ({start_acc:.3f})",
+                "value": acc,
+                "met": acc >= start_acc - 0.03,
+            }
+        )
+    if "grpo" in stats:
+        out.append(
+            {"target": "plain GRPO ends below 0.3 format", "value": fmt("grpo"), "met": fmt("grpo") < 0.3}
+        )
+    for anchor, random_anchor in (("anchor", "random_anchor"), ("anchor_weak", "random_anchor_weak")):
+        if anchor in stats and random_anchor in stats:
+            stage = cfg["arms"][anchor]["stages"][-1]
+            out.append(
+                {
+                    "target": f"discriminator-chosen anchor beats the random anchor on format at "
+                    f"rho = {stage['rho']}, lam = {stage['lam']}",
+                    "value": [fmt(anchor), fmt(random_anchor)],
+                    "met": fmt(anchor) > fmt(random_anchor),
+                }
+            )
+    return out
+
+
+def plot(records: list[dict], start_eval: dict, cfg: dict, out: Path) -> list[Path]:
+    """Held-out metrics against steps (mean over seeds, band = +- std) and training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colors = plt.get_cmap("tab10")
+    arms = [a for a in cfg["arms"] if any(r["arm"] == a for r in records)]
+    paths = []
+    panels = [
+        ("reward/format", "greedy format"),
+        ("accuracy", "honest accuracy"),
+        ("reward/boxes", "boxes / response"),
+        ("length", "response length"),
+        ("expert_nll_seq", "expert NLL / sequence"),
+        ("p_end_after_expert", "P(end | expert)"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for i, arm in enumerate(arms):
+            runs = [r for r in records if r["arm"] == arm]
+            steps = [p["step"] for p in runs[0]["eval_curve"]]
+            ys = np.array(
+                [
+                    [p.get(key, np.nan) for p in r["eval_curve"]]
+                    for r in runs
+                    if len(r["eval_curve"]) == len(steps)
+                ]
+            )
+            m, sd = ys.mean(0), ys.std(0)
+            style = "o-" if i < 10 else "s--"  # tab10 has ten colours; later arms repeat them dashed
+            ax.plot(steps, m, style, color=colors(i % 10), markersize=3, label=runs[0]["label"])
+            ax.fill_between(steps, m - sd, m + sd, color=colors(i % 10), alpha=0.12)
+        ax.axhline(start_eval.get(key, np.nan), color="grey", ls=":", lw=1)
+        ax.set_title(f"held-out {title}")
+        ax.set_xlabel("RL step (staged AAPA: incl. its SFT stage)")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "eval_curves.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    panels = [
+        ("reward/flaw_bonus", "flaw bonus (training rollouts)"),
+        ("response/length", "rollout length"),
+        ("aapa/d_rollout_mean", "D of rollouts"),
+        ("lambda", "lambda"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        for i, arm in enumerate(arms):
+            runs = [r for r in records if r["arm"] == arm and key in r["train_curve"]]
+            if not runs:
+                continue
+            n = min(len(r["train_curve"][key]) for r in runs)
+            ys = np.array(
+                [[np.nan if v is None else v for v in r["train_curve"][key][:n]] for r in runs], dtype=float
+            )
+            y = np.nanmean(ys, 0)
+            w = 5  # moving average over steps
+            y = np.convolve(np.pad(y, (w - 1, 0), mode="edge"), np.ones(w) / w, mode="valid")
+            x = runs[0]["train_curve"]["step"][:n]
+            ax.plot(x, y, color=colors(i % 10), ls="-" if i < 10 else "--", label=runs[0]["label"])
+        ax.set_title(f"{title}, mean over seeds")
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "train_curves.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=ROOT / "bench" / "drift.yaml")
+    parser.add_argument("--quick", action="store_true", help="the config's `quick` subset (one seed)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="run directories (not committed)"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of the config's")
+    parser.add_argument("--results", type=Path, help="JSON and PNG (default bench/results/drift[-quick])")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.quick)
+    cfg["seeds"] = args.seeds or cfg["seeds"]
+    results = args.results or ROOT / "bench" / "results" / ("drift-quick" if args.quick else "drift")
+    started = time.perf_counter()
+
+    start = args.out / "start"
+    done = prepare_start(cfg, start)
+    start_eval = done["eval"]
+    print(
+        f"SFT start: accuracy {start_eval['accuracy']:.3f}, format {start_eval['reward/format']:.3f}; "
+        f"discriminator held-out AUROC {done['discriminator']['auroc']:.3f}",
+        flush=True,
+    )
+
+    from tqdm import tqdm
+
+    from aapa_rl.local.recipe import load_recipe
+
+    # Runs are shared by --quick and the full bench: a finished run with the same recipe (deterministic on
+    # CPU) is reused, so an interrupted bench picks up where it stopped.
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    jobs, records, failed = [], [], []
+    for seed in cfg["seeds"]:
+        for name in cfg["arms"]:
+            run_dir = runs_dir / f"{name}-seed{seed}"
+            config_path = runs_dir / f"{name}-seed{seed}.yaml"
+            recipe = arm_recipe(cfg, name, seed, run_dir, start)
+            if (
+                not done["rebuilt"]
+                and (run_dir / "summary.json").exists()
+                and config_path.exists()
+                and yaml.safe_load(config_path.read_text()) == recipe
+            ):
+                records.append(run_record(cfg, name, seed, run_dir, start_eval, math.nan))
+                continue
+            config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            load_recipe(config_path)  # a bad arm fails here, before anything runs
+            jobs.append((name, seed, config_path, run_dir))
+    print(
+        f"{len(jobs) + len(records)} runs ({len(cfg['arms'])} arms x {len(cfg['seeds'])} seeds), "
+        f"{len(records)} finished earlier; {cfg['workers']} at a time; logs in {runs_dir}/*.log",
+        flush=True,
+    )
+    with ThreadPoolExecutor(cfg["workers"]) as pool:
+        futures = {pool.submit(train, c, d): (n, s, d) for n, s, c, d in jobs}
+        for future in tqdm(as_completed(futures), total=len(futures), desc="drift runs", dynamic_ncols=True):
+            name, seed, run_dir = futures[future]
+            code, wall = future.result()
+            if code != 0:
+                failed.append(f"{run_dir.name} (exit {code}, see {run_dir}.log)")
+                continue
+            records.append(run_record(cfg, name, seed, run_dir, start_eval, wall))
+            tqdm.write(
+                f"{run_dir.name}: format {records[-1]['final']['reward/format']:.3f}, "
+                f"accuracy {records[-1]['final']['accuracy']:.3f} ({wall:.0f}s)"
+            )
+
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir(parents=True)
+    order = {name: i for i, name in enumerate(cfg["arms"])}
+    records.sort(key=lambda r: (order[r["arm"]], r["seed"]))
+    for rec in records:
+        (results / f"{rec['arm']}-seed{rec['seed']}.json").write_text(
+            json.dumps(rec, separators=(",", ":")) + "\n"
+        )
+    stats, text = table(start_eval, records, cfg)
+    targets = check_targets(start_eval, stats, cfg)
+    plots = plot(records, start_eval, cfg, results) if records else []
+    wall = time.perf_counter() - started
+    command = " ".join(["python bench/drift.py"] + (argv if argv is not None else sys.argv[1:]))
+    summary = {
+        "command": command,
+        "config": cfg,
+        "start": done,
+        "arms": stats,
+        "targets": targets,
+        "failed": failed,
+        "wall_seconds": round(wall, 1),  # this invocation, reused runs not included
+        "reused_runs": [f"{r['arm']}-seed{r['seed']}" for r in records if r["wall_seconds"] is None],
+        "plots": [p.name for p in plots],
+    }
+    (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (results / "table.md").write_text(text + "\n")
+    print()
+    print(f"Held-out greedy metrics after RL (mean +- std over seeds), {command}:")
+    print(text)
+    for t in targets:
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}")
+    print(f"wall time {wall / 60:.1f} min; results in {results}")
+    if failed:
+        print("FAILED runs: " + "; ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

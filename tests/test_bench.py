@@ -1,0 +1,58 @@
+"""Smoke test of bench/drift.py and bench/overhead.py: the real config, shrunk to a few steps and rows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import drift  # noqa: E402
+import overhead  # noqa: E402
+
+
+def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
+    cfg = yaml.safe_load((BENCH / "drift.yaml").read_text())
+    cfg["task"].update(n_sft=200, n_train=64, n_eval=8)
+    cfg["sft"].update(steps=3, stages=[{"end_step": 3, "objective": "sft"}])
+    cfg["sft"]["log"]["eval_samples"] = 8
+    cfg["discriminator"].update(rollout_prompts=8, steps=20)
+    cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
+    cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
+    cfg["rl"]["aapa"] = {"force": True}  # a 3-step SFT model's discriminator is near chance
+    cfg["seeds"], cfg["workers"] = [1], 2
+    cfg["arms"] = {name: cfg["arms"][name] for name in ("grpo", "aapa")}
+    for arm in cfg["arms"].values():
+        arm["stages"][-1]["end_step"] = 2
+    config = tmp_path / "drift.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    results = tmp_path / "results"
+    assert (
+        drift.main(["--config", str(config), "--out", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| GRPO + AAPA | 1 |" in printed and "plain GRPO ends below 0.3 format" in printed
+    run = json.loads((results / "aapa-seed1.json").read_text())
+    assert run["steps"] == 2 and [p["step"] for p in run["eval_curve"]] == [0, 1, 2]
+    assert {"accuracy", "reward/format", "expert_nll_seq", "p_end_after_expert", "d_response"} <= set(
+        run["final"]
+    )
+    assert run["train_curve"]["lambda"] == [0.5, 0.5]
+    summary = json.loads((results / "summary.json").read_text())
+    assert set(summary["arms"]) == {"grpo", "aapa"} and not summary["failed"]
+    assert {"eval_curves.png", "train_curves.png"} <= {p.name for p in results.iterdir()}
+
+    out = tmp_path / "overhead.json"
+    args = ["--config", str(config), "--out", str(tmp_path / "runs"), "--results", str(out), "--steps", "1"]
+    assert overhead.main([*args, "--warmup", "0"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["step_ratio"]) == {"GRPO", "CHORD"}
+    assert report["median_seconds"]["GRPO"]["discriminator"] == 0.0
+    assert "anchor fwd/bwd" in report["median_seconds"]["GRPO + AAPA"]
+    assert report["median_seconds"]["CHORD"]["expert SFT fwd/bwd"] > 0
+    assert "step time GRPO + AAPA / GRPO" in capsys.readouterr().out
