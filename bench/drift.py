@@ -95,9 +95,9 @@ def prepare_start(cfg: dict, start: Path) -> dict:
     import torch
     import transformers
 
-    from aapa_rl.anchor import ExpertBank, build_discriminator, load_discriminator, train_discriminator
+    from aapa_rl.anchor import load_discriminator
+    from aapa_rl.local.demo import train_reference_discriminator
     from aapa_rl.local.evaluation import evaluate
-    from aapa_rl.local.policy import generate
     from aapa_rl.local.recipe import load_recipe
     from aapa_rl.local.trainer import Trainer, read_jsonl
 
@@ -111,34 +111,22 @@ def prepare_start(cfg: dict, start: Path) -> dict:
     seconds["sft"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    d = cfg["discriminator"]
-    data = start / "sft" / "data"
+    d, data = cfg["discriminator"], start / "sft" / "data"
     rows = read_jsonl(data / "train.jsonl", ("prompt", "label"))[: d["rollout_prompts"]]
-    n = d["samples"]
-    batch = generate(
-        sft.policy,
-        sft.tokenizer,
-        [r["prompt"] for r in rows],
-        n=n,
-        max_new_tokens=recipe.rollout.max_new_tokens,
+    _, report = train_reference_discriminator(
+        sft, rows, d["samples"], start, d["variant"], d["encoder"], steps=d["steps"]
     )
-    pairs = [(rows[i // n]["prompt"], text) for i, text in enumerate(batch.texts)]
-    sampled = {r["prompt"] for r in rows}
-    full_bank = ExpertBank.load(data / "experts.jsonl")
-    bank = ExpertBank([x for x in full_bank.records if x.prompt in sampled], source=full_bank.source)
-    disc_dir = start / "discriminator"
-    disc = build_discriminator(d["variant"], d["encoder"], cache_dir=disc_dir / "embedding_cache")
-    report = train_discriminator(disc, bank, pairs, disc_dir, steps=d["steps"], seed=0)
     seconds["discriminator"] = time.perf_counter() - t0
 
     eval_rows = read_jsonl(data / "eval.jsonl", ("prompt", "label"))[: recipe.log.eval_samples]
+    force = cfg["rl"].get("aapa", {}).get("force", False)
     summary, _ = evaluate(
         sft.policy,
         sft.tokenizer,
         eval_rows,
         recipe.task.reward,
         max_new_tokens=recipe.rollout.max_new_tokens,
-        discriminator=load_discriminator(disc_dir, force=cfg["rl"].get("aapa", {}).get("force", False)),
+        discriminator=load_discriminator(start / "discriminator", force=force),
     )
     done = {"key": key, "eval": summary, "discriminator": report["heldout"], "seconds": seconds}
     marker.write_text(json.dumps(done, indent=2) + "\n")

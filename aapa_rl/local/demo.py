@@ -52,6 +52,33 @@ def _task_overrides(task) -> list[str]:
     return [f"task.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(task).items()]
 
 
+def train_reference_discriminator(
+    sft, rows: list[dict], samples: int, out: Path, variant: str, encoder: str, *, steps: int
+) -> tuple:
+    """Sample `samples` reference rollouts per prompt from the SFT trainer's policy (written to
+    out/reference_rollouts.jsonl) and train the frozen discriminator in out/discriminator.
+
+    It learns from the experts of the sampled prompts (positives and generic negatives) and the rollouts;
+    its report holds out 20% of those prompts. Fewer experts keep the features small. Returns (disc, report).
+    """
+    from aapa_rl.anchor import ExpertBank, build_discriminator, train_discriminator
+    from aapa_rl.local.policy import generate
+
+    prompts = [r["prompt"] for r in rows]
+    max_new_tokens = sft.recipe.rollout.max_new_tokens
+    batch = generate(sft.policy, sft.tokenizer, prompts, n=samples, max_new_tokens=max_new_tokens)
+    pairs = [(prompts[i // samples], text) for i, text in enumerate(batch.texts)]
+    with open(out / "reference_rollouts.jsonl", "w") as f:
+        for prompt, response in pairs:
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    full_bank = ExpertBank.load(Path(sft.recipe.out) / "data" / "experts.jsonl")
+    sampled = set(prompts)
+    bank = ExpertBank([x for x in full_bank.records if x.prompt in sampled], source=full_bank.source)
+    disc_dir = out / "discriminator"
+    disc = build_discriminator(variant, encoder, cache_dir=disc_dir / "embedding_cache")
+    return disc, train_discriminator(disc, bank, pairs, disc_dir, steps=steps, seed=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,10 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from aapa_rl.anchor import ExpertBank, build_discriminator, train_discriminator
     from aapa_rl.local.evaluation import evaluate, format_table
     from aapa_rl.local.plots import plot_compare
-    from aapa_rl.local.policy import generate
     from aapa_rl.local.recipe import load_recipe
     from aapa_rl.local.trainer import Trainer, read_jsonl
 
@@ -101,36 +126,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[2/5] reference rollouts and the discriminator", flush=True)
     t0 = time.perf_counter()
-    data = out / "sft" / "data"
-    train_rows = read_jsonl(data / "train.jsonl", ("prompt", "label"))[: args.rollout_prompts]
-    batch = generate(
-        sft.policy,
-        sft.tokenizer,
-        [r["prompt"] for r in train_rows],
-        n=2,
-        max_new_tokens=sft_recipe.rollout.max_new_tokens,
-    )
-    with open(out / "reference_rollouts.jsonl", "w") as f:
-        for i, text in enumerate(batch.texts):
-            f.write(json.dumps({"prompt": train_rows[i // 2]["prompt"], "response": text}) + "\n")
-    # The discriminator learns from the experts of the sampled prompts (positives and generic negatives)
-    # and the rollouts; its report holds out 20% of those prompts. Fewer experts keep the features small.
-    sampled = {r["prompt"] for r in train_rows}
-    full_bank = ExpertBank.load(data / "experts.jsonl")
-    bank = ExpertBank([x for x in full_bank.records if x.prompt in sampled], source=full_bank.source)
-    disc_dir = out / "discriminator"
-    disc = build_discriminator("pairwise", "hash", cache_dir=disc_dir / "embedding_cache")
-    pairs = [(train_rows[i // 2]["prompt"], t) for i, t in enumerate(batch.texts)]
-    report = train_discriminator(disc, bank, pairs, disc_dir, steps=300, seed=0)
+    rows = read_jsonl(out / "sft" / "data" / "train.jsonl", ("prompt", "label"))[: args.rollout_prompts]
+    disc, report = train_reference_discriminator(sft, rows, 2, out, "pairwise", "hash", steps=300)
     print(
         f"discriminator: held-out AUROC {report['heldout']['auroc']:.3f} "
-        f"({report['examples']['heldout']} examples); report in {disc_dir / 'report.txt'}"
+        f"({report['examples']['heldout']} examples); report in {out / 'discriminator' / 'report.txt'}"
     )
     seconds["reference rollouts + discriminator"] = time.perf_counter() - t0
 
     print("[3/5] held-out evaluation of the SFT start", flush=True)
     t0 = time.perf_counter()
-    eval_rows = read_jsonl(data / "eval.jsonl", ("prompt", "label"))[: sft_recipe.log.eval_samples]
+    eval_rows = read_jsonl(out / "sft" / "data" / "eval.jsonl", ("prompt", "label"))
+    eval_rows = eval_rows[: sft_recipe.log.eval_samples]
     start_summary, _ = evaluate(
         sft.policy,
         sft.tokenizer,
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"out={out / name}",
                 f"model.path={out / 'sft' / 'final'}",
-                f"aapa.discriminator={disc_dir}",
+                f"aapa.discriminator={out / 'discriminator'}",
                 f"threads={args.threads}",
                 *_task_overrides(sft_recipe.task),
             ],
