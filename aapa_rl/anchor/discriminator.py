@@ -205,6 +205,20 @@ def build_discriminator(variant: str, encoder: HashEncoder | SentenceEncoder | s
     return Discriminator(variant, encoder, **options)
 
 
+def heldout_auroc(path: str | Path) -> float | None:
+    """Held-out AUROC from a saved discriminator's report.json; None when it has no report."""
+    report = Path(path) / "report.json"
+    return json.loads(report.read_text())["heldout"]["auroc"] if report.exists() else None
+
+
+def quality_problem(path: str | Path) -> str | None:
+    """Why a saved discriminator is unfit for RL (no report, held-out AUROC below 0.6 or NaN); None if fit."""
+    auroc = heldout_auroc(path)
+    if auroc is None:
+        return "has no report.json"
+    return None if auroc >= MIN_AUROC else f"has held-out AUROC {auroc:.3f} < {MIN_AUROC}"
+
+
 def load_discriminator(path: str | Path, *, force: bool = False, device: str | None = None,
                        cache_dir: str | Path | None = None) -> Discriminator:
     """Load a saved discriminator for RL. Fails unless its report shows held-out AUROC >= 0.6 (force=True
@@ -216,9 +230,8 @@ def load_discriminator(path: str | Path, *, force: bool = False, device: str | N
         raise FileNotFoundError(f"{path}: not a discriminator directory (no config.json)")
     config = json.loads((path / "config.json").read_text())
     report_path = path / "report.json"
-    auroc = json.loads(report_path.read_text())["heldout"]["auroc"] if report_path.exists() else None
-    if not force and (auroc is None or not auroc >= MIN_AUROC):
-        found = "has no report.json" if auroc is None else f"has held-out AUROC {auroc:.3f} < {MIN_AUROC}"
+    found = None if force else quality_problem(path)
+    if found:
         raise DiscriminatorQualityError(
             f"{path} {found}: it cannot be trusted to tell expert responses from negatives. Retrain it "
             "(aapa-rl discriminator train) with harder negatives, or load it anyway with force=True.")

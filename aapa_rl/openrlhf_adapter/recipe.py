@@ -24,7 +24,6 @@ from .settings import (
     build_schedule,
     check_files,
     dests,
-    discriminator_auroc,
     refused,
     split_argv,
 )
@@ -184,7 +183,9 @@ def _check_files(get: Callable, aapa: SimpleNamespace | None, ok: list[str], bad
     problems = check_files(aapa)
     bad += problems
     if not any(p.startswith("--aapa.discriminator") for p in problems):
-        auroc = discriminator_auroc(aapa.discriminator)
+        from aapa_rl.anchor.discriminator import heldout_auroc
+
+        auroc = heldout_auroc(aapa.discriminator)
         ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
     data = get("data.prompt_dataset")
     if data and Path(data).exists() and not any(p.startswith("--aapa.expert_bank") for p in problems):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,24 +102,17 @@ def build_schedule(aapa: SimpleNamespace) -> StageSchedule:
         raise AapaConfigError(f"--aapa.stages / --aapa.adaptive: {e}") from e
 
 
-def discriminator_auroc(path: str | Path) -> float | None:
-    """Held-out AUROC from the discriminator's report.json; None when it has no report."""
-    report = Path(path) / "report.json"
-    return json.loads(report.read_text())["heldout"]["auroc"] if report.exists() else None
-
-
 def check_files(aapa: SimpleNamespace) -> list[str]:
     """Problems with the files AAPA reads (empty when none): checked on the launching machine."""
-    from aapa_rl.anchor.discriminator import MIN_AUROC
+    from aapa_rl.anchor.discriminator import quality_problem
 
     problems = []
     disc = Path(aapa.discriminator)
     if not (disc / "config.json").exists():
         problems.append(f"--aapa.discriminator {disc}: not a discriminator directory (no config.json)")
     else:
-        auroc = discriminator_auroc(disc)
-        if not aapa.force_discriminator and (auroc is None or math.isnan(auroc) or auroc < MIN_AUROC):
-            found = "has no report.json" if auroc is None else f"has held-out AUROC {auroc:.3f} < {MIN_AUROC}"
+        found = None if aapa.force_discriminator else quality_problem(disc)
+        if found:
             problems.append(f"--aapa.discriminator {disc} {found} "
                             "(retrain it, or pass --aapa.force_discriminator)")
     if aapa.expert_bank is not None and not Path(aapa.expert_bank).exists():
