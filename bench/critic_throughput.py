@@ -6,9 +6,9 @@ Those texts are the rollouts, except for `aligned`, which embeds each rollout's 
 encoder work, however the encoder batches it); its ratio against encoding whole rollouts is printed too.
 Rates are rollouts per second either way. Rollouts are ~230 characters (~60 word/punctuation tokens).
 
-On top of the encoder, the critic tokenises each rollout for the response statistics (trained variants,
-~15-20 us per rollout in Python), runs the head, and for `aligned` splits sentences and matches them.
-That is small next to MiniLM, but not next to the hashing encoder (~10 us per rollout on one core).
+On top of the encoder, the critic computes the response statistics (trained variants, ~4 us per rollout,
+batched in numpy), runs the head, and for `aligned` splits sentences and matches them. That is small next
+to MiniLM, but not next to the hashing encoder (~9 us per rollout on one core); docs/anchor.md has the split.
 
 glibc returns freed memory to the OS and page-faults it back on the next call; on this VM each page costs
 ~1 us, and how often it happens depends on the heap's history, not on the code (hash encoder: 10 to 35 us
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["cosine", "pairwise", "classifier", "aligned"])
     parser.add_argument("--device", default=None)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)"
+        "--threads", type=int, default=2, help="torch threads (2: this machine's cores; numpy uses one)"
     )
     parser.add_argument(
         "--malloc-defaults",

@@ -99,9 +99,13 @@ def test_batched_hash_encoder_matches_one_text_at_a_time():
 def test_sentence_split_and_statistics_match_the_references():
     _, responses, experts = fixed_set()
     old_split = re.compile(r"(?<=[.!?。！？])\s+|\s*\n\s*")
-    for text in responses + experts:
+    texts = responses + experts + ODD
+    for text in texts:
         assert split_sentences(text) == [s for s in (p.strip() for p in old_split.split(text)) if s]
-        assert text_stats(text) == reference_stats(text)
+    assert np.array_equal(text_stats(texts), np.array([reference_stats(t) for t in texts], np.float64))
+    assert text_stats([]).shape == (0, 4)
+    odd = ["İİ x", "a", "x \u00ff\u0130 y"]  # lower() changes the length of "İ"
+    assert np.array_equal(text_stats(odd), np.array([reference_stats(t) for t in odd]))
 
 
 @pytest.mark.parametrize("variant", ["pairwise", "classifier", "aligned"])
@@ -124,3 +128,11 @@ def test_features_match_per_item_references(variant):
     np.testing.assert_allclose(features[:, columns], np.array(expected, np.float32), rtol=0, atol=1e-6)
     capped = sum(len(split_sentences(t)) > MAX_SENTENCES for t in responses + experts)
     assert variant != "aligned" or disc.capped == capped > 0
+
+
+def test_statistics_match_the_reference_on_random_repetitive_texts():
+    rng = random.Random(1)
+    vocab = ["the", "sum", "is", "12", "boxed", "\\", "{", "}", ".", ",", "x_1", "é", "Ω", "ab", "a"]
+    texts = ["".join(rng.choice(vocab) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(0, 80)))
+             for _ in range(300)]
+    assert np.array_equal(text_stats(texts), np.array([reference_stats(t) for t in texts], np.float64))

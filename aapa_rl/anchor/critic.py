@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from aapa_rl.objectives import anchor_gaps, select_hard_set, shaping_signal
@@ -59,12 +60,14 @@ class AnchorCritic:
                            "Add them to the bank or set missing_expert='skip'.")
         truncated_before = disc.truncated
 
-        scores = torch.full((num_prompts, group), float("nan"))
         rows = [i for i in range(num_prompts) if experts[i] is not None or not disc.needs_expert]
-        if rows:
-            flat = disc.score([prompts[i] for i in rows for _ in range(group)],
-                              [y for i in rows for y in rollouts[i]],
-                              [experts[i] for i in rows for _ in range(group)] if disc.needs_expert else None)
+        flat = disc.score([prompts[i] for i in rows for _ in range(group)],
+                          [y for i in rows for y in rollouts[i]],
+                          [experts[i] for i in rows for _ in range(group)] if disc.needs_expert else None)
+        if len(rows) == num_prompts:
+            scores = flat.cpu().float().view(num_prompts, group)
+        else:
+            scores = torch.full((num_prompts, group), float("nan"))
             scores[rows] = flat.cpu().view(len(rows), group)
 
         pairs = list(zip(prompts, experts, strict=True))
@@ -80,12 +83,13 @@ class AnchorCritic:
         gaps = anchor_gaps(scores, expert_scores, self.eps)
         hard_set, hard_weights = select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, self.temperature)
 
-        valid_gaps = gaps[~gaps.isnan()]
-        rollout_d, expert_d = scores[scored], expert_scores[~expert_scores.isnan()]
+        # Metrics in numpy: a few microseconds each, where torch's small-tensor ops cost more than the rest.
+        ok, d, e, g = scored.numpy(), scores.numpy(), expert_scores.numpy(), gaps.numpy()
+        rollout_d, expert_d, valid_gaps, s = d[ok], e[~np.isnan(e)], g[~np.isnan(g)], shaping.numpy()[ok]
         metrics = {
             "d_rollout_mean": _mean(rollout_d), "d_rollout_std": _std(rollout_d),
             "d_expert_mean": _mean(expert_d), "d_expert_std": _std(expert_d),
-            "shaping_mean": _mean(shaping[scored]), "shaping_std": _std(shaping[scored]),
+            "shaping_mean": _mean(s), "shaping_std": _std(s),
             "reward_mean": float(rewards.float().mean()), "shaped_reward_mean": float(shaped.mean()),
             "gap_mean": _mean(valid_gaps),
             "gap_max": float(valid_gaps.max()) if len(valid_gaps) else float("nan"),
@@ -98,9 +102,9 @@ class AnchorCritic:
                             gaps.to(dev), hard_set.to(dev), hard_weights.to(dev), experts, metrics)
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.mean()) if x.numel() else float("nan")
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean(dtype=np.float64)) if x.size else float("nan")
 
 
-def _std(x: torch.Tensor) -> float:
-    return float(x.std(unbiased=False)) if x.numel() else float("nan")
+def _std(x: np.ndarray) -> float:
+    return float(x.std(dtype=np.float64)) if x.size else float("nan")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +33,82 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in (p.strip() for p in SENTENCE_END_RE.split(text)) if s]
 
 
-def text_stats(text: str) -> tuple[int, float, float, float]:
-    """(length in chars, distinct rate of token trigrams, share of trigram positions inside a repeated
-    span (a trigram seen twice or more), and 1 if the text does not end like a finished answer else 0)."""
-    tokens = TOKEN_RE.findall(text.lower())
-    trigrams = Counter(zip(tokens, tokens[1:], tokens[2:], strict=False))
-    total = max(1, len(tokens) - 2)
-    distinct = len(trigrams) / total if trigrams else 1.0
-    once = list(trigrams.values()).count(1)  # positions in repeated trigrams = all but the seen-once ones
-    repeated = (len(tokens) - 2 - once) / total if trigrams else 0.0
-    stripped = text.rstrip()
-    truncated = 0.0 if stripped and stripped[-1] in TERMINAL else 1.0
-    return len(text), distinct, repeated, truncated
+def text_stats(texts: list[str]) -> np.ndarray:
+    """(N, 4) per text: length in chars, distinct rate of token trigrams, share of trigram positions inside
+    a repeated span (a trigram seen twice or more), and 1 if the text does not end like a finished answer.
+    Tokens are TOKEN_RE's (\\w+ or one other non-space char) on the lower-cased text. All texts at once in
+    numpy (per-text Python cost more than the hash encoder): tokens and trigrams are compared by 64-bit
+    polynomial hashes, so the values equal the plain definition unless two of them collide."""
+    n = len(texts)
+    lowered = [text.lower() for text in texts]
+    lengths = np.fromiter(map(len, lowered), np.int64, count=n)
+    ends_at = np.cumsum(lengths)
+    codes = np.frombuffer("".join(lowered).encode("utf-32-le", "surrogatepass"), np.uint32)
+    kind = _char_kinds(codes)
+    word = kind == 1
+    text_start = np.zeros(len(codes) + 1, bool)  # also set one past the end, so a word ends there
+    text_start[ends_at - lengths] = True
+    text_start[-1] = True
+    word_before = np.zeros(len(codes), bool)  # the previous char is a word char of the same text
+    word_before[1:] = word[:-1] & ~text_start[1:-1]
+    word_after = np.zeros(len(codes), bool)
+    word_after[:-1] = word[1:] & ~text_start[1:-1]
+    other = kind == 2
+    starts = np.flatnonzero(other | (word & ~word_before))
+    ends = np.flatnonzero(other | (word & ~word_after)) + 1
+    # Token hash: sum of (code + 1) * B^(i - start) over its chars, from prefix sums of (code + 1) * B^i.
+    powers, inverse = _powers(len(codes) + 1)
+    prefix = np.zeros(len(codes) + 1, np.uint64)
+    np.cumsum((codes + np.uint64(1)) * powers[: len(codes)], out=prefix[1:])
+    token = (prefix[ends] - prefix[starts]) * inverse[starts]
+    owner = np.searchsorted(ends_at, starts, "right")
+    n_tokens = np.bincount(owner, minlength=n)
+    inside = owner[:-2] == owner[2:]  # trigrams that lie in one text
+    trigram = ((token[:-2] * _MIX + token[1:-1]) * _MIX + token[2:]) * _MIX  # high bits depend on all three
+    # Sorting (owner, trigram) keys groups equal trigrams of a text: owner in the top 24 bits.
+    key = (trigram[inside] >> np.uint64(24)) | (owner[:-2][inside].astype(np.uint64) << np.uint64(40))
+    key.sort()
+    changed = np.ones(len(key), bool)
+    changed[1:] = key[1:] != key[:-1]
+    first = np.flatnonzero(changed)
+    seen = np.diff(np.append(first, len(key)))  # how often each trigram occurs in its text
+    key_owner = (key[first] >> np.uint64(40)).astype(np.int64)
+    distinct = np.bincount(key_owner, minlength=n)
+    once = np.bincount(key_owner[seen == 1], minlength=n)
+    total = np.maximum(1, n_tokens - 2)
+    has_trigrams = n_tokens >= 3
+    stats = np.empty((n, N_STATS))
+    stats[:, 0] = np.fromiter(map(len, texts), np.int64, count=n)
+    stats[:, 1] = np.where(has_trigrams, distinct / total, 1.0)
+    stats[:, 2] = np.where(has_trigrams, (n_tokens - 2 - once) / total, 0.0)
+    stats[:, 3] = [0.0 if (end := text.rstrip()) and end[-1] in TERMINAL else 1.0 for text in texts]
+    return stats
+
+
+_KIND = np.full(0x110000, -1, np.int8)  # per code point: 0 whitespace (\\s), 1 word (\\w), 2 other; -1 unseen
+_BASE = 0x100000001B3  # odd, so it has an inverse mod 2^64
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_POWERS = [np.ones(0, np.uint64), np.ones(0, np.uint64)]  # B^i and B^-i mod 2^64, grown on demand
+
+
+def _char_kinds(codes: np.ndarray) -> np.ndarray:
+    kind = _KIND[codes]
+    if (kind < 0).any():  # classify new code points with the regex itself, once per process
+        for code in np.unique(codes[kind < 0]).tolist():
+            char = chr(code)
+            _KIND[code] = 1 if re.match(r"\w", char) else 0 if re.match(r"\s", char) else 2
+        kind = _KIND[codes]
+    return kind
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(_POWERS[0]) < n:
+        size = max(n, 2 * len(_POWERS[0]), 1 << 16)
+        for k, base in enumerate((_BASE, pow(_BASE, -1, 1 << 64))):
+            steps = np.full(size, base, np.uint64)
+            steps[0] = 1
+            _POWERS[k] = np.cumprod(steps)  # uint64 wraps: powers mod 2^64
+    return _POWERS[0], _POWERS[1]
 
 
 class Discriminator(nn.Module):
@@ -90,14 +153,13 @@ class Discriminator(nn.Module):
         return self.encoder.truncated + self.capped
 
     def _stats(self, responses: list[str], experts: list[str] | None) -> torch.Tensor:
-        stats = {text: text_stats(text) for text in dict.fromkeys(responses)}  # a group may repeat one
-        y = np.array([stats[text] for text in responses], np.float64).reshape(-1, N_STATS)
+        y = text_stats(responses)
         if experts is None:  # classifier: absolute statistics, no expert needed
             y[:, 0] = np.log1p(y[:, 0]) / 10
         else:
-            for expert in dict.fromkeys(experts):
-                if expert not in self._expert_stats:
-                    self._expert_stats[expert] = text_stats(expert)
+            new = [e for e in dict.fromkeys(experts) if e not in self._expert_stats]
+            if new:
+                self._expert_stats.update(zip(new, text_stats(new), strict=True))
             e = np.array([self._expert_stats[expert] for expert in experts], np.float64).reshape(-1, N_STATS)
             y[:, 0] = np.clip(np.log((y[:, 0] + 1) / (e[:, 0] + 1)), -3.0, 3.0)
             y[:, 1:] -= e[:, 1:]

@@ -14,9 +14,10 @@ import torch
 
 
 def check_texts(texts: list[str], what: str) -> None:
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"{what}[{i}] is {type(text).__name__}, expected str (decode bytes first)")
+    if all(issubclass(kind, str) for kind in set(map(type, texts))):  # one pass in C when all are fine
+        return
+    i, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+    raise TypeError(f"{what}[{i}] is {type(text).__name__}, expected str (decode bytes first)")
 
 
 def text_key(text: str) -> str:
@@ -137,8 +138,9 @@ class EmbeddingCache:
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         check_texts(texts, "texts")
+        unique = list(dict.fromkeys(texts))
         new = []  # texts neither in memory nor on disk
-        for text in dict.fromkeys(texts):
+        for text in unique:
             if text not in self.memory:
                 stored = self.on_disk.get(text_key(text)) if self.on_disk else None
                 if stored is None:
@@ -154,7 +156,12 @@ class EmbeddingCache:
         self.hits += len(texts) - len(new)
         if not texts:
             return torch.zeros(0, self.encoder.dim, device=self.encoder.device)
-        return torch.stack([self.memory[t] for t in texts])
+        rows = torch.stack([self.memory[t] for t in unique])  # stacking each repeat costs more than indexing
+        if len(unique) == len(texts):
+            return rows
+        position = {text: i for i, text in enumerate(unique)}
+        index = np.fromiter(map(position.__getitem__, texts), np.int64, count=len(texts))
+        return rows.index_select(0, torch.from_numpy(index).to(rows.device))
 
     def _save(self, keys: list[str], emb: torch.Tensor) -> None:
         from safetensors.torch import save_file
