@@ -315,7 +315,8 @@ def plot(records: list[dict], start_eval: dict, cfg: dict, out: Path) -> list[Pa
             ys = np.array(
                 [[np.nan if v is None else v for v in r["train_curve"][key][:n]] for r in runs], dtype=float
             )
-            y = np.nanmean(ys, 0)
+            counts = (~np.isnan(ys)).sum(0)  # no value at a step (staged AAPA's SFT steps): a gap
+            y = np.where(counts > 0, np.nansum(ys, 0) / np.maximum(counts, 1), np.nan)
             w = 5  # moving average over steps
             y = np.convolve(np.pad(y, (w - 1, 0), mode="edge"), np.ones(w) / w, mode="valid")
             x = runs[0]["train_curve"]["step"][:n]

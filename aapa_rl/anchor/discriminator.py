@@ -65,7 +65,8 @@ def text_stats(texts: list[str]) -> np.ndarray:
     n_tokens = np.bincount(owner, minlength=n)
     inside = owner[:-2] == owner[2:]  # trigrams that lie in one text
     trigram = ((token[:-2] * _MIX + token[1:-1]) * _MIX + token[2:]) * _MIX  # high bits depend on all three
-    # Sorting (owner, trigram) keys groups equal trigrams of a text: owner in the top 24 bits.
+    # Sorting (owner, trigram) keys groups equal trigrams of a text: owner in the top 24 bits (batches of up
+    # to 16M texts), 40 bits of the trigram hash below it.
     key = (trigram[inside] >> np.uint64(24)) | (owner[:-2][inside].astype(np.uint64) << np.uint64(40))
     key.sort()
     changed = np.ones(len(key), bool)
@@ -88,7 +89,7 @@ def text_stats(texts: list[str]) -> np.ndarray:
 _KIND = np.full(0x110000, -1, np.int8)  # per code point: 0 whitespace (\\s), 1 word (\\w), 2 other; -1 unseen
 _BASE = 0x100000001B3  # odd, so it has an inverse mod 2^64
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-_POWERS = [np.ones(0, np.uint64), np.ones(0, np.uint64)]  # B^i and B^-i mod 2^64, grown on demand
+_POWERS = (np.ones(0, np.uint64), np.ones(0, np.uint64))  # B^i and B^-i mod 2^64, grown on demand
 
 
 def _char_kinds(codes: np.ndarray) -> np.ndarray:
@@ -102,13 +103,16 @@ def _char_kinds(codes: np.ndarray) -> np.ndarray:
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    global _POWERS
     if len(_POWERS[0]) < n:
         size = max(n, 2 * len(_POWERS[0]), 1 << 16)
-        for k, base in enumerate((_BASE, pow(_BASE, -1, 1 << 64))):
+        grown = []
+        for base in (_BASE, pow(_BASE, -1, 1 << 64)):
             steps = np.full(size, base, np.uint64)
             steps[0] = 1
-            _POWERS[k] = np.cumprod(steps)  # uint64 wraps: powers mod 2^64
-    return _POWERS[0], _POWERS[1]
+            grown.append(np.cumprod(steps))  # uint64 wraps: powers mod 2^64
+        _POWERS = (grown[0], grown[1])
+    return _POWERS
 
 
 class Discriminator(nn.Module):
