@@ -26,6 +26,19 @@ def test_jsonl_parquet_and_datasets_dir_load_the_same_bank(tmp_path):
         assert bank.expert_for(id="p2") == records[2]["expert"]
         assert bank.expert_for(prompt="unknown prompt") is None
         assert bank.records[1].label == str(records[1]["fill"]["s"])
+        assert [r.row for r in bank.records] == [1, 2, 3, 4, 5]  # every format numbers rows from 1
+
+
+def test_bad_parquet_row_and_unknown_format_are_named(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a", "expert": "x."}, {"prompt": "b", "expert": ""}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bank.parquet"))
+    with pytest.raises(DataError, match=r"bank.parquet: row 2: field 'expert' is empty"):
+        ExpertBank.load(tmp_path / "bank.parquet")
+    (tmp_path / "bank.csv").write_text("prompt,expert\n")
+    with pytest.raises(DataError, match=r"bank.csv: unsupported format"):
+        ExpertBank.load(tmp_path / "bank.csv")
 
 
 @pytest.mark.parametrize(
@@ -57,7 +70,7 @@ def test_non_utf8_and_bad_json_rows_are_named_and_skips_are_counted(tmp_path, ca
     bank = ExpertBank.load(path, allow_skips=True)
     assert len(bank) == 2 and len(bank.skipped) == 3
     assert "row 2: not valid UTF-8" in bank.skipped[0]
-    assert "row 3: not a JSON object" in bank.skipped[1]
+    assert "row 3: not valid JSON" in bank.skipped[1]
     assert "row 6: duplicate of row 5" in bank.skipped[2]
     assert "2 rows kept, 3 skipped" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""Expert bank: prompt -> expert response pairs read from JSONL, parquet or a `datasets` directory.
+"""Expert bank: prompt -> expert response pairs read from JSONL, parquet or a `datasets` directory
+(aapa_rl.data.rows.read_rows: rows numbered from 1).
 
 Every bad row raises an error naming the file, row and field; with `allow_skips=True` it is skipped
 instead, and every skip is counted and kept in `bank.skipped` (one message per skipped row).
@@ -6,50 +7,12 @@ instead, and every skip is counted and kept in `bank.skipped` (one message per s
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """A row of an input file is unusable; the message names the file, row and field."""
-
-
-def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, record) from JSONL (1-based line numbers), parquet or a `datasets` dir (0-based).
-
-    A line that is not UTF-8 or not JSON is yielded as a DataError instead of a record, so the caller
-    decides whether it is fatal or a counted skip.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir() or path.suffix == ".parquet":
-        import datasets
-
-        if path.is_dir():
-            data = datasets.load_from_disk(str(path))
-        else:
-            data = datasets.Dataset.from_parquet(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            if len(data) != 1:
-                raise DataError(f"{path}: has splits {list(data)}; save the one split to use on its own")
-            data = next(iter(data.values()))
-        yield from enumerate(data)
-        return
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue  # blank lines are not rows
-            try:
-                yield number, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield number, DataError(f"{path}: row {number}: not valid UTF-8 (byte {e.start}: {e.reason})")
-            except json.JSONDecodeError as e:
-                yield number, DataError(f"{path}: row {number}: not a JSON object ({e.msg})")
+from aapa_rl.data.rows import DataError, read_rows
 
 
 def check_row(
@@ -60,8 +23,6 @@ def check_row(
     unless listed in `may_be_empty`, non-blank. Raises DataError naming the file, row and field."""
     if isinstance(row, DataError):
         raise row
-    if not isinstance(row, dict):
-        raise DataError(f"{path}: row {number}: expected an object, got {type(row).__name__}")
     for field in required + optional:
         value = row.get(field)
         if value is None:

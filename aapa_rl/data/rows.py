@@ -65,9 +65,10 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16]
 
 
-def read_records(path: str | Path, bad_rows: BadRows, split: str | None = None) -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int, dict | DataError]]:
     """(row number, record) pairs from a .jsonl file, a .parquet file or a `datasets` save_to_disk dir,
-    in file order, so that the first bad row reported is the first in the file."""
+    in file order. A row that is not UTF-8, not JSON or not an object comes as a DataError instead of a
+    record, so that the caller decides whether it stops the run or is a counted skip."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -88,15 +89,23 @@ def read_records(path: str | Path, bad_rows: BadRows, split: str | None = None) 
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
-                bad_rows.handle(f"{path}: row {row}: not valid UTF-8 (byte {e.start}: {e.reason})")
+                yield row, DataError(f"{path}: row {row}: not valid UTF-8 (byte {e.start}: {e.reason})")
                 continue
             except json.JSONDecodeError as e:
-                bad_rows.handle(f"{path}: row {row}: not valid JSON ({e.msg})")
+                yield row, DataError(f"{path}: row {row}: not valid JSON ({e.msg})")
                 continue
             if not isinstance(record, dict):
-                bad_rows.handle(f"{path}: row {row}: expected a JSON object, got {type(record).__name__}")
-                continue
+                record = DataError(f"{path}: row {row}: expected a JSON object, got {type(record).__name__}")
             yield row, record
+
+
+def read_records(path: str | Path, bad_rows: BadRows, split: str | None = None) -> Iterator[tuple[int, dict]]:
+    """read_rows, with unreadable rows handed to `bad_rows` (an error, or a counted skip)."""
+    for row, record in read_rows(path, split):
+        if isinstance(record, DataError):
+            bad_rows.handle(str(record))
+            continue
+        yield row, record
 
 
 def _load_dataset_dir(path: Path, split: str | None) -> list[dict]:

@@ -196,7 +196,8 @@ def _check_labels(aapa: SimpleNamespace, data: str, input_key: str, label_key: s
                   ok: list[str], bad: list[str]) -> None:
     """Every prompt row must lead to an expert (label dict, or the bank by id or prompt) that agrees with
     the expert bank."""
-    from aapa_rl.anchor.bank import DataError, ExpertBank, read_rows
+    from aapa_rl.anchor.bank import ExpertBank
+    from aapa_rl.data.rows import DataError, read_rows
 
     if label_key is None:
         bad.append("--data.label_key is required with AAPA: the label dicts carry the expert responses")
