@@ -99,7 +99,7 @@ def prepare_start(cfg: dict, start: Path) -> dict:
     from aapa_rl.local.demo import train_reference_discriminator
     from aapa_rl.local.evaluation import evaluate
     from aapa_rl.local.recipe import load_recipe
-    from aapa_rl.local.trainer import Trainer, read_jsonl
+    from aapa_rl.local.trainer import Trainer, load_rows
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(cfg["sft"].get("threads", 1) or 1)
@@ -112,13 +112,13 @@ def prepare_start(cfg: dict, start: Path) -> dict:
 
     t0 = time.perf_counter()
     d, data = cfg["discriminator"], start / "sft" / "data"
-    rows = read_jsonl(data / "train.jsonl", ("prompt", "label"))[: d["rollout_prompts"]]
+    rows = load_rows(data / "train.jsonl", ("prompt", "label"))[: d["rollout_prompts"]]
     _, report = train_reference_discriminator(
         sft, rows, d["samples"], start, d["variant"], d["encoder"], steps=d["steps"]
     )
     seconds["discriminator"] = time.perf_counter() - t0
 
-    eval_rows = read_jsonl(data / "eval.jsonl", ("prompt", "label"))[: recipe.log.eval_samples]
+    eval_rows = load_rows(data / "eval.jsonl", ("prompt", "label"))[: recipe.log.eval_samples]
     force = cfg["rl"].get("aapa", {}).get("force", False)
     summary, _ = evaluate(
         sft.policy,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from local_helpers import base_recipe, discriminator_dir, warm_run
 
 from aapa_rl.cli import main
@@ -107,3 +108,13 @@ def test_analyze_draws_runs_side_by_side(tmp_path, capsys):
     assert "sft" in capsys.readouterr().out
     assert main(["analyze", str(tmp_path / "analysis")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_local_data_rows_that_are_not_utf8_name_the_file_and_row(tmp_path):
+    from aapa_rl.data.rows import DataError
+    from aapa_rl.local.trainer import load_rows
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "Q1", "label": "1"}\n{"prompt": "Q\xff", "label": "2"}\n')
+    with pytest.raises(DataError, match=r"train.jsonl: row 2: not valid UTF-8"):
+        load_rows(path, ("prompt", "label"))

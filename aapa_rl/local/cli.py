@@ -108,10 +108,10 @@ def _eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from aapa_rl.local.evaluation import evaluate, format_table, load_reward
     from aapa_rl.local.policy import load_policy, load_tokenizer
-    from aapa_rl.local.trainer import read_jsonl
+    from aapa_rl.local.trainer import load_rows
 
     try:
-        rows = read_jsonl(args.data, ("prompt", "label"))
+        rows = load_rows(args.data, ("prompt", "label"))
         reward_fn = load_reward(args.reward)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

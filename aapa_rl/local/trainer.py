@@ -24,6 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from aapa_rl.data.rows import DataError, read_rows
 from aapa_rl.local.evaluation import evaluate, load_reward
 from aapa_rl.local.policy import (
     autocast,
@@ -61,27 +62,22 @@ class _SkipStep(Exception):
     """A non-finite loss or gradient: the step's update is dropped."""
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file; a bad row (not an object, a field missing) is an error naming the row."""
+def load_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL, parquet or `datasets` file (aapa_rl.data.rows.read_rows); a bad row (unreadable,
+    not an object, a field missing or, for prompt and expert, not a non-empty string) is an error naming
+    the file, row and field."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: row {number}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {number}: expected a JSON object")
-            for field in fields:
-                if field not in row or row[field] is None:
-                    raise ValueError(f"{path}: row {number}: field {field!r} is missing")
-                if field in ("prompt", "expert") and (not isinstance(row[field], str) or not row[field]):
-                    raise ValueError(f"{path}: row {number}: field {field!r} must be a non-empty string")
-            rows.append(row)
+    for number, row in read_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        for field in fields:
+            if field not in row or row[field] is None:
+                raise DataError(f"{path}: row {number}: field {field!r} is missing")
+            if field in ("prompt", "expert") and (not isinstance(row[field], str) or not row[field]):
+                raise DataError(f"{path}: row {number}: field {field!r} must be a non-empty string")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return rows
 
 
@@ -141,10 +137,10 @@ class Trainer:
                 "eval": written["eval"],
                 "expert_bank": written["experts"],
             }
-        self.sft_rows = read_jsonl(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
-        self.train_rows = read_jsonl(paths["train"], ("prompt", "label")) if r.uses_rollouts else []
+        self.sft_rows = load_rows(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
+        self.train_rows = load_rows(paths["train"], ("prompt", "label")) if r.uses_rollouts else []
         self.eval_rows = (
-            read_jsonl(paths["eval"], ("prompt", "label"))[: r.log.eval_samples] if paths["eval"] else []
+            load_rows(paths["eval"], ("prompt", "label"))[: r.log.eval_samples] if paths["eval"] else []
         )
         self.bank = None
         if paths["expert_bank"]:
