@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             reading,
             "",
-            f"Wall time ({args.threads} threads): {timing}",
+            f"Wall time ({args.threads} torch thread{'s' if args.threads > 1 else ''}): {timing}",
             "",
             "Files: " + ", ".join(str(p.relative_to(out)) for p in plots),
         ]
