@@ -199,6 +199,20 @@ def test_dry_run_reports_each_problem(data, monkeypatch, capsys, tmp_path):
     assert "not launching" in capsys.readouterr().out
 
 
+def test_dry_run_checks_json_lines_labels_and_says_when_it_cannot(data, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(REPO)
+    recipe = str(REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml")
+    rows = [{"prompt": prompt_for(11, "+", 20), "label": {"answer": "x", "expert": "no"}}]  # disagrees
+    (tmp_path / "train.json").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "train.csv").write_text("prompt,label\nq,x\n")
+    for name, verdict in (("train.json", "  FAIL"), ("train.csv", "  ok")):
+        flags = [*data_flags(data), "--data.prompt_dataset", str(tmp_path / name)]
+        cli.main(["launch", "--config", recipe, "--dry-run", "--", *flags])
+        out = capsys.readouterr().out
+        expected = "1 label experts differ" if name.endswith(".json") else "expert labels not checked"
+        assert any(line.startswith(verdict) and expected in line for line in out.splitlines()), out
+
+
 def test_launch_runs_exactly_the_printed_command(data, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     recipe = REPO / "configs" / "qwen3-0.6b-staged-aapa.yaml"

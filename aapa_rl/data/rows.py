@@ -66,9 +66,9 @@ def prompt_id(prompt: str) -> str:
 
 
 def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int, dict | DataError]]:
-    """(row number, record) pairs from a .jsonl file, a .parquet file or a `datasets` save_to_disk dir,
-    in file order. A row that is not UTF-8, not JSON or not an object comes as a DataError instead of a
-    record, so that the caller decides whether it stops the run or is a counted skip."""
+    """(row number, record) pairs from a JSON Lines file (.jsonl or .json), a .parquet file or a `datasets`
+    save_to_disk dir, in file order. A row that is not UTF-8, not JSON or not an object comes as a DataError
+    instead of a record, so that the caller decides whether it stops the run or is a counted skip."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -80,8 +80,9 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int,
 
         yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
-    if path.suffix != ".jsonl":
-        raise DataError(f"{path}: unsupported format; expected .jsonl, .parquet or a `datasets` directory")
+    if path.suffix not in (".jsonl", ".json"):  # .json: JSON Lines too, as OpenRLHF's datasets often are
+        raise DataError(f"{path}: unsupported format; expected JSON Lines (.jsonl, .json), .parquet or a "
+                        "`datasets` directory")
     with path.open("rb") as fh:
         for row, line in enumerate(fh, start=1):
             if not line.strip():
