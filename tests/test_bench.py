@@ -56,3 +56,12 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     assert "anchor fwd/bwd" in report["median_seconds"]["GRPO + AAPA"]
     assert report["median_seconds"]["CHORD"]["expert SFT fwd/bwd"] > 0
     assert "step time GRPO + AAPA / GRPO" in capsys.readouterr().out
+
+
+def test_threshold_config_takes_everything_but_seeds_and_arms_from_its_base():
+    base = drift.load_config(BENCH / "drift.yaml", quick=False)
+    variant = drift.load_config(BENCH / "drift-threshold.yaml", quick=False)
+    assert "base" not in variant and variant["seeds"] == [1] and len(variant["arms"]) == 4
+    assert {k: v for k, v in variant.items() if k not in ("seeds", "arms")} == {
+        k: v for k, v in base.items() if k not in ("seeds", "arms")
+    }
