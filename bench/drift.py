@@ -117,13 +117,13 @@ def prepare_start(cfg: dict, start: Path) -> dict:
 
     t0 = time.perf_counter()
     d, data = cfg["discriminator"], start / "sft" / "data"
-    rows = load_rows(data / "train.jsonl", ("prompt", "label"))[: d["rollout_prompts"]]
+    rows = load_rows(data / "train.jsonl", ("prompt",), ("label",))[: d["rollout_prompts"]]
     _, report = train_reference_discriminator(
         sft, rows, d["samples"], start, d["variant"], d["encoder"], steps=d["steps"]
     )
     seconds["discriminator"] = time.perf_counter() - t0
 
-    eval_rows = load_rows(data / "eval.jsonl", ("prompt", "label"))[: recipe.log.eval_samples]
+    eval_rows = load_rows(data / "eval.jsonl", ("prompt",), ("label",))[: recipe.log.eval_samples]
     force = cfg["rl"].get("aapa", {}).get("force", False)
     summary, _ = evaluate(
         sft.policy,

@@ -34,7 +34,7 @@ def test_bad_parquet_row_and_unknown_format_are_named(tmp_path):
 
     rows = [{"prompt": "a", "expert": "x."}, {"prompt": "b", "expert": ""}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bank.parquet"))
-    with pytest.raises(DataError, match=r"bank.parquet: row 2: field 'expert' is empty"):
+    with pytest.raises(DataError, match=r"bank.parquet: row 2: field 'expert': empty text"):
         ExpertBank.load(tmp_path / "bank.parquet")
     (tmp_path / "bank.csv").write_text("prompt,expert\n")
     with pytest.raises(DataError, match=r"bank.csv: unsupported format"):
@@ -44,13 +44,15 @@ def test_bad_parquet_row_and_unknown_format_are_named(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"prompt": "q"}, "row 2: field 'expert' is missing"),
-        ({"prompt": "q", "expert": "  "}, "row 2: field 'expert' is empty"),
-        ({"prompt": "q", "expert": 3}, "row 2: field 'expert' must be a string, got int"),
-        ({"prompt": ["q"], "expert": "a"}, "row 2: field 'prompt' must be a string, got list"),
+        ({"prompt": "q"}, "row 2: field 'expert': missing"),
+        ({"prompt": "q", "expert": "  "}, "row 2: field 'expert': empty text"),
+        ({"prompt": "q", "expert": 3}, "row 2: field 'expert': expected a string, got int"),
+        ({"prompt": ["q"], "expert": "a"}, "row 2: field 'prompt': expected a string, got list"),
         ({"prompt": "first", "expert": "another answer"}, "row 2: field 'expert': the prompt already has a "
                                                           "different expert (row 1)"),
         ({"prompt": "q", "expert": "a", "id": "one"}, "row 2: field 'id': 'one' already names another"),
+        ({"prompt": "q", "expert": "a", "id": True}, "row 2: field 'id': expected a string or an integer"),
+        ({"prompt": "q", "expert": "a", "id": " "}, "row 2: field 'id': empty text"),
     ],
 )
 def test_bad_rows_name_file_row_and_field(tmp_path, row, message):
@@ -84,4 +86,4 @@ def test_rollouts_need_an_expert_for_their_prompt(tmp_path):
         read_rollouts(path, bank)
     rows, skipped = read_rollouts(path, bank, allow_skips=True)
     assert rows == [("a", "")]  # an empty response is a legitimate (bad) rollout
-    assert len(skipped) == 2 and "row 3: field 'response' is missing" in skipped[1]
+    assert len(skipped) == 2 and "row 3: field 'response': missing" in skipped[1]

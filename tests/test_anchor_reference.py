@@ -133,6 +133,7 @@ def test_features_match_per_item_references(variant):
 def test_statistics_match_the_reference_on_random_repetitive_texts():
     rng = random.Random(1)
     vocab = ["the", "sum", "is", "12", "boxed", "\\", "{", "}", ".", ",", "x_1", "é", "Ω", "ab", "a"]
-    texts = ["".join(rng.choice(vocab) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(0, 400)))
-             for _ in range(300)]
+    spaces = ["", " ", "  ", "\n"]
+    texts = ["".join(rng.choice(vocab) + rng.choice(spaces) for _ in range(rng.randint(0, 400)))
+             for _ in range(300)]  # up to ~400 tokens: rows of every width up to 512 in one batch
     assert np.array_equal(text_stats(texts), np.array([reference_stats(t) for t in texts], np.float64))

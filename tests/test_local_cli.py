@@ -65,7 +65,7 @@ def test_eval_names_a_bad_data_row(tmp_path, capsys):
         ["eval", "--checkpoint", str(warm_run() / "final"), "--data", str(data), "--reward", "arithmetic"]
     )
     assert code == 2
-    assert "bad.jsonl: row 2: field 'label' is missing" in capsys.readouterr().err
+    assert "bad.jsonl: row 2: field 'label': missing" in capsys.readouterr().err
 
 
 def test_analyze_draws_runs_side_by_side(tmp_path, capsys):
@@ -117,4 +117,4 @@ def test_local_data_rows_that_are_not_utf8_name_the_file_and_row(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_bytes(b'{"prompt": "Q1", "label": "1"}\n{"prompt": "Q\xff", "label": "2"}\n')
     with pytest.raises(DataError, match=r"train.jsonl: row 2: not valid UTF-8"):
-        load_rows(path, ("prompt", "label"))
+        load_rows(path, ("prompt",), ("label",))

@@ -12,31 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aapa_rl.data.rows import DataError, read_rows
-
-
-def check_row(
-    path: Path, number: int, row: Any, required: tuple[str, ...], optional: tuple[str, ...] = (),
-    may_be_empty: tuple[str, ...] = (),
-) -> dict:
-    """Validate one row: fields must be strings (an `id` may be an integer); required ones present and,
-    unless listed in `may_be_empty`, non-blank. Raises DataError naming the file, row and field."""
-    if isinstance(row, DataError):
-        raise row
-    for field in required + optional:
-        value = row.get(field)
-        if value is None:
-            if field in required:
-                raise DataError(f"{path}: row {number}: field {field!r} is missing")
-            continue
-        if field == "id" and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, str):
-            raise DataError(
-                f"{path}: row {number}: field {field!r} must be a string, got {type(value).__name__}")
-        if field in required and field not in may_be_empty and not value.strip():
-            raise DataError(f"{path}: row {number}: field {field!r} is empty")
-    return row
+from aapa_rl.data.rows import DataError, check_row, read_rows
 
 
 @dataclass(frozen=True)
@@ -67,7 +43,7 @@ class ExpertBank:
         skipped: list[str] = []
         for number, row in read_rows(path):
             try:
-                row = check_row(path, number, row, ("prompt", "expert"), ("id",))
+                row = check_row(path, number, row, ("prompt", "expert"), id_key="id")
                 prompt, expert = row["prompt"], row["expert"]
                 id_ = None if row.get("id") is None else str(row["id"])
                 seen = records.get(prompt)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from aapa_rl.data.rows import DataError, read_rows
+from aapa_rl.data.rows import DataError, check_row, read_rows
 
-from .bank import ExpertBank, check_row
+from .bank import ExpertBank
 from .discriminator import Discriminator, split_sentences
 
 GENERIC_NEGATIVES = ("truncated", "span_repeated", "reasoning_dropped", "sentences_shuffled",

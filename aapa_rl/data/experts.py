@@ -50,18 +50,13 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
     for path in paths:
         for row, record in read_records(path, bad_rows):
             try:
-                sample_id = record.get("id")
-                if not isinstance(sample_id, str) or not sample_id:
-                    raise RowError("id", "missing" if sample_id is None else "expected a non-empty string")
+                sample_id = text(record, "id")
                 if sample_id not in prompts:
                     raise RowError("id", f"{sample_id!r} is not in the prompt data "
                                          "(use the same --id-key as for generate)")
                 if text(record, "prompt") != prompts[sample_id].prompt:
                     raise RowError("prompt", "differs from the prompt data's prompt with this id")
-                response = record.get("response")
-                if not isinstance(response, str):
-                    raise RowError("response", "missing" if response is None else
-                                   f"expected a string, got {type(response).__name__}")
+                response = text(record, "response", may_be_empty=True)
             except RowError as e:
                 bad_rows.handle(f"{path}: row {row}: {e}")
                 continue

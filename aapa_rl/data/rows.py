@@ -125,14 +125,14 @@ def _load_dataset_dir(path: Path, split: str | None) -> list[dict]:
     return data.to_list()
 
 
-def text(record: dict, key: str) -> str:
-    """A required, non-empty string field."""
+def text(record: dict, key: str, may_be_empty: bool = False) -> str:
+    """A required string field, non-blank unless `may_be_empty`."""
     if key not in record or record[key] is None:
         raise RowError(key, "missing")
     value = record[key]
     if not isinstance(value, str):
         raise RowError(key, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
+    if not may_be_empty and not value.strip():
         raise RowError(key, "empty text")
     return value
 
@@ -148,6 +148,27 @@ def row_id(record: dict, id_key: str | None, prompt: str) -> str:
     if isinstance(value, str) and not value.strip():
         raise RowError(id_key, "empty text")
     return str(value)
+
+
+def check_row(path: str | Path, number: int, row: dict | DataError, texts: tuple[str, ...], *,
+              may_be_empty: tuple[str, ...] = (), present: tuple[str, ...] = (), id_key: str | None = None
+              ) -> dict:
+    """A row from read_rows, validated: the `texts` fields are strings (non-blank unless in `may_be_empty`),
+    the `present` fields are there (any value), and `id_key`, if the row has it, is a non-blank string or an
+    integer. Raises DataError naming the file, row and field."""
+    if isinstance(row, DataError):
+        raise row
+    try:
+        for key in texts:
+            text(row, key, key in may_be_empty)
+        for key in present:
+            if row.get(key) is None:
+                raise RowError(key, "missing")
+        if id_key is not None and row.get(id_key) is not None:
+            row_id(row, id_key, "")
+    except RowError as e:
+        raise DataError(f"{path}: row {number}: {e}") from None
+    return row
 
 
 @dataclass(frozen=True)

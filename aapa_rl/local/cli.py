@@ -111,7 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
     from aapa_rl.local.trainer import load_rows
 
     try:
-        rows = load_rows(args.data, ("prompt", "label"))
+        rows = load_rows(args.data, ("prompt",), ("label",))
         reward_fn = load_reward(args.reward)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[2/5] reference rollouts and the discriminator", flush=True)
     t0 = time.perf_counter()
-    rows = load_rows(out / "sft" / "data" / "train.jsonl", ("prompt", "label"))[: args.rollout_prompts]
+    rows = load_rows(out / "sft" / "data" / "train.jsonl", ("prompt",), ("label",))[: args.rollout_prompts]
     disc, report = train_reference_discriminator(sft, rows, 2, out, "pairwise", "hash", steps=300)
     print(
         f"discriminator: held-out AUROC {report['heldout']['auroc']:.3f} "
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/5] held-out evaluation of the SFT start", flush=True)
     t0 = time.perf_counter()
-    eval_rows = load_rows(out / "sft" / "data" / "eval.jsonl", ("prompt", "label"))
+    eval_rows = load_rows(out / "sft" / "data" / "eval.jsonl", ("prompt",), ("label",))
     eval_rows = eval_rows[: sft_recipe.log.eval_samples]
     start_summary, _ = evaluate(
         sft.policy,

@@ -24,7 +24,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from aapa_rl.data.rows import DataError, read_rows
+from aapa_rl.data.rows import DataError, check_row, read_rows
 from aapa_rl.local.evaluation import evaluate, load_reward
 from aapa_rl.local.policy import (
     autocast,
@@ -62,20 +62,11 @@ class _SkipStep(Exception):
     """A non-finite loss or gradient: the step's update is dropped."""
 
 
-def load_rows(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL, parquet or `datasets` file (aapa_rl.data.rows.read_rows); a bad row (unreadable,
-    not an object, a field missing or, for prompt and expert, not a non-empty string) is an error naming
-    the file, row and field."""
-    rows = []
-    for number, row in read_rows(path):
-        if isinstance(row, DataError):
-            raise row
-        for field in fields:
-            if field not in row or row[field] is None:
-                raise DataError(f"{path}: row {number}: field {field!r} is missing")
-            if field in ("prompt", "expert") and (not isinstance(row[field], str) or not row[field]):
-                raise DataError(f"{path}: row {number}: field {field!r} must be a non-empty string")
-        rows.append(row)
+def load_rows(path: str | Path, texts: tuple[str, ...], present: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a JSONL, parquet or `datasets` file (aapa_rl.data.rows.read_rows), checked by check_row:
+    the `texts` fields non-empty strings, the `present` fields there. A bad row is an error naming the
+    file, row and field."""
+    rows = [check_row(path, number, row, texts, present=present) for number, row in read_rows(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -138,9 +129,9 @@ class Trainer:
                 "expert_bank": written["experts"],
             }
         self.sft_rows = load_rows(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
-        self.train_rows = load_rows(paths["train"], ("prompt", "label")) if r.uses_rollouts else []
+        self.train_rows = load_rows(paths["train"], ("prompt",), ("label",)) if r.uses_rollouts else []
         self.eval_rows = (
-            load_rows(paths["eval"], ("prompt", "label"))[: r.log.eval_samples] if paths["eval"] else []
+            load_rows(paths["eval"], ("prompt",), ("label",))[: r.log.eval_samples] if paths["eval"] else []
         )
         self.bank = None
         if paths["expert_bank"]:
