@@ -6,9 +6,10 @@ Those texts are the rollouts, except for `aligned`, which embeds each rollout's 
 encoder work, however the encoder batches it); its ratio against encoding whole rollouts is printed too.
 Rates are rollouts per second either way. Rollouts are ~230 characters (~60 word/punctuation tokens).
 
-On top of the encoder, the critic computes the response statistics (trained variants, ~4 us per rollout,
-batched in numpy), runs the head, and for `aligned` splits sentences and matches them. That is small next
-to MiniLM, but not next to the hashing encoder (~9 us per rollout on one core); docs/anchor.md has the split.
+On top of the encoder, the critic computes the response statistics (trained variants), runs the head, and
+for `aligned` splits sentences and matches them. The last columns split the critic's time per batch: the
+encoder's share (the raw timing), the statistics, the head, and the rest (feature assembly, sentence split
+and matching, bookkeeping). The target leaves the non-encoder parts a quarter of the encoder's time.
 
 glibc returns freed memory to the OS and page-faults it back on the next call; on this VM each page costs
 ~1 us, and how often it happens depends on the heap's history, not on the code (hash encoder: 10 to 35 us
@@ -28,7 +29,7 @@ import time
 import torch
 
 from aapa_rl.anchor import AnchorCritic, ExpertBank, ExpertRecord, build_discriminator, load_encoder
-from aapa_rl.anchor.discriminator import MAX_SENTENCES, split_sentences
+from aapa_rl.anchor.discriminator import MAX_SENTENCES, split_sentences, text_stats
 
 STEPS = (
     "We start from the numbers {a} and {b}.",
@@ -105,6 +106,8 @@ def main() -> None:
     bank, prompts, rollouts = make_batch(args.prompts, args.group)
     flat = [y for group in rollouts for y in group]
     sentences = [s for y in flat for s in split_sentences(y)[:MAX_SENTENCES]]  # what `aligned` embeds
+    flat_prompts = [p for p in prompts for _ in range(args.group)]
+    flat_experts = [bank.expert_for(prompt=p) for p in flat_prompts]
     rewards = torch.zeros(args.prompts, args.group)
     step = {"alpha": 0.1, "rho": 0.25}
     print(
@@ -113,27 +116,33 @@ def main() -> None:
     )
     print(
         f"{'encoder':8s} {'variant':11s} {'raw input':>10s} {'raw enc/s':>10s} {'critic/s':>10s} "
-        f"{'ratio':>6s}"
+        f"{'ratio':>6s} {'':12s} | ms per batch: {'encoder':>7s} {'stats':>6s} {'head':>6s} {'rest':>6s}"
     )
     for spec in args.encoders:
         encoder = load_encoder(spec, args.device)
         # Warm-up (allocations, lazy init, kernels for these shapes); fast encoders loop to >= 0.3 s a timing.
         loops = max(1, round(0.3 / seconds(1, encoder.encode, flat)))
         for variant in args.variants:
-            critic = AnchorCritic(build_discriminator(variant, encoder), bank)
+            disc = build_discriminator(variant, encoder)
+            critic = AnchorCritic(disc, bank)
             critic.evaluate(prompts, rollouts, rewards, **step)  # caches experts and prompts
+            features = disc.features(flat_prompts, flat, flat_experts if disc.needs_expert else None)
             texts = sentences if variant == "aligned" else flat
-            raw, whole, scored = [], [], []
+            raw, whole, scored, stats, head = [], [], [], [], []
             for _ in range(args.repeats):  # interleaved so load changes hit all alike
                 raw.append(seconds(loops, encoder.encode, texts))
                 scored.append(seconds(loops, critic.evaluate, prompts, rollouts, rewards, **step))
                 if texts is sentences:
                     whole.append(seconds(loops, encoder.encode, flat))
+                stats.append(seconds(loops, text_stats, flat) if disc.trainable else 0.0)
+                head.append(seconds(loops, disc.score_features, features))
             raw_rate, critic_rate = len(flat) / min(raw), len(flat) / min(scored)
             verdict = "ok" if critic_rate >= 0.8 * raw_rate else "BELOW TARGET"
+            ms = [1000 * min(t) for t in (raw, scored, stats, head)]
             print(
                 f"{spec:8s} {variant:11s} {'sentences' if texts is sentences else 'rollouts':>10s} "
-                f"{raw_rate:10.1f} {critic_rate:10.1f} {critic_rate / raw_rate:6.2f} {verdict}",
+                f"{raw_rate:10.1f} {critic_rate:10.1f} {critic_rate / raw_rate:6.2f} {verdict:12s} | "
+                f"{'':14s} {ms[0]:7.2f} {ms[2]:6.2f} {ms[3]:6.2f} {ms[1] - ms[0] - ms[2] - ms[3]:6.2f}",
                 flush=True,
             )
             if whole:
