@@ -21,6 +21,8 @@ fi
 shift
 PYTHON=${PYTHON:-python3}
 
-"$PYTHON" -m aapa_rl.cli launch --config "$CONFIG" --dry-run -- "$@"
+# The job runs in Ray's temporary copy of this checkout: --output-root keeps checkpoints, the final model and
+# TensorBoard logs here (on shared storage when the run spans several nodes).
+"$PYTHON" -m aapa_rl.cli launch --config "$CONFIG" --output-root "$PWD" --dry-run -- "$@"
 ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env launchers/runtime_env.yaml \
-    -- python3 -m aapa_rl.cli launch --config "$CONFIG" -- "$@"
+    -- python3 -m aapa_rl.cli launch --config "$CONFIG" --output-root "$PWD" -- "$@"

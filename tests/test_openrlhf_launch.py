@@ -20,10 +20,11 @@ from openrlhf.utils import config
 from test_openrlhf_driver import save_discriminator
 
 from aapa_rl import cli
+from aapa_rl.anchor import ExpertBank
 from aapa_rl.local.task import expert_for, prompt_for
 from aapa_rl.openrlhf_adapter import launch
 from aapa_rl.openrlhf_adapter.actor import AapaPolicyModelActor
-from aapa_rl.openrlhf_adapter.driver import AapaPPOTrainer
+from aapa_rl.openrlhf_adapter.driver import AapaPPOTrainer, _label_expert
 from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, command, openrlhf_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_dry_run_reports_each_problem(data, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(REPO)
     recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
     bad_labels = tmp_path / "train.jsonl"
-    rows = [{"prompt": prompt_for(10, "+", 20), "label": {"answer": "x"}},  # expert from the bank
+    rows = [{"prompt": prompt_for(10, "+", 20), "label": {"answer": "x", "id": "p0"}},  # expert from the bank
             {"prompt": prompt_for(11, "+", 20), "label": {"answer": "x", "expert": "no"}}]  # disagrees
     bad_labels.write_text("".join(json.dumps(row) + "\n" for row in rows))
     flags = [*data_flags(data), "--data.prompt_dataset", str(bad_labels), "--eval.dataset",
@@ -213,6 +214,44 @@ def test_dry_run_checks_json_lines_labels_and_says_when_it_cannot(data, monkeypa
         assert any(line.startswith(verdict) and expected in line for line in out.splitlines()), out
 
 
+def test_dry_run_finds_experts_as_the_run_does(data, monkeypatch, capsys, tmp_path):
+    """A label without an expert finds it in the bank by its id, its raw `prompt`, or else by the prompt
+    OpenRLHF builds (after the recipe's input_template), exactly as driver._label_expert does at run time."""
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
+    raw = prompt_for(10, "+", 20)
+    template = yaml.safe_load(recipe.read_text())["openrlhf"]["data.input_template"]
+    bank = ExpertBank.load(data / "experts.jsonl")
+    labels = {"by id": {"answer": "x", "id": "p0"}, "by label prompt": {"answer": "x", "prompt": raw},
+              "templated prompt only": {"answer": "x"}, "plain answer": "x"}
+    for name, label in labels.items():
+        (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": raw, "label": label}) + "\n")
+        flags = [*data_flags(data), "--data.prompt_dataset", str(tmp_path / "train.jsonl")]
+        found = cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *flags]) == 0
+        out = capsys.readouterr().out
+        assert found == (_label_expert(label, template.format(raw), bank)[1] is not None), (name, out)
+        assert found or "1 rows have no expert" in out and "after --data.input_template" in out, (name, out)
+        assert found == name.startswith("by "), (name, out)
+
+
+def test_output_root_keeps_run_outputs_out_of_rays_temporary_copy(data, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
+    flags = [*data_flags(data), "--logger.tensorboard_dir=tb", "--ckpt.output_dir", "/abs/final"]
+    cmd = command(recipe, flags, output_root=str(tmp_path))
+    values = {t: cmd[i + 1] for i, t in enumerate(cmd) if t in ("--ckpt.path", "--ckpt.output_dir")}
+    assert values["--ckpt.path"] == str(tmp_path / "runs/qwen3-0.6b-grpo-aapa/ckpt")
+    assert cmd[cmd.index("--ckpt.output_dir", cmd.index("--ckpt.output_dir") + 1) + 1] == "/abs/final"
+    assert f"--logger.tensorboard_dir={tmp_path / 'tb'}" in cmd
+    # Ray's job supervisor sets this variable; the job then runs in a temporary copy of the working_dir.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *data_flags(data)]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert len(fails) == 3 and all("Ray's temporary copy" in line for line in fails), fails
+    args = ["launch", "--config", str(recipe), "--output-root", str(tmp_path), "--dry-run", "--"]
+    assert cli.main([*args, *data_flags(data)]) == 0, capsys.readouterr().out
+
+
 def test_launch_runs_exactly_the_printed_command(data, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     recipe = REPO / "configs" / "qwen3-0.6b-staged-aapa.yaml"
@@ -244,6 +283,11 @@ def test_launcher_scripts_parse_and_ship_the_plugin():
         assert result.returncode == 0, (script.name, result.stderr)
     env = yaml.safe_load((REPO / "launchers" / "runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    # OpenRLHF's ray.init sets env_vars itself; Ray refuses a job whose runtime env repeats one of the keys.
+    assert "env_vars" not in env
+    for script in ("submit.sh", "slurm.sbatch"):
+        text = (REPO / "launchers" / script).read_text()
+        assert text.count('--output-root "$PWD"') == 2, script  # the dry run and the job
     shipped = [p for p in ("aapa_rl", "reward_fns", "configs", "runs/gsm8k-disc", "data/prepared/train.jsonl")
                if not any(fnmatch.fnmatch(p, pattern) for pattern in env["excludes"])]
     assert len(shipped) == 5  # the plugin, the rewards, the recipes and what they read reach every node

@@ -172,3 +172,20 @@ def test_train_step_pushes_the_schedule_and_checkpoints_round_trip(disc_dir, tmp
     assert resumed.aapa_schedule.state_dict() == trainer.aapa_schedule.state_dict()
     assert resumed.aapa_counters == trainer.aapa_counters
     assert resumed.aapa_schedule.at(step).lam == trainer.aapa_schedule.at(step).lam
+
+
+def test_train_step_skips_empty_histograms(disc_dir, tmp_path, monkeypatch, policy_group):
+    """With missing_expert: skip, a batch may have no scored rollout at all; TensorBoard's add_histogram
+    raises on an empty tensor, so that step logs no histogram instead of crashing."""
+    trainer = make_trainer(disc_dir, tmp_path, policy_group)
+
+    def host_train_step(self, rollout_samples, global_step):
+        experiences, _ = make_experiences(self.experience_maker)
+        self.experience_maker.compute_advantages_and_returns(experiences)
+        self.experience_maker.last_scores = {"rollouts": torch.zeros(0), "experts": torch.zeros(0)}
+        return {}, global_step + 1
+
+    monkeypatch.setattr(ppo_trainer.BasePPOTrainer, "train_step", host_train_step)
+    _, step = trainer.train_step([None] * (4 * GROUP), 0)
+    trainer.tensorboard_logger.close()
+    assert step == 1

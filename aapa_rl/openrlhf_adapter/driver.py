@@ -213,9 +213,9 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
             if numerator in status:
                 status[name] = status.pop(numerator) / max(status.pop(denominator), 1e-12)
         if self.tensorboard_logger:
-            scores = self.experience_maker.last_scores
-            self.tensorboard_logger.writer.add_histogram("aapa/d_rollouts", scores["rollouts"], next_step)
-            self.tensorboard_logger.writer.add_histogram("aapa/d_experts", scores["experts"], next_step)
+            for name, scores in self.experience_maker.last_scores.items():
+                if scores.numel():  # empty when no prompt of the batch has an expert (add_histogram raises)
+                    self.tensorboard_logger.writer.add_histogram(f"aapa/d_{name}", scores, next_step)
         return status, next_step
 
     def aapa_state_dict(self) -> dict:

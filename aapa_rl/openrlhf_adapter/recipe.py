@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -32,6 +33,7 @@ LAUNCH_MODULE = "aapa_rl.openrlhf_adapter.launch"
 STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
+OUTPUT_FLAGS = ("ckpt.path", "ckpt.output_dir", "logger.tensorboard_dir")
 # OpenRLHF 0.11.2's defaults (cli/train_ppo_ray.py) for the flags the checks read; a test compares them with
 # the values its real parser produces.
 DEFAULTS = {
@@ -45,7 +47,8 @@ DEFAULTS = {
     "train.dynamic_batch_enable": False, "train.colocate_all": False, "train.colocate_actor_ref": False,
     "train.colocate_critic_reward": False, "data.input_key": "input", "data.label_key": None,
     "data.prompt_dataset": None, "actor.model_name_or_path": None, "reward.remote_url": None,
-    "eval.dataset": None,
+    "eval.dataset": None, "data.input_template": None, "data.apply_chat_template": False,
+    "ckpt.path": "./ckpt/checkpoints_ppo_ray", "ckpt.output_dir": "./ckpt", "logger.tensorboard_dir": None,
 }
 
 
@@ -70,8 +73,10 @@ def _flag_tokens(key: str, value) -> list[str]:
     return [f"--{key}", str(value)]
 
 
-def command(path: str | Path, extra: list[str] | None = None) -> list[str]:
-    """The exact command a recipe runs: `python -m <launcher> <flags> [extra]`."""
+def command(path: str | Path, extra: list[str] | None = None, output_root: str | None = None) -> list[str]:
+    """The exact command a recipe runs: `python -m <launcher> <flags> [extra]`. With `output_root`, relative
+    output paths (OUTPUT_FLAGS) are made absolute under it: a job started by `ray job submit` runs in Ray's
+    temporary copy of its working_dir, where checkpoints would be lost and a resume would find none."""
     path = Path(path)
     recipe = yaml.safe_load(path.read_text())
     if not isinstance(recipe, dict) or set(recipe) - {"openrlhf", "aapa"} or \
@@ -93,7 +98,18 @@ def command(path: str | Path, extra: list[str] | None = None) -> list[str]:
             structured = isinstance(value, dict | list)
             argv += [f"--aapa.{key}", json.dumps(value)] if structured else _flag_tokens(f"aapa.{key}", value)
     module = STOCK_MODULE if aapa is None else LAUNCH_MODULE
-    return [sys.executable, "-m", module, *argv, *(extra or [])]
+    argv += extra or []
+    if output_root is not None:
+        root = Path(output_root).resolve()
+        for i, token in enumerate(argv):
+            key, has_value, value = token[2:].partition("=")
+            if not token.startswith("--") or key not in OUTPUT_FLAGS:
+                continue
+            if has_value and not Path(value).is_absolute():
+                argv[i] = f"--{key}={root / value}"
+            elif not has_value and i + 1 < len(argv) and not Path(argv[i + 1]).is_absolute():
+                argv[i + 1] = str(root / argv[i + 1])
+    return [sys.executable, "-m", module, *argv]
 
 
 def parse_flags(tokens: list[str]) -> dict[str, list[str]]:
@@ -136,6 +152,10 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
     if aapa is not None:
         bad += refused(get)
     _check_files(get, aapa, ok, bad)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor: cwd is a temporary copy
+        bad += [f"--{name} {get(name)}: a relative path inside a Ray job is written to Ray's temporary copy "
+                "of the working_dir and lost; pass --output-root (launchers/submit.sh does) or an absolute "
+                "path" for name in OUTPUT_FLAGS if get(name) and not Path(get(name)).is_absolute()]
     _check_layout(get, ok, bad)
     _check_batches(get, ok, bad)
     if aapa is not None:
@@ -189,16 +209,19 @@ def _check_files(get: Callable, aapa: SimpleNamespace | None, ok: list[str], bad
         ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
     data = get("data.prompt_dataset")
     if data and Path(data).exists() and not any(p.startswith("--aapa.expert_bank") for p in problems):
-        _check_labels(aapa, data, get("data.input_key"), get("data.label_key"), ok, bad)
+        _check_labels(aapa, data, get, ok, bad)
 
 
-def _check_labels(aapa: SimpleNamespace, data: str, input_key: str, label_key: str | None,
-                  ok: list[str], bad: list[str]) -> None:
-    """Every prompt row must lead to an expert (label dict, or the bank by id or prompt) that agrees with
-    the expert bank."""
+def _check_labels(aapa: SimpleNamespace, data: str, get: Callable, ok: list[str], bad: list[str]) -> None:
+    """Every prompt row must lead to an expert that agrees with the expert bank, found as the run finds it
+    (driver._label_expert): the label's `expert`, else the bank by the label's `id`, else by the label's
+    `prompt`, else by the prompt OpenRLHF builds (after --data.input_template; a chat template needs the
+    tokenizer, so those rows count as missing here)."""
     from aapa_rl.anchor.bank import ExpertBank
     from aapa_rl.data.rows import DataError, read_rows
 
+    input_key, label_key = get("data.input_key"), get("data.label_key")
+    template, chat = get("data.input_template"), get("data.apply_chat_template")
     if label_key is None:
         bad.append("--data.label_key is required with AAPA: the label dicts carry the expert responses")
         return
@@ -212,21 +235,31 @@ def _check_labels(aapa: SimpleNamespace, data: str, input_key: str, label_key: s
             rows += 1
             label = row.get(label_key)
             label = label if isinstance(label, dict) else {}
-            prompt = label.get("prompt") or row.get(input_key)
-            from_bank = None
-            if bank is not None and label.get("id") is not None:
-                from_bank = bank.expert_for(id=label["id"])
-            elif bank is not None and isinstance(prompt, str):
-                from_bank = bank.expert_for(prompt=prompt)
-            missing += not (label.get("expert") or from_bank)
-            disagree += bool(label.get("expert") and from_bank and label["expert"] != from_bank)
+            if bank is None:
+                at_run = by_data = None
+            elif label.get("id") is not None:
+                at_run = by_data = bank.expert_for(id=label["id"])
+            else:
+                raw = label.get("prompt") or row.get(input_key)  # the bank holds raw prompts
+                built = label.get("prompt")  # else the prompt OpenRLHF builds, which the run looks up
+                if not built and not chat:
+                    built = row.get(input_key)
+                    if template and "{}" in template and isinstance(built, str):
+                        built = template.format(built)
+                at_run = bank.expert_for(prompt=built) if isinstance(built, str) else None
+                by_data = bank.expert_for(prompt=raw) if isinstance(raw, str) else None
+            missing += not (label.get("expert") or at_run)
+            disagree += bool(label.get("expert") and by_data and label["expert"] != by_data)
     except DataError as e:  # a format read_rows does not read (OpenRLHF reads more): say so, do not fail
         ok.append(f"{data}: expert labels not checked ({e})")
         return
     where = f"{data} ({rows} rows)"
     if missing and aapa.missing_expert == "error":
-        bad.append(f"{where}: {missing} rows have no expert (no label '{label_key}' with an 'expert', "
-                   "and not in the expert bank); fix the data or set aapa.missing_expert: skip")
+        built = " (the prompt after the chat template, which the dry run cannot build)" if chat else \
+            " (the prompt after --data.input_template)" if template else ""
+        bad.append(f"{where}: {missing} rows have no expert: no label '{label_key}' with an 'expert', and "
+                   f"the expert bank has none for the label's 'id' or 'prompt' or the row's prompt{built}; "
+                   "put the raw 'prompt' or the 'id' in the label, or set aapa.missing_expert: skip")
     if disagree:
         bad.append(f"{where}: {disagree} label experts differ from the expert bank {aapa.expert_bank}")
     if not (missing and aapa.missing_expert == "error") and not disagree:
@@ -290,8 +323,8 @@ def _check_batches(get: Callable, ok: list[str], bad: list[str]) -> None:
                   f"gradient accumulation {train_bs // (micro * actor)}")
 
 
-def dry_run(path: str | Path, extra: list[str] | None = None) -> int:
-    cmd = command(path, extra)
+def dry_run(path: str | Path, extra: list[str] | None = None, output_root: str | None = None) -> int:
+    cmd = command(path, extra, output_root)
     print(shlex.join(cmd))
     ok, bad = check(cmd)
     for line in ok:
