@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from aapa_rl.data.rows import DataError
+
 # Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES: list[str] = [
     "aapa_rl.data.cli", "aapa_rl.anchor.cli", "aapa_rl.openrlhf_adapter.cli", "aapa_rl.local.cli",
@@ -18,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (DataError, FileNotFoundError) as e:
+        # Bad input data or a missing user path: its one-line message (file, row, field), not a traceback.
+        # Other exceptions are bugs and keep theirs.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

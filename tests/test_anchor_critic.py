@@ -149,3 +149,14 @@ def test_cli_trains_evaluates_and_hands_over_a_discriminator(tmp_path, capsys):
     result = critic.evaluate([records[0]["prompt"]], [[records[0]["expert"], "The answer is 5. " * 4]],
                              torch.zeros(1, 2), alpha=1.0, rho=1.0)
     assert result.scores[0, 0] > result.scores[0, 1]
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    records = make_records(4)
+    experts = write_jsonl(tmp_path / "experts.jsonl", [*records[:3], {**records[3], "expert": 7}])
+    assert main(["discriminator", "train", "--experts", str(experts), "--encoder", "hash",
+                 "--out", str(tmp_path / "disc")]) == 2
+    assert f"error: {experts}: row 4: field 'expert': expected a string" in capsys.readouterr().err
+    good = write_jsonl(tmp_path / "good.jsonl", records)
+    assert main(["discriminator", "eval", "--disc", str(tmp_path / "nope"), "--experts", str(good)]) == 2
+    assert f"error: {tmp_path / 'nope'}: not a discriminator directory" in capsys.readouterr().err

@@ -293,3 +293,27 @@ def test_auto_engine_is_transformers_without_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gen.pick_engine("auto") == "hf"
     assert gen.pick_engine("vllm") == "vllm"
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"id": "p2", "prompt": "caf\xc3'])
+def test_resume_drops_an_unterminated_last_line(model_dir, prompt_file, tmp_path, tail):
+    out = tmp_path / "samples.jsonl"
+    assert _run(model_dir, prompt_file, out) == 0
+    done = out.read_bytes().split(b"\n")[:4]  # p0 and p1, both samples
+    # b"": a complete last row whose newline was lost; else a row cut inside a multi-byte character.
+    out.write_bytes(b"\n".join(done) + (b"\n" + tail if tail else b""))
+    assert _run(model_dir, prompt_file, out) == 0
+    assert out.read_bytes().endswith(b"\n")
+    assert Counter(r["id"] for r in _rows(out)) == {f"p{i}": 2 for i in range(len(PROMPTS))}
+
+
+def test_missing_model_and_bad_recipe_are_named(model_dir, prompt_file, tmp_path, capsys):
+    out = tmp_path / "samples.jsonl"
+    assert _run(tmp_path / "nope", prompt_file, out) == 2
+    assert f"error: --model {tmp_path / 'nope'}: no such model directory" in capsys.readouterr().err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("n: [1\n")
+    assert _run(model_dir, prompt_file, out, "--recipe", str(recipe)) == 2
+    assert f"error: {recipe}: not valid YAML" in capsys.readouterr().err
+    assert _run(model_dir, prompt_file, out, "--recipe", str(tmp_path / "nope.yaml")) == 2
+    assert "nope.yaml" in capsys.readouterr().err

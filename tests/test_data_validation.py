@@ -212,3 +212,20 @@ def test_prompt_template_wraps_prompts_and_is_checked(tmp_path, capsys):
         == 2
     )
     assert "--prompt-template must contain '{prompt}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_answer_is_a_bad_row(tmp_path, answer):
+    path = tmp_path / "data.jsonl"
+    path.write_text(f'{{"prompt": "P?", "answer": {answer}}}\n')
+    with pytest.raises(DataError, match=f"{path}: row 1: field 'answer': not a finite number"):
+        read_prompts(path, FieldMap(answer="answer"), BadRows(skip=False))
+
+
+def test_corrupt_parquet_names_the_file(tmp_path, capsys):
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=f"{path}: not a readable parquet file"):
+        read_prompts(path, FieldMap(), BadRows(skip=False))
+    assert main(["prepare-data", "--prompts", str(path), "--out-dir", str(tmp_path / "out")]) == 2
+    assert f"error: {path}: not a readable parquet file" in capsys.readouterr().err

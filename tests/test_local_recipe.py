@@ -111,3 +111,17 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "unknown key(s) ['optimizer']" in err and "Traceback" not in err
+
+
+def test_bad_override_value_or_encoding_names_the_source(tmp_path, capsys):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError, match=r"--set 'optim.lr=\[': the value is not valid YAML"):
+        load_recipe(path, ["optim.lr=["])
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"steps: 3\n# caf\xe9\n")
+    with pytest.raises(RecipeError, match="latin1.yaml: not valid YAML: 'utf-8' codec can't decode"):
+        load_recipe(latin1)
+    from aapa_rl.cli import main
+
+    assert main(["train", "--config", str(path), "--set", "optim.lr=["]) == 2
+    assert "--set 'optim.lr=['" in capsys.readouterr().err

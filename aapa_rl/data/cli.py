@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,7 +31,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto",
                    help="auto: vLLM when installed and a GPU is visible, else transformers")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
-    p.set_defaults(func=_guard(_generate))
+    p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("build-experts", help="keep each prompt's best verified teacher sample")
     p.add_argument("--samples", required=True, nargs="+", help="JSONL files written by `aapa-rl generate`")
@@ -44,7 +42,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="expert bank JSONL {id, prompt, expert, label}; "
                                                    "a report JSON is written beside it")
     add_prompt_args(p, labels=True)
-    p.set_defaults(func=_guard(_build_experts))
+    p.set_defaults(func=_build_experts)
 
     p = subparsers.add_parser("prepare-data", help="write OpenRLHF's prompt dataset, a held-out split and "
                                                    "the local trainer's files")
@@ -58,22 +56,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="training prompts without a verified expert: stop, drop them (counted), or keep them "
                         "with expert null")
     add_prompt_args(p, labels=True)
-    p.set_defaults(func=_guard(_prepare_data))
-
-
-def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input ends the command with its one-line message (file, row, field), not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        from aapa_rl.data.rows import DataError
-
-        try:
-            return handler(args)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+    p.set_defaults(func=_prepare_data)
 
 
 def _generate(args: argparse.Namespace) -> int:

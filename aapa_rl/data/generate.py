@@ -41,8 +41,10 @@ def sampling_params(flags: dict[str, Any], recipe_path: str | None) -> dict[str,
     if recipe_path:
         import yaml
 
-        with open(recipe_path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            loaded = yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise DataError(f"{recipe_path}: not valid YAML: {e}") from None
         recipe = loaded.get("generate", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(recipe, dict):
             raise DataError(f"{recipe_path}: expected a mapping of sampling parameters")
@@ -154,15 +156,17 @@ def completed_ids(output: Path, model: str, params: dict[str, Any]) -> set[str]:
     """Ids already fully sampled in `output`; removes the partial batch a killed run may have left."""
     if not output.exists():
         return set()
-    kept, counts, dropped = [], Counter(), 0
-    lines = output.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept, counts = [], Counter()
+    *lines, tail = output.read_bytes().split(b"\n")
+    # A last line without its newline is a write cut short (complete JSON or not, maybe inside a multi-byte
+    # character): it is dropped, and the rewrite below ends the file with a newline before new rows go on.
+    dropped = 1 if tail else 0
     for row, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{output}: row {row}: not valid UTF-8 (byte {e.start}: {e.reason})") from e
         except json.JSONDecodeError as e:
-            if row == len(lines) and not line.endswith("\n"):
-                dropped += 1  # the last write was cut short
-                continue
             raise DataError(f"{output}: row {row}: not valid JSON ({e.msg})") from e
         if not isinstance(record, dict) or not isinstance(record.get("id"), str):
             raise DataError(f"{output}: row {row}: field 'id': missing; not a `generate` output file")
@@ -211,7 +215,13 @@ def generate(prompts: list[PromptRow], model: str, output: str | Path, params: d
     if not todo:
         return counts
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as e:
+        if os.path.exists(model):
+            raise
+        # --model may also name a Hub model, so a missing directory only shows up as a failed load.
+        raise DataError(f"--model {model}: no such model directory ({e})") from None
     if engine == "vllm":
         llm: VllmEngine | TransformersEngine = VllmEngine(model, params, tensor_parallel_size)
     else:

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -76,9 +77,14 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int,
         yield from enumerate(_load_dataset_dir(path, split), start=1)
         return
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        yield from enumerate(table.to_pylist(), start=1)
         return
     if path.suffix not in (".jsonl", ".json"):  # .json: JSON Lines too, as OpenRLHF's datasets often are
         raise DataError(f"{path}: unsupported format; expected JSON Lines (.jsonl, .json), .parquet or a "
@@ -215,6 +221,8 @@ def _answer(record: dict, key: str, after: str | None) -> str:
         raise RowError(key, "missing")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise RowError(key, f"expected a string or a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RowError(key, "not a finite number")  # JSON's NaN, Infinity and 1e400 parse as floats
     value = str(value)
     if after is not None:
         if after not in value:

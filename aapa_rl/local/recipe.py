@@ -212,7 +212,10 @@ def _apply_override(data: dict, assignment: str) -> None:
         else:
             raise RecipeError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or a list")
         if last:
-            node[part] = yaml.safe_load(raw)
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise RecipeError(f"--set {assignment!r}: the value is not valid YAML: {exc}") from None
         else:
             node = node[part]
 
@@ -226,8 +229,8 @@ def load_recipe(
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: the recipe must be a mapping at the top level")
