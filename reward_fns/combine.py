@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,8 +45,9 @@ def _entries(config: dict | list) -> list[tuple[str, float, dict[str, Any]]]:
         if any(name == other for other, _, _ in entries):
             raise ValueError(f"reward config entry {i}: {name!r} appears twice")
         weight = options.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ValueError(f"reward config entry {i} ({name}): 'weight' must be a number, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise ValueError(f"reward config entry {i} ({name}): 'weight' must be a finite number, "
+                             f"got {weight!r}")
         entries.append((name, float(weight), options))
     return entries
 

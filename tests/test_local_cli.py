@@ -118,3 +118,28 @@ def test_local_data_rows_that_are_not_utf8_name_the_file_and_row(tmp_path):
     path.write_bytes(b'{"prompt": "Q1", "label": "1"}\n{"prompt": "Q\xff", "label": "2"}\n')
     with pytest.raises(DataError, match=r"train.jsonl: row 2: not valid UTF-8"):
         load_rows(path, ("prompt",), ("label",))
+
+
+def test_analyze_skips_a_cut_off_last_line(tmp_path, capsys):
+    """A run killed while writing its logs can still be analysed; a bad line elsewhere names file and line."""
+    from aapa_rl.data.rows import DataError
+    from aapa_rl.local.plots import read_rows
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 0, "reward/raw": 0.5}, {"step": 1, "reward/raw": 0.7}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 2, "rew')
+    assert main(["analyze", str(run), "--out", str(tmp_path / "analysis")]) == 0
+    assert "metrics.jsonl: line 3 was cut off" in capsys.readouterr().err
+    assert (tmp_path / "analysis" / "compare_reward.png").exists()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew\n{"step": 2}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl: line 2: not valid JSON"):
+        read_rows(run / "metrics.jsonl")
+
+
+def test_eval_names_a_missing_checkpoint(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}) + "\n")
+    missing = tmp_path / "runs" / "step_9"
+    assert main(["eval", "--checkpoint", str(missing), "--data", str(data), "--reward", "arithmetic"]) == 2
+    assert f"error: --checkpoint {missing}: no such directory" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,3 +261,114 @@ def test_random_anchor_control_uses_the_same_budget(tmp_path):
         runs[selection] = metrics(tmp_path / selection)
     assert all(r["aapa/anchor_rows"] == r["aapa/hard_set_size"] for r in runs["gap"])
     assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs["random"])  # ceil(0.5 * 4)
+
+
+def _data_recipe(tmp_path: Path, data: dict, **extra):
+    """A recipe on data files with the math reward, from the warmed model."""
+    recipe = base_recipe(
+        tmp_path / "run", data=data, reward="math", model={"path": str(warm_run() / "final")}
+    )
+    del recipe["task"]
+    recipe.update(extra)
+    return load_recipe(None, base=recipe)
+
+
+def test_labels_are_checked_by_the_reward_at_startup(tmp_path):
+    """A label the reward cannot read stops the run before any training, naming the file row (not a batch
+    position), whether it is in the train or the eval file."""
+    from aapa_rl.data.rows import DataError
+
+    good = json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}) + "\n"
+    bad = json.dumps({"prompt": "Q: 2+2=?\nA: ", "label": {"answr": "4"}}) + "\n"
+    (tmp_path / "good.jsonl").write_text(good)
+    (tmp_path / "bad.jsonl").write_text(good + "\n" + bad)  # the blank line is not a row but counts
+    for split in ("train", "eval"):
+        data = {"train": str(tmp_path / "good.jsonl"), split: str(tmp_path / "bad.jsonl")}
+        with pytest.raises(DataError, match=r"bad.jsonl: row 3: field 'label': missing field 'answer'"):
+            Trainer(_data_recipe(tmp_path, data), overwrite=True, progress=False)
+
+
+def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path):
+    recipe = _recipe(tmp_path / "run", [{"end_step": 1, "objective": "sft"}], False)
+    trainer = Trainer(recipe, progress=False)
+
+    def broken():
+        raise RuntimeError("eval broke")
+
+    trainer.evaluate = broken
+    with pytest.raises(RuntimeError, match="eval broke"):
+        trainer.fit()
+    assert (tmp_path / "run" / "final" / "trainer_state.pt").exists()
+
+
+def test_aapa_prompt_without_expert_is_named_at_startup(tmp_path):
+    from aapa_rl.data.rows import DataError
+
+    rows = (warm_run() / "data" / "train.jsonl").read_text().splitlines()[:2]
+    rows.append(json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}))  # no expert in the task's bank
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    data = {"train": str(tmp_path / "train.jsonl"), "expert_bank": str(warm_run() / "data" / "experts.jsonl")}
+    stages = [{"end_step": 2, "objective": "grpo", **AAPA}]
+    aapa = {"discriminator": str(discriminator_dir())}
+    with pytest.raises(DataError, match=r"train.jsonl: row 3: .*no expert.*aapa.missing_expert"):
+        Trainer(_data_recipe(tmp_path, data, stages=stages, aapa=aapa), progress=False)
+    skip = {**aapa, "missing_expert": "skip"}
+    Trainer(_data_recipe(tmp_path, data, stages=stages, aapa=skip), overwrite=True, progress=False).close()
+
+
+def test_resume_drops_a_cut_off_last_log_line(tmp_path, capsys):
+    """A run killed while writing a log line resumes without it; any other bad line names file and line."""
+    from aapa_rl.data.rows import DataError
+
+    run = tmp_path / "run"
+    recipe = _recipe(
+        run,
+        [{"end_step": 2, "objective": "grpo"}],
+        False,
+        log={"save_every": 1, "eval_samples": 8, "plots": False},
+    )
+    Trainer(recipe, progress=False).fit()
+    shutil.rmtree(run / "checkpoints" / "step_000002")  # killed while writing step 1's scores
+    (run / "final").unlink()
+    scores = run / "scores.jsonl"
+    text = scores.read_text()
+    scores.write_text(text[: len(text) - 20])
+    Trainer(recipe, resume=True, progress=False).fit()
+    assert "scores.jsonl: line 2 was cut off" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in scores.read_text().splitlines()] == [0, 1]
+
+    scores.write_text("{not json\n" + scores.read_text())
+    with pytest.raises(DataError, match=r"scores.jsonl: line 1: "):
+        Trainer(recipe, resume=True, progress=False)
+
+
+def test_nonfinite_steps_are_counted_and_a_run_without_final_fails(tmp_path):
+    def poison(trainer, steps):
+        original = trainer.train_step
+
+        def train_step(step):
+            if step not in steps:
+                return original(step)
+            hook = trainer.policy.lm_head.register_forward_hook(lambda mod, inp, out: out * float("nan"))
+            try:
+                return original(step)
+            finally:
+                hook.remove()
+
+        trainer.train_step = train_step
+
+    recipe = _recipe(tmp_path / "some", [{"end_step": 3, "objective": "sft"}], False, max_nonfinite=5)
+    trainer = Trainer(recipe, progress=False)
+    poison(trainer, {0})
+    trainer.fit()
+    summary = json.loads((tmp_path / "some" / "summary.json").read_text())
+    assert summary["nonfinite_skipped"] == 1 and summary["final"] == "checkpoints/step_000003"
+
+    recipe = _recipe(tmp_path / "all", [{"end_step": 3, "objective": "sft"}], False, max_nonfinite=5)
+    trainer = Trainer(recipe, progress=False)
+    poison(trainer, {0, 1, 2})
+    with pytest.raises(NonFiniteError, match="no final checkpoint"):
+        trainer.fit()
+    summary = json.loads((tmp_path / "all" / "summary.json").read_text())
+    assert summary["nonfinite_skipped"] == 3 and summary["final"] is None
+    assert not (tmp_path / "all" / "final").exists()

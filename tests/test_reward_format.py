@@ -58,7 +58,8 @@ def test_combine_weighted_sum_and_metrics():
     [
         ({"maths": 1.0}, "unknown reward 'maths'"),
         ([{"weight": 1.0}], "missing field 'name'"),
-        ({"format": {"weight": "high"}}, "'weight' must be a number"),
+        ({"format": {"weight": "high"}}, "'weight' must be a finite number"),
+        ({"format": {"weight": float("nan")}}, "'weight' must be a finite number, got nan"),
         ({"format": {"weight": 1.0, "patern": "x"}}, r"unknown options \['patern'\]"),
         ([{"name": "format"}, {"name": "format"}], "appears twice"),
         ([], "non-empty"),

@@ -111,10 +111,13 @@ def _eval(args: argparse.Namespace) -> int:
     from aapa_rl.local.trainer import load_rows
 
     try:
-        rows = load_rows(args.data, ("prompt",), ("label",))
         reward_fn = load_reward(args.reward)
+        rows = load_rows(args.data, ("prompt",), ("label",), reward_fn)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not Path(args.checkpoint).is_dir():
+        print(f"error: --checkpoint {args.checkpoint}: no such directory", file=sys.stderr)
         return 2
     if args.limit:
         rows = rows[: args.limit]

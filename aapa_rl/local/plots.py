@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+from aapa_rl.data.rows import DataError
 
 
 def _plt():
@@ -18,9 +21,31 @@ def _plt():
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The rows of a run's log (metrics.jsonl, scores.jsonl). A last line that is cut off (no newline, not
+    JSON) is the row being written when the run was killed: it is dropped with a warning. Any other bad
+    line is a DataError naming the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines(True)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                print(
+                    f"warning: {path}: line {number} was cut off (the run stopped while writing it); "
+                    "dropping it",
+                    file=sys.stderr,
+                )
+                continue
+            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise DataError(f"{path}: line {number}: expected a JSON object with an integer 'step'")
+        rows.append(row)
+    return rows
 
 
 def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -16,16 +16,20 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from tqdm import tqdm
 
 from aapa_rl.data.rows import DataError, check_row, read_rows
-from aapa_rl.local.evaluation import evaluate, load_reward
+from aapa_rl.local import plots
+from aapa_rl.local.evaluation import RewardFn, evaluate, load_reward
 from aapa_rl.local.policy import (
     autocast,
     generate,
@@ -47,6 +51,9 @@ from aapa_rl.objectives import (
 )
 from aapa_rl.schedule import AdaptiveLambda, StageSchedule
 
+if TYPE_CHECKING:
+    from aapa_rl.anchor import ExpertBank
+
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
 
 
@@ -62,13 +69,40 @@ class _SkipStep(Exception):
     """A non-finite loss or gradient: the step's update is dropped."""
 
 
-def load_rows(path: str | Path, texts: tuple[str, ...], present: tuple[str, ...] = ()) -> list[dict]:
+def load_rows(
+    path: str | Path,
+    texts: tuple[str, ...],
+    present: tuple[str, ...] = (),
+    reward_fn: RewardFn | None = None,
+    bank: ExpertBank | None = None,
+) -> list[dict]:
     """Rows of a JSONL, parquet or `datasets` file (aapa_rl.data.rows.read_rows), checked by check_row:
-    the `texts` fields non-empty strings, the `present` fields there. A bad row is an error naming the
-    file, row and field."""
-    rows = [check_row(path, number, row, texts, present=present) for number, row in read_rows(path)]
+    the `texts` fields non-empty strings, the `present` fields there. With `reward_fn`, every label must be
+    one the reward can read; with `bank`, every prompt must have an expert there. A bad row
+    is an error naming the file, row and field."""
+    numbers, rows = [], []
+    for number, record in read_rows(path):
+        row = check_row(path, number, record, texts, present=present)
+        if bank is not None and bank.expert_for(prompt=row["prompt"]) is None:
+            raise DataError(
+                f"{path}: row {number}: field 'prompt': no expert for this prompt in {bank.source}; "
+                "add one there or set aapa.missing_expert: skip"
+            )
+        numbers.append(number)
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
+    if reward_fn is not None:
+        # The reward functions check every label before scoring ("labels[i]: ..."), so scoring empty
+        # responses checks them all at once.
+        try:
+            reward_fn([""] * len(rows), [row["label"] for row in rows])
+        except ValueError as exc:
+            found = re.match(r"labels\[(\d+)\]: (.*)", str(exc), re.S)
+            if found is None:
+                raise  # not about a label (a bad reward option, say): the reward's own message
+            number = numbers[int(found[1])]
+            raise DataError(f"{path}: row {number}: field 'label': {found[2]}") from None
     return rows
 
 
@@ -128,17 +162,27 @@ class Trainer:
                 "eval": written["eval"],
                 "expert_bank": written["experts"],
             }
-        self.sft_rows = load_rows(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
-        self.train_rows = load_rows(paths["train"], ("prompt",), ("label",)) if r.uses_rollouts else []
-        self.eval_rows = (
-            load_rows(paths["eval"], ("prompt",), ("label",))[: r.log.eval_samples] if paths["eval"] else []
-        )
         self.bank = None
         if paths["expert_bank"]:
             from aapa_rl.anchor import ExpertBank
 
             self.bank = ExpertBank.load(paths["expert_bank"])
-        self.reward_fn = load_reward(r.reward, r.task) if (r.uses_rollouts or self.eval_rows) else None
+        self.reward_fn = load_reward(r.reward, r.task) if (r.uses_rollouts or paths["eval"]) else None
+        # Labels (and, for the critic, experts) are checked here: a bad row found mid-run loses the training.
+        needs_expert = r.aapa.discriminator is not None and r.aapa.missing_expert == "error"
+        self.sft_rows = load_rows(paths["sft"], ("prompt", "expert")) if r.uses_sft_data else []
+        self.train_rows = (
+            load_rows(
+                paths["train"], ("prompt",), ("label",), self.reward_fn, self.bank if needs_expert else None
+            )
+            if r.uses_rollouts
+            else []
+        )
+        self.eval_rows = (
+            load_rows(paths["eval"], ("prompt",), ("label",), self.reward_fn)[: r.log.eval_samples]
+            if paths["eval"]
+            else []
+        )
 
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         self.policy = load_policy(r.model.path, self.tokenizer, seed=r.seed, device=self.device)
@@ -174,7 +218,8 @@ class Trainer:
         self.sft_stream = Stream(len(self.sft_rows), r.seed + 1)
         self.train_stream = Stream(len(self.train_rows), r.seed + 2)
         self.step = 0
-        self.nonfinite = 0
+        self.nonfinite = 0  # non-finite steps in a row
+        self.skipped = 0  # non-finite steps in the whole run
         if resume_from is not None:
             self._load_state(resume_from)
         self._open_logs()
@@ -208,12 +253,8 @@ class Trainer:
         for name in ("metrics.jsonl", "scores.jsonl"):
             path = self.run_dir / name
             if path.exists():  # a resumed run drops what was logged after its checkpoint
-                keep = [
-                    line
-                    for line in path.read_text().splitlines(True)
-                    if line.strip() and json.loads(line)["step"] < self.step
-                ]
-                path.write_text("".join(keep))
+                keep = [row for row in plots.read_rows(path) if row["step"] < self.step]
+                path.write_text("".join(json.dumps(row) + "\n" for row in keep))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         self.scores_file = open(self.run_dir / "scores.jsonl", "a")
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
@@ -247,6 +288,7 @@ class Trainer:
         state = {
             "step": self.step,
             "nonfinite": self.nonfinite,
+            "skipped": self.skipped,
             "schedule": self.schedule.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "streams": {"sft": self.sft_stream.state_dict(), "train": self.train_stream.state_dict()},
@@ -263,6 +305,7 @@ class Trainer:
     def _load_state(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.skipped = state.get("skipped", 0)  # checkpoints written before the count was kept lack it
         self.schedule.load_state_dict(state["schedule"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.sft_stream.load_state_dict(state["streams"]["sft"])
@@ -539,6 +582,8 @@ class Trainer:
             self.close()
             print(f"{self.run_dir} already finished its {r.steps} steps; raise `steps` to train further")
             done = self.run_dir / "summary.json"
+            if not done.exists():  # the final checkpoint is saved before the final eval
+                print(f"it stopped before its final eval: run `aapa-rl eval` on {self.run_dir / 'final'}")
             return json.loads(done.read_text())["eval"] if done.exists() else {}
         started = time.perf_counter()
         bar = tqdm(
@@ -555,12 +600,18 @@ class Trainer:
                 metrics, scores = self.train_step(step)
                 self.step = step + 1
                 self.nonfinite = self.nonfinite + 1 if metrics["nonfinite_skipped"] else 0
+                self.skipped += metrics["nonfinite_skipped"]
                 if metrics["nonfinite_skipped"]:
                     tqdm.write(
                         f"step {step}: non-finite loss or gradient, update skipped "
                         f"({self.nonfinite} in a row)"
                     )
                 last = self.step == r.steps
+                if last:  # before the final eval, so that an eval failure cannot lose the run
+                    final = self.run_dir / "final"  # RUN/final names the trained model, or is absent
+                    final.unlink(missing_ok=True)
+                    if self.nonfinite == 0:
+                        final.symlink_to(self.save().relative_to(self.run_dir))
                 if self.eval_rows and ((r.log.eval_every and self.step % r.log.eval_every == 0) or last):
                     summary = self.evaluate()
                     metrics.update({f"eval/{k}": v for k, v in summary.items()})
@@ -571,12 +622,14 @@ class Trainer:
                         f"{self.nonfinite} non-finite steps in a row (last at step {step}); "
                         f"aborting. Last good checkpoint: {good or 'none'}"
                     )
-                if self.nonfinite == 0 and (last or (r.log.save_every and self.step % r.log.save_every == 0)):
-                    saved = self.save()
-                    if last:  # RUN/final always names the trained model
-                        final = self.run_dir / "final"
-                        final.unlink(missing_ok=True)
-                        final.symlink_to(saved.relative_to(self.run_dir))
+                # Periodic checkpoints come after the step's log row, so a resumed run misses no row.
+                if (
+                    not last
+                    and self.nonfinite == 0
+                    and r.log.save_every
+                    and self.step % r.log.save_every == 0
+                ):
+                    self.save()
                 bar.set_postfix(
                     {
                         k.split("/")[-1]: f"{metrics[k]:.3g}"
@@ -588,9 +641,26 @@ class Trainer:
             bar.close()
             self.close()
         if r.log.plots:
-            from aapa_rl.local.plots import plot_run
-
-            plot_run(self.run_dir)
-        result = {"steps": self.step, "train_seconds": time.perf_counter() - started, "eval": summary}
+            plots.plot_run(self.run_dir)
+        final = self.run_dir / "final"
+        result = {
+            "steps": self.step,
+            "nonfinite_skipped": self.skipped,
+            "final": os.readlink(final) if final.is_symlink() else None,
+            "train_seconds": time.perf_counter() - started,
+            "eval": summary,
+        }
         (self.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        if self.nonfinite:  # the last steps' updates were skipped, and with them the final checkpoint
+            raise NonFiniteError(
+                f"the last {self.nonfinite} of {r.steps} steps were non-finite ({self.skipped} in all), "
+                f"so no final checkpoint was saved. Last good checkpoint: "
+                f"{latest_checkpoint(self.run_dir) or 'none'}"
+            )
+        if self.skipped:
+            print(
+                f"warning: {self.skipped} of {r.steps} steps had a non-finite loss or gradient and were "
+                "skipped (nonfinite_skipped in metrics.jsonl)",
+                file=sys.stderr,
+            )
         return summary
