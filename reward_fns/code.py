@@ -4,7 +4,8 @@ The program is the last fenced ```python block of the response (the last unlabel
 labelled python). Labels: {"tests": "<python with assert statements>"} (a plain string means the same)
 or {"cases": [{"stdin": ..., "stdout": ...}, ...]} (a plain list means the same).
 - tests: each top-level `assert` is one test, other top-level statements are setup run in order; a
-  block without top-level asserts is one test. Program and tests run in one sandboxed process.
+  block without top-level asserts is one test. Program and tests run in one sandboxed process, which
+  refuses the program a look into the interpreter (frames, object graph, tracing, ctypes, its memory).
 - cases: the program runs once per case with that stdin; it passes when it exits 0 and its stdout
   equals the expected one up to trailing whitespace on each line and blank lines at the ends.
 `strict`: reward 1 only when every test passes (cases stop at the first failure).
@@ -42,29 +43,65 @@ METRICS = (
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
-# Runs in the sandbox. Program and tests arrive on stdin with a random token, so the program cannot
-# print fake results without digging the token out of the interpreter's memory.
+# Runs in the sandbox. The task arrives on stdin with a random token that signs each passed test on stdout,
+# so the program must not get at the token, nor at the exec/compile/write the harness calls after it ran.
 _HARNESS = """\
-import json, os, sys
+import ctypes, json, os, sys, threading
 
-def _run():
+
+def run(exec=exec, compile=compile, write=os.write):
+    # Defaults are bound here, before the program may replace builtins or module attributes.
     task = json.loads(sys.stdin.readline())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    report, token = os.dup(1), task.pop("token")
+    try:
+        os.unlink("stdin")  # without a mount namespace the task file stays readable in the working directory
+    except FileNotFoundError:
+        pass
+    report, line = os.dup(1), b"\\n%s pass %%d\\n" % task["token"].encode()
+    statements = list(enumerate(task["statements"]))
+
+    def refuse(event, args):
+        # Ways to look into this interpreter, where the token and the tests are: frames, the object graph,
+        # tracing, audit hooks of its own (they see each test's source), hand-made bytecode, ctypes and
+        # CPython's test modules.
+        frame = event == "object.__getattr__" and args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame")
+        native = event == "import" and args[0].startswith(("ctypes", "_ctypes", "_test"))
+        if frame or native or event in (
+            "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
+        ):
+            raise ValueError(event + " is not allowed in the code sandbox")
+
+    sys.addaudithook(refuse)
     namespace = {"__name__": "solution"}
     try:
         exec(compile(task["program"], "solution.py", "exec"), namespace)
     except BaseException:
         return
-    for i, (source, is_test) in enumerate(task["statements"]):
+    for i, (source, is_test) in statements:
         try:
             exec(compile(source, "test_%d.py" % i, "exec"), namespace)
         except BaseException:
             continue
         if is_test:
-            os.write(report, ("\\n%s pass %d\\n" % (token, i)).encode())
+            write(report, line % i)
 
-_run()
+
+# Not dumpable: /proc/<pid>/mem and the like then belong to root, even for this process. ctypes goes after
+# that (its memmove is not audited), and `refuse` keeps it from being imported again.
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+del ctypes
+for module in [module for module in sys.modules if module.startswith(("ctypes", "_ctypes"))]:
+    del sys.modules[module]
+# Signal handlers are handed the frame they interrupt, but run in the main thread and can only be set from
+# it: the program runs in another one.
+thread = threading.Thread(target=run)
+try:
+    thread.start()
+except RuntimeError:  # without a uid of its own, RLIMIT_NPROC counts all of the user's threads
+    run()
+else:
+    thread.join()
 """
 
 
@@ -128,9 +165,11 @@ def _score(program: str, kind: str, spec: list, strict: bool, timeout: float, me
         task = json.dumps({"token": token, "program": program, "statements": spec}) + "\n"
         result = run_python(_HARNESS, task.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)
         prefix = f"{token} pass ".encode()
-        passed = {line[len(prefix) :] for line in result.stdout.splitlines() if line.startswith(prefix)}
-        total = sum(is_test for _, is_test in spec)
-        return len(passed), total, result.status == "timeout", result.status == "error"
+        reported = {line[len(prefix) :] for line in result.stdout.splitlines() if line.startswith(prefix)}
+        # Only the indices of tests count, each once, so the reward stays in [0, 1] whatever was written.
+        tests = [b"%d" % i for i, (_, is_test) in enumerate(spec) if is_test]
+        passed = sum(index in reported for index in tests)
+        return passed, len(tests), result.status == "timeout", result.status == "error"
     passed = timed_out = error = 0
     for stdin, expected in spec:
         result = run_python(program, stdin.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)

@@ -140,6 +140,44 @@ def test_unknown_reward_is_named(gsm, capsys):
     assert "unknown reward function 'nosuchreward'" in capsys.readouterr().err
 
 
+def test_build_experts_without_a_label_column_names_the_flag(gsm, capsys):
+    args = ["build-experts", "--samples", str(gsm.samples), "--prompts", str(gsm.prompts), "--output",
+            str(gsm.bank), "--prompt-key", "question", "--reward", "math"]  # no --answer-key
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "missing field 'answer'" in err and "pass --answer-key (math)" in err
+    assert not gsm.bank.exists()
+
+
+def test_build_experts_names_or_skips_a_label_the_reward_rejects(tmp_path, capsys):
+    tests = ["assert f(1) == 2", "assert f(1) ==", "assert f(2) == 3"]  # row 2 is not valid Python
+    prompts, samples = tmp_path / "code.jsonl", tmp_path / "samples.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"Write f {i}", "test": t}) + "\n"
+                               for i, t in enumerate(tests)))
+    samples.write_text("".join(json.dumps({"id": prompt_id(f"Write f {i}"), "prompt": f"Write f {i}",
+                                           "response": "```python\ndef f(x):\n    return x + 1\n```"}) + "\n"
+                               for i in range(3)))
+    args = ["build-experts", "--samples", str(samples), "--prompts", str(prompts), "--prompt-key", "question",
+            "--tests-key", "test", "--reward", "code", "--output", str(tmp_path / "bank.jsonl")]
+    assert main(args) == 2
+    assert "row 2: label: field 'tests' is not valid Python" in capsys.readouterr().err
+
+    # With skipping, as for --skip-bad-rows: that prompt and its samples are left out and counted.
+    from aapa_rl.data.experts import build_experts, load_reward, read_samples
+    from aapa_rl.data.rows import BadRows, FieldMap, read_prompts
+
+    bad_rows = BadRows(skip=True)
+    rows = read_prompts(prompts, FieldMap(prompt="question", tests="test"), bad_rows)
+    responses = read_samples([samples], {p.id: p for p in rows}, bad_rows)
+    reward_fn = load_reward("code")
+    bank, report = build_experts(rows, responses, reward_fn, bad_rows=bad_rows, prompts_path=prompts)
+    assert [m.split(": invalid")[0] for m in bad_rows.messages] == [
+        f"{prompts}: row 2: label: field 'tests' is not valid Python"
+    ]
+    assert [b["prompt"] for b in bank] == ["Write f 0", "Write f 2"]
+    assert report["prompts"] == 2 and report["samples"] == 2 and report["coverage"] == 1.0
+
+
 def _strategy(apply_chat_template: bool = False) -> SimpleNamespace:
     data = SimpleNamespace(input_key="prompt", label_key="label", apply_chat_template=apply_chat_template)
     return SimpleNamespace(

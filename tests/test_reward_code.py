@@ -341,3 +341,117 @@ def test_sandbox_failure_costs_one_sample(monkeypatch):
     monkeypatch.setattr(code, "run_python", no_processes_left)
     rewards, metrics = code.batch_reward([fenced(ADD), "no code"], [ADD_TESTS, ADD_TESTS])
     assert rewards.tolist() == [0.0, 0.0] and metrics["code_error"].tolist() == [1.0, 0.0]
+
+
+# ------------------------------------------------------------------------- harness integrity
+
+WRONG_ADD = "def add(a, b):\n    return 99\n"
+# Signs fake results for 50 indices with any token-like string found in the values given, on every fd.
+FORGE = """
+import os, re
+
+def forge(values):
+    for value in list(values):
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        for token in re.findall("[0-9a-f]{32}", text):
+            for fd in range(1, 64):
+                for i in range(50):
+                    try:
+                        os.write(fd, ("\\n%s pass %d\\n" % (token, i)).encode())
+                    except OSError:
+                        pass
+
+def walk(frame):
+    while frame is not None:
+        yield from frame.f_locals.values()
+        frame = frame.f_back
+"""
+
+
+def test_replacing_builtins_does_not_skip_the_tests(host):
+    patch = "import builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n"
+    assert reward(WRONG_ADD + patch, ADD_TESTS)[0] == 0.0
+    assert reward(WRONG_ADD + patch, ADD_TESTS, strict=True)[0] == 0.0
+    assert reward(ADD + patch, ADD_TESTS)[0] == 1.0  # the harness runs the tests with its own exec
+
+
+# Each reads the token where the harness might expose it; all are refused or find nothing.
+TOKEN_ATTACKS = {
+    "calling_frame": "import sys, os\nfr = sys._getframe(1)\nt = fr.f_locals['token']\n"
+    "for i in range(50): os.write(fr.f_locals['report'], ('\\n%s pass %d\\n' % (t, i)).encode())\n",
+    "frame_stack": "import sys\nforge(walk(sys._getframe()))\n",
+    "traceback": "try:\n    1 / 0\nexcept Exception as e:\n    forge(walk(e.__traceback__.tb_frame))\n",
+    "other_threads": "import sys\nfor frame in sys._current_frames().values():\n    forge(walk(frame))\n",
+    "object_graph": "import gc\nforge(v for o in gc.get_objects() if type(o) is dict for v in o.values())\n",
+    "tracing": "import sys\nsys.settrace(lambda frame, *a: forge(walk(frame)))\nadd(1, 1)\n",
+    "signal_handler": "import signal, time\nsignal.signal(signal.SIGALRM, lambda s, f: forge(walk(f)))\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0.01)\ntime.sleep(0.2)\n",
+    "task_file": "forge([open('stdin').read()])\n",  # there without a mount namespace
+}
+
+
+@pytest.mark.parametrize("attack", TOKEN_ATTACKS.values(), ids=TOKEN_ATTACKS.keys())
+def test_harness_token_is_out_of_the_programs_reach(host, attack):
+    value, metrics = reward(WRONG_ADD + FORGE + attack, ADD_TESTS)
+    assert value == 0.0 and metrics["code_pass_rate"] == 0.0
+
+
+def test_interpreter_memory_is_out_of_the_programs_reach(host):
+    attack = """
+ATTACK_OK = False
+try:
+    open("/proc/self/mem", "rb")
+    ATTACK_OK = True
+except OSError:
+    pass
+try:
+    import ctypes
+    ATTACK_OK = True
+except Exception:
+    pass
+"""
+    assert reward(attack, "assert ATTACK_OK")[0] == 0.0
+
+
+def test_redefining_print_and_stdout_changes_nothing(host):
+    redefine = "import builtins, os, sys\nbuiltins.print = len\nsys.stdout = open(os.devnull, 'w')\n"
+    fake = "for i in range(50):\n    os.write(1, b'\\npass %d\\n' % i)\n"
+    assert reward(WRONG_ADD + redefine + fake, ADD_TESTS)[0] == 0.0
+    assert reward(ADD + redefine + fake, ADD_TESTS)[0] == 1.0
+
+
+def test_ordinary_programs_still_pass(host):
+    program = """
+import collections, dataclasses, enum, functools, logging
+from typing import NamedTuple
+
+Pair = collections.namedtuple("Pair", "a b")
+Colour = enum.Enum("Colour", "red green")
+
+class Point(NamedTuple):
+    x: int
+
+@dataclasses.dataclass
+class Box:
+    value: int
+
+@functools.lru_cache(None)
+def add(a: int, b: int) -> int:
+    logging.warning("adding %d and %d", a, b)
+    return Box(Pair(a, b).a).value + Point(b).x
+"""
+    assert reward(program, ADD_TESTS)[0] == 1.0
+    assert reward(program, ADD_TESTS, strict=True)[0] == 1.0
+
+
+def test_only_test_indices_count_once(monkeypatch):
+    """The parent counts the signed indices of real tests only, so a reward never leaves [0, 1]."""
+    from reward_fns._sandbox import RunResult
+
+    monkeypatch.setattr(code.secrets, "token_hex", lambda n: "t" * 32)
+    for lines, expected in [(range(50), 1.0), ([0, 0, 0, 2, 7], 1 / 3), ([2, 4, -1], 0.0)]:
+        stdout = b"".join(b"\n%s pass %d\n" % (b"t" * 32, i) for i in lines) + b"junk pass 1\n"
+        result = RunResult("exited", 0, stdout, b"")
+        monkeypatch.setattr(code, "run_python", lambda *a, result=result, **k: result)
+        value, metrics = reward(ADD, ADD_TESTS)  # tests at statement indices 0, 1 and 3; 2 is setup
+        assert value == pytest.approx(expected) and metrics["code_pass_rate"] == pytest.approx(expected)

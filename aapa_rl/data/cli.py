@@ -81,7 +81,8 @@ def _build_experts(args: argparse.Namespace) -> int:
     bad_rows = BadRows(args.skip_bad_rows)
     prompts = read_prompts(args.prompts, field_map(args), bad_rows, args.split)
     responses = read_samples(args.samples, {p.id: p for p in prompts}, bad_rows)
-    bank, report = build_experts(prompts, responses, reward_fn, args.min_reward)
+    bank, report = build_experts(prompts, responses, reward_fn, args.min_reward, bad_rows=bad_rows,
+                                 prompts_path=args.prompts)
     report |= {"reward_fn": args.reward, "bad_rows_skipped": len(bad_rows.messages),
                "bad_rows": bad_rows.messages}
     output = Path(args.output)

@@ -65,12 +65,36 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
 
 
 def build_experts(prompts: list[PromptRow], responses: dict[str, list[str]], reward_fn: RewardFn,
-                  min_reward: float = 1.0, chunk_size: int = 256) -> tuple[list[dict], dict[str, Any]]:
-    """(bank rows in prompt order, report with coverage and the reward distribution)."""
+                  min_reward: float = 1.0, chunk_size: int = 256, *, bad_rows: BadRows,
+                  prompts_path: str | Path) -> tuple[list[dict], dict[str, Any]]:
+    """(bank rows in prompt order, report with coverage and the reward distribution). A prompt whose label
+    the reward rejects is a bad row of `prompts_path`: an error, or left out with its samples when `bad_rows`
+    skips."""
     from tqdm import tqdm
 
-    flat = [(pid, response) for pid, rs in responses.items() for response in rs]
     by_id = {p.id: p for p in prompts}
+    # Reward functions raise ValueError on a label they cannot use. Empty responses cost nothing to score, so
+    # one call checks every label, and only when it fails is each prompt's label checked on its own.
+    rejected = set()
+    try:
+        reward_fn([""] * len(responses), [by_id[pid].label for pid in responses])
+    except ValueError:
+        for pid in responses:
+            try:
+                reward_fn([""], [by_id[pid].label])
+            except ValueError as e:
+                problem = str(e).removeprefix("labels[0]: ")
+                if not by_id[pid].label:  # no label column was named, so every row would fail alike
+                    raise DataError(f"the reward needs a label column ({problem}): pass --answer-key (math), "
+                                    "--tests-key or --cases-key (code), or --instruction-ids-key and "
+                                    "--kwargs-key (ifeval)") from None
+                bad_rows.handle(f"{prompts_path}: row {by_id[pid].row}: label: {problem}")
+                rejected.add(pid)
+    prompts = [p for p in prompts if p.id not in rejected]
+    if not prompts:
+        raise DataError(f"{prompts_path}: no row has a label that the reward accepts")
+    responses = {pid: rs for pid, rs in responses.items() if pid not in rejected}
+    flat = [(pid, response) for pid, rs in responses.items() for response in rs]
     rewards: list[float] = []
     for start in tqdm(range(0, len(flat), chunk_size), desc="reward", unit="chunk"):
         chunk = flat[start:start + chunk_size]
