@@ -30,6 +30,7 @@ class Stage:
 @dataclass
 class ScheduleValues:
     stage: int
+    stage_step: int  # steps since the stage began (CHORD's mu(t) counts from there)
     objective: str
     lam: float
     alpha: float
@@ -78,16 +79,17 @@ class StageSchedule:
     def at(self, step: int) -> ScheduleValues:
         i = self._stage_index(step)
         stage = self.stages[i]
+        start = self.stages[i - 1].end_step if i else 0
         lam = stage.lam
         if stage.lam_end is not None:
-            start = self.stages[i - 1].end_step if i else 0
             progress = min(max((step - start) / (stage.end_step - start), 0.0), 1.0)
             lam = stage.lam + (stage.lam_end - stage.lam) * progress
         if self.adaptive is not None:
             if self.adaptive.lam is None:
                 self.adaptive.lam = lam
             lam = self.adaptive.lam
-        return ScheduleValues(stage=i, objective=stage.objective, lam=lam, alpha=stage.alpha, rho=stage.rho)
+        return ScheduleValues(stage=i, stage_step=step - start, objective=stage.objective, lam=lam,
+                              alpha=stage.alpha, rho=stage.rho)
 
     def observe(self, gap_mean: float) -> None:
         if self.adaptive is not None and self.adaptive.lam is not None:

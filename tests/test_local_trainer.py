@@ -143,6 +143,30 @@ def test_micro_batches_accumulate_the_same_gradient(tmp_path):
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def test_chord_weighs_the_kl_term_with_the_rl_loss(tmp_path):
+    """Spec: chord = (1 - mu) * L_grpo (its KL term included) + mu * L_sft_phi. At mu = 1 the KL term has no
+    weight, so the gradient is the same with and without a KL coefficient."""
+    grads = []
+    for kl_coef in (0.0, 0.5):
+        recipe = _recipe(
+            tmp_path / f"run{kl_coef}",
+            [{"end_step": 1, "objective": "chord"}],
+            False,
+            loss={"kl_coef": kl_coef, "chord_peak": 1.0, "chord_valley": 1.0, "sft_batch_size": 8},
+        )
+        trainer = Trainer(recipe, progress=False)
+        torch.manual_seed(0)
+        with torch.no_grad():  # move the policy off its KL reference, or the KL gradient would be zero
+            for p in trainer.policy.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        trainer.optimizer.step = lambda: None  # keep the gradient, skip the update
+        metrics_row, _ = trainer.train_step(0)
+        assert metrics_row["mu"] == 1.0 and (kl_coef == 0 or metrics_row["loss/kl"] > 0)
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.policy.parameters() if p.grad is not None]))
+        trainer.close()
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path):
     recipe = _recipe(
         tmp_path / "run",

@@ -118,7 +118,7 @@ def expected_scores(disc_dir, rows) -> torch.Tensor:
 def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
     args = make_args(disc_dir)
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     assert len(experiences) == 6 and any(len(e.index) == 1 for e in experiences)  # groups span micro-batches
 
@@ -140,7 +140,7 @@ def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
 def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
     args = make_args(disc_dir, aapa_flags=["--aapa.temperature", "0.5"])
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
 
@@ -169,7 +169,7 @@ def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
 def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
     args = make_args(disc_dir)
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, objective="sft", lam=1.0, alpha=0.3, rho=0.25)
+    maker.values = ScheduleValues(stage=0, stage_step=0, objective="sft", lam=1.0, alpha=0.3, rho=0.25)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
 
@@ -184,7 +184,7 @@ def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
 
 def test_mixed_groups_and_missing_experts_are_errors(disc_dir):
     maker = make_maker(make_args(disc_dir))
-    maker.values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
     samples, _ = rollout_batch()
     samples[1], samples[4] = samples[4], samples[1]  # a sample of prompt 1 inside the group of prompt 0
     experiences = maker.split_rollout_samples(samples)
@@ -216,7 +216,7 @@ def make_experiences_from(maker, samples):
 
 def test_replay_buffer_round_trip_keeps_weights_and_label_dicts(disc_dir, monkeypatch):
     maker = make_maker(make_args(disc_dir))
-    maker.values = ScheduleValues(stage=0, objective="chord", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = ScheduleValues(stage=0, stage_step=0, objective="chord", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
     weights = by_index(experiences, lambda e: e.info["aapa_w"])

@@ -70,7 +70,7 @@ def test_policy_actor_sets_state_and_scores_like_the_driver(disc_dir, policy_gro
 
 
 def test_experience_maker_scores_on_the_policy_actors(disc_dir, policy_group):
-    values = ScheduleValues(stage=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
     results = []
     for score_on in ("driver", "actors"):
         args = make_args(disc_dir, aapa_flags=["--aapa.score_on", score_on])
@@ -149,9 +149,9 @@ def test_train_step_pushes_the_schedule_and_checkpoints_round_trip(disc_dir, tmp
     assert status["aapa/expert_logp_mean"] == -1.5 and "aapa/anchor_tokens" not in status
     lam_after_first = trainer.aapa_schedule.adaptive.lam
     assert lam_after_first == pytest.approx(1.5)  # gap mean above the 0.1 target: lambda x (1 + 0.5)
-    status, step = trainer.train_step(rollouts, 5)  # stage 2: chord, mu from CHORD's schedule
+    status, step = trainer.train_step(rollouts, 5)  # stage 2 began at step 2: chord, 3 steps into mu(t)
     assert status["aapa/stage"] == 1 and status["aapa/mu"] == pytest.approx(0.1 + 0.4 * 0.5 * (1 + math.cos(
-        math.pi * 5 / 10)))
+        math.pi * 3 / 10)))
     pushed = actor_state(ranks[1])
     assert (pushed["step"], pushed["objective"], pushed["mu"]) == (5, "chord", status["aapa/mu"])
     assert pushed["lam"] == pytest.approx(lam_after_first)

@@ -26,6 +26,8 @@ def test_stage_transitions_at_boundaries():
     assert schedule.at(30).lam == pytest.approx(0.5)  # the last stage holds its floor past its end
     assert schedule.at(500).objective == "grpo" and schedule.at(500).lam == pytest.approx(0.5)
     assert schedule.at(5).lam == 1.0
+    # Steps since the stage began: what CHORD's mu(t) counts, in both trainers.
+    assert [schedule.at(step).stage_step for step in (0, 9, 10, 25, 500)] == [0, 9, 0, 15, 490]
 
 
 def test_invalid_schedules_are_refused():

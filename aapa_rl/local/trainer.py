@@ -349,11 +349,10 @@ class Trainer:
         }
         scores: dict = {}
         started = time.perf_counter()
-        stage_start = self.schedule.stages[sv.stage - 1].end_step if sv.stage else 0
         mu = 0.0
         if sv.objective == "chord":
             mu = chord_mu(
-                step - stage_start,
+                sv.stage_step,
                 r.loss.chord_warmup_steps,
                 r.loss.chord_decay_steps,
                 r.loss.chord_peak,
@@ -495,7 +494,9 @@ class Trainer:
             if ref_lp is not None:
                 kl = masked_mean(approx_kl(lp, ref_lp[sl], r.loss.kl_estimator), sub.response_mask)
                 losses["kl"] += kl.item() * token_share.item()
-                loss = loss + r.loss.kl_coef * token_share * kl
+                # CHORD mixes the host's whole loss, KL included: (1 - mu) * (surrogate + KL) + mu * L_sft.
+                kl_scale = 1.0 - mu if sv.objective == "chord" else 1.0
+                loss = loss + kl_scale * r.loss.kl_coef * token_share * kl
             losses["policy"] += pg.item() * float(share)
             if coef > 0 or ref_lp is not None:
                 self._backward(loss)

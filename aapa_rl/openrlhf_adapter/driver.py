@@ -193,7 +193,7 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     def train_step(self, rollout_samples, global_step: int):
         values = self.aapa_schedule.at(global_step)
-        mu = chord_mu(global_step, **self.args.aapa.chord) if values.objective == "chord" else 0.0
+        mu = chord_mu(values.stage_step, **self.args.aapa.chord) if values.objective == "chord" else 0.0
         self.experience_maker.values = values
         ray.get(self.actor_model_group.async_run_method(method_name="aapa_set_state", step=global_step,
                                                         objective=values.objective, lam=values.lam, mu=mu))
