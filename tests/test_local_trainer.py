@@ -309,7 +309,9 @@ def test_labels_are_checked_by_the_reward_at_startup(tmp_path):
     for split in ("train", "eval"):
         data = {"train": str(tmp_path / "good.jsonl"), split: str(tmp_path / "bad.jsonl")}
         with pytest.raises(DataError, match=r"bad.jsonl: row 3: field 'label': missing field 'answer'"):
-            Trainer(_data_recipe(tmp_path, data), overwrite=True, progress=False)
+            Trainer(_data_recipe(tmp_path, data), progress=False)
+    # A start that failed leaves no run to protect: the fixed recipe starts without --overwrite.
+    Trainer(_data_recipe(tmp_path, {"train": str(tmp_path / "good.jsonl")}), progress=False).close()
 
 
 def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path):

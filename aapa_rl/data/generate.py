@@ -99,7 +99,11 @@ class VllmEngine:
     """Thin adapter over vLLM's offline engine."""
 
     def __init__(self, model: str, params: dict[str, Any], tensor_parallel_size: int):
-        from vllm import LLM, SamplingParams
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise DataError(f"--engine vllm: vLLM cannot be imported ({e}); it is a GPU extra "
+                            "(pip install 'aapa-rl[gpu]'), or use --engine transformers") from None
 
         self.llm = LLM(model=model, tokenizer=model, seed=params["seed"],
                        tensor_parallel_size=tensor_parallel_size)

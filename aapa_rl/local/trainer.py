@@ -54,7 +54,7 @@ from aapa_rl.schedule import AdaptiveLambda, StageSchedule
 if TYPE_CHECKING:
     from aapa_rl.anchor import ExpertBank
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints")
+RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
 
 
 class RunDirError(RuntimeError):
@@ -238,6 +238,8 @@ class Trainer:
                 raise RunDirError(
                     f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
                 )
+            shutil.rmtree(d)
+        elif (d / "config.yaml").exists():  # a start that failed before training (a bad data row, say)
             shutil.rmtree(d)
         elif d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise RunDirError(
