@@ -177,3 +177,56 @@ def test_minilm_encoder_ranks_perturbations_and_counts_truncation():
     before = encoder.truncated
     encoder.encode(["short", "word " * 1000, "\udcff"])
     assert encoder.truncated == before + 1
+
+
+def test_train_command_is_reproducible_and_refuses_what_it_cannot_learn(tmp_path, capsys):
+    """The same seed trains the same head; training prompts without negatives, one prompt and a held-out
+    fraction outside (0, 1) are named errors (exit 2), not tracebacks."""
+    from aapa_rl import cli
+    from aapa_rl.anchor.training import Example, split_heldout
+
+    records = make_records(20)
+    experts = write_jsonl(tmp_path / "experts.jsonl", records)
+    base = ["discriminator", "train", "--encoder", "hash", "--steps", "30"]
+    heads = []
+    for run in ("a", "b"):
+        assert cli.main([*base, "--experts", str(experts), "--out", str(tmp_path / run)]) == 0
+        heads.append((tmp_path / run / "head.safetensors").read_bytes())
+    assert heads[0] == heads[1]
+    capsys.readouterr()
+
+    # Rollouts only for the prompts the split holds out: the head would be fit on experts alone.
+    positives = [Example(r["prompt"], r["expert"], r["expert"], "expert") for r in records]
+    _, held = split_heldout(positives, 0.2, 0)
+    rows = [{"prompt": e.prompt, "response": "No idea."} for e in held]
+    rollouts = write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    args = ["--experts", str(experts), "--no-generic", "--rollouts", str(rollouts)]
+    assert cli.main([*base, *args, "--out", str(tmp_path / "c")]) == 2
+    assert "no negatives among the 16 training prompts" in capsys.readouterr().err
+    one = write_jsonl(tmp_path / "one.jsonl", records[:1])
+    assert cli.main([*base, "--experts", str(one), "--out", str(tmp_path / "d")]) == 2
+    assert "need at least 2 to hold some out" in capsys.readouterr().err
+    assert cli.main([*base, "--experts", str(experts), "--out", str(tmp_path / "e"), "--heldout", "0"]) == 2
+    assert "--heldout 0.0: the fraction of prompts held out must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_answer_corruption_is_exact_for_numbers_of_any_length():
+    big = 10**400 - 1
+    corrupted = hard_negatives(f"So the total is {big}.", None, random.Random(0))["answer_corrupted"]
+    assert 1 <= int(corrupted.removeprefix("So the total is ").rstrip(".")) - big <= 9
+
+
+def test_eval_scores_the_example_types_train_scored(tmp_path, capsys):
+    """`aligned` cannot see sentence order: train leaves shuffled-sentence negatives out, and so must eval."""
+    from aapa_rl import cli
+
+    experts = write_jsonl(tmp_path / "experts.jsonl", make_records(20))
+    common = ["--experts", str(experts)]
+    assert cli.main(["discriminator", "train", "--variant", "aligned", "--encoder", "hash", *common,
+                     "--out", str(tmp_path / "d")]) == 0
+    assert cli.main(["discriminator", "eval", "--disc", str(tmp_path / "d"), *common,
+                     "--out", str(tmp_path / "e")]) == 0
+    for name in ("d", "e"):
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert "sentences_shuffled" not in report["heldout"]["auroc_per_type"], name
+        assert report["left_out"]["sentences_shuffled: invisible to the aligned variant"] > 0, name

@@ -61,10 +61,17 @@ def _load_data(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from .discriminator import MIN_AUROC, build_discriminator
     from .training import format_report, train_discriminator
 
+    if not 0 < args.heldout < 1:
+        print(f"error: --heldout {args.heldout}: the fraction of prompts held out must be in (0, 1)",
+              file=sys.stderr)
+        return 2
     bank, rollouts, left_out = _load_data(args)
+    torch.manual_seed(args.seed)  # the MLP head's initial weights: the same seed trains the same head
     disc = build_discriminator(args.variant, args.encoder, device=args.device, margin=args.margin,
                                tau=args.tau, cache_dir=args.cache_dir or args.out / "embedding_cache")
     report = train_discriminator(disc, bank, rollouts, args.out, heldout=args.heldout, seed=args.seed,
@@ -72,7 +79,9 @@ def _train(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"saved to {args.out} (config.json, head.safetensors, report.json, report.txt, scores_hist.png)")
     if not report["heldout"]["auroc"] >= MIN_AUROC:
-        print(f"warning: held-out AUROC below {MIN_AUROC}; RL will refuse this discriminator unless forced",
+        why = "undefined: the held-out prompts have no negatives" if report["heldout"]["auroc"] != \
+            report["heldout"]["auroc"] else f"below {MIN_AUROC}"
+        print(f"warning: held-out AUROC {why}; RL will refuse this discriminator unless forced",
               file=sys.stderr)
     return 0
 
@@ -85,7 +94,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     bank, rollouts, left_out = _load_data(args)
     disc = load_discriminator(args.disc, force=True, device=args.device, cache_dir=args.cache_dir)
-    examples, dropped = build_examples(bank, rollouts, generic=not args.no_generic, seed=args.seed)
+    examples, dropped = build_examples(bank, rollouts, disc.variant, generic=not args.no_generic,
+                                       seed=args.seed)
     heldout, scores = evaluate_discriminator(disc, examples, args.out)
     report = {"variant": disc.variant, "encoder": disc.encoder.spec, "split": "evaluated",
               "examples": {"evaluated": len(examples)}, "left_out": {**left_out, **dropped},

@@ -11,6 +11,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def hard_negatives(expert: str, other_expert: str | None, rng: random.Random) ->
     corrupted = None
     if numbers:
         last = numbers[-1]
-        wrong = str(int(float(last.group())) + rng.randint(1, 9))
+        wrong = str(int(Decimal(last.group())) + rng.randint(1, 9))  # exact for numbers of any length
         corrupted = expert[: last.start()] + wrong + expert[last.end():]
     return {
         "truncated": expert[: space if space > 0 else cut].rstrip(),
@@ -94,9 +95,10 @@ def read_rollouts(path: str | Path, bank: ExpertBank, *, allow_skips: bool = Fal
     return rows, skipped
 
 
-def build_examples(bank: ExpertBank, rollouts: list[tuple[str, str]], *, generic: bool = True,
+def build_examples(bank: ExpertBank, rollouts: list[tuple[str, str]], variant: str, *, generic: bool = True,
                    seed: int = 0) -> tuple[list[Example], Counter]:
-    """Positives, rollout negatives and generic negatives; the Counter holds what was left out and why."""
+    """Positives, rollout negatives and generic negatives for a discriminator `variant`; the Counter holds
+    what was left out and why."""
     rng = random.Random(seed)
     left_out: Counter = Counter()
     examples = []
@@ -117,13 +119,17 @@ def build_examples(bank: ExpertBank, rollouts: list[tuple[str, str]], *, generic
             left_out["rollout: identical to the expert"] += 1
         else:
             examples.append(Example(prompt, response, expert, "rollout"))
+    if variant == "aligned":  # order-free matching gives shuffled sentences the expert's features
+        left_out["sentences_shuffled: invisible to the aligned variant"] = sum(
+            e.kind == "sentences_shuffled" for e in examples)
+        examples = [e for e in examples if e.kind != "sentences_shuffled"]
     return examples, left_out
 
 
 def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     prompts = sorted({e.prompt for e in examples})
     if len(prompts) < 2:
-        raise ValueError("need at least 2 prompts to hold some out")
+        raise DataError(f"{len(prompts)} prompt(s) with examples: need at least 2 to hold some out")
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: min(len(prompts) - 1, max(1, round(fraction * len(prompts))))])
     return [e for e in examples if e.prompt not in held], [e for e in examples if e.prompt in held]
@@ -254,14 +260,11 @@ def train_discriminator(disc: Discriminator, bank: ExpertBank, rollouts: list[tu
                         out_dir: str | Path, *, heldout: float = 0.2, generic: bool = True, seed: int = 0,
                         steps: int = 600, lr: float = 3e-3, left_out: dict | None = None) -> dict:
     """Fit the head (nothing to fit for cosine), evaluate on held-out prompts, save weights and report."""
-    examples, dropped = build_examples(bank, rollouts, generic=generic, seed=seed)
-    if disc.variant == "aligned":  # order-free matching gives shuffled sentences the expert's features
-        dropped["sentences_shuffled: invisible to the aligned variant"] = sum(
-            e.kind == "sentences_shuffled" for e in examples)
-        examples = [e for e in examples if e.kind != "sentences_shuffled"]
-    if not any(e.label == 0 for e in examples):
-        raise ValueError("no negatives: give reference rollouts, or keep the generic negatives")
+    examples, dropped = build_examples(bank, rollouts, disc.variant, generic=generic, seed=seed)
     train, held = split_heldout(examples, heldout, seed)
+    if not any(e.label == 0 for e in train):  # a head fit on experts alone scores everything alike
+        raise DataError(f"no negatives among the {len({e.prompt for e in train})} training prompts: give "
+                        "reference rollouts for them, or keep the generic negatives")
     report = {"variant": disc.variant, "encoder": disc.encoder.spec,
               "examples": {"train": len(train), "heldout": len(held),
                            "per_type": dict(Counter(e.kind for e in examples))},
