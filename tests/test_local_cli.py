@@ -123,7 +123,7 @@ def test_local_data_rows_that_are_not_utf8_name_the_file_and_row(tmp_path):
 def test_analyze_skips_a_cut_off_last_line(tmp_path, capsys):
     """A run killed while writing its logs can still be analysed; a bad line elsewhere names file and line."""
     from aapa_rl.data.rows import DataError
-    from aapa_rl.local.plots import read_rows
+    from aapa_rl.local.plots import read_log
 
     run = tmp_path / "run"
     run.mkdir()
@@ -134,7 +134,7 @@ def test_analyze_skips_a_cut_off_last_line(tmp_path, capsys):
     assert (tmp_path / "analysis" / "compare_reward.png").exists()
     (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "rew\n{"step": 2}\n')
     with pytest.raises(DataError, match=r"metrics.jsonl: line 2: not valid JSON"):
-        read_rows(run / "metrics.jsonl")
+        read_log(run / "metrics.jsonl")
 
 
 def test_eval_names_a_missing_checkpoint(tmp_path, capsys):

@@ -4,6 +4,7 @@ experts from negatives."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -79,8 +80,8 @@ def _train(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"saved to {args.out} (config.json, head.safetensors, report.json, report.txt, scores_hist.png)")
     if not report["heldout"]["auroc"] >= MIN_AUROC:
-        why = "undefined: the held-out prompts have no negatives" if report["heldout"]["auroc"] != \
-            report["heldout"]["auroc"] else f"below {MIN_AUROC}"
+        why = "undefined: the held-out prompts have no negatives" if math.isnan(report["heldout"]["auroc"]) \
+            else f"below {MIN_AUROC}"
         print(f"warning: held-out AUROC {why}; RL will refuse this discriminator unless forced",
               file=sys.stderr)
     return 0

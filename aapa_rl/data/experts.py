@@ -64,6 +64,24 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
     return responses
 
 
+def label_problems(reward_fn: RewardFn, labels: list) -> dict[int, str]:
+    """Labels the reward cannot use, by position, with its reason. Reward functions check every label before
+    scoring and raise ValueError ("labels[i]: ..."), and empty responses cost nothing to score: one call
+    checks all labels, and only when it fails is each one checked on its own."""
+    try:
+        reward_fn([""] * len(labels), labels)
+        return {}
+    except ValueError:
+        pass
+    problems = {}
+    for i, label in enumerate(labels):
+        try:
+            reward_fn([""], [label])
+        except ValueError as e:
+            problems[i] = str(e).removeprefix("labels[0]: ")
+    return problems
+
+
 def build_experts(prompts: list[PromptRow], responses: dict[str, list[str]], reward_fn: RewardFn,
                   min_reward: float = 1.0, chunk_size: int = 256, *, bad_rows: BadRows,
                   prompts_path: str | Path) -> tuple[list[dict], dict[str, Any]]:
@@ -73,23 +91,15 @@ def build_experts(prompts: list[PromptRow], responses: dict[str, list[str]], rew
     from tqdm import tqdm
 
     by_id = {p.id: p for p in prompts}
-    # Reward functions raise ValueError on a label they cannot use. Empty responses cost nothing to score, so
-    # one call checks every label, and only when it fails is each prompt's label checked on its own.
+    ids = list(responses)
     rejected = set()
-    try:
-        reward_fn([""] * len(responses), [by_id[pid].label for pid in responses])
-    except ValueError:
-        for pid in responses:
-            try:
-                reward_fn([""], [by_id[pid].label])
-            except ValueError as e:
-                problem = str(e).removeprefix("labels[0]: ")
-                if not by_id[pid].label:  # no label column was named, so every row would fail alike
-                    raise DataError(f"the reward needs a label column ({problem}): pass --answer-key (math), "
-                                    "--tests-key or --cases-key (code), or --instruction-ids-key and "
-                                    "--kwargs-key (ifeval)") from None
-                bad_rows.handle(f"{prompts_path}: row {by_id[pid].row}: label: {problem}")
-                rejected.add(pid)
+    for i, problem in label_problems(reward_fn, [by_id[pid].label for pid in ids]).items():
+        if not by_id[ids[i]].label:  # no label column was named, so every row would fail alike
+            raise DataError(f"the reward needs a label column ({problem}): pass --answer-key (math), "
+                            "--tests-key or --cases-key (code), or --instruction-ids-key and "
+                            "--kwargs-key (ifeval)")
+        bad_rows.handle(f"{prompts_path}: row {by_id[ids[i]].row}: label: {problem}")
+        rejected.add(ids[i])
     prompts = [p for p in prompts if p.id not in rejected]
     if not prompts:
         raise DataError(f"{prompts_path}: no row has a label that the reward accepts")

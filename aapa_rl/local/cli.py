@@ -156,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from aapa_rl.local.evaluation import format_table
-    from aapa_rl.local.plots import plot_compare, read_rows
+    from aapa_rl.local.plots import plot_compare, read_log
 
     runs = [Path(r) for r in args.runs]
     for run in runs:
@@ -169,7 +169,7 @@ def _analyze(args: argparse.Namespace) -> int:
     labels = args.labels or [r.name for r in runs]
     finals = {}
     for label, run in zip(labels, runs, strict=True):
-        evals = [row for row in read_rows(run / "metrics.jsonl") if "eval/accuracy" in row]
+        evals = [row for row in read_log(run / "metrics.jsonl") if "eval/accuracy" in row]
         finals[label] = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
     print(format_table(finals, EVAL_COLUMNS))
     for path in plot_compare(runs, args.out, labels):

@@ -20,7 +20,7 @@ def _plt():
     return plt
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_log(path: Path) -> list[dict]:
     """The rows of a run's log (metrics.jsonl, scores.jsonl). A last line that is cut off (no newline, not
     JSON) is the row being written when the run was killed: it is dropped with a warning. Any other bad
     line is a DataError naming the file and line."""
@@ -140,12 +140,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-    rows = read_rows(run_dir / "metrics.jsonl")
+    rows = read_log(run_dir / "metrics.jsonl")
     made = [
         _figure(out / f"{name}.png", {run_dir.name: rows}, keys, title)
         for name, (keys, title) in CURVES.items()
     ]
-    scores = read_rows(run_dir / "scores.jsonl")
+    scores = read_log(run_dir / "scores.jsonl")
     made.append(_histograms(out / "disc_hist.png", {run_dir.name: scores}, "d", "D(x, y)"))
     return [p for p in made if p is not None]
 
@@ -197,8 +197,8 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = labels or [Path(d).name for d in run_dirs]
-    metrics = {lab: read_rows(Path(d) / "metrics.jsonl") for lab, d in zip(labels, run_dirs, strict=True)}
-    scores = {lab: read_rows(Path(d) / "scores.jsonl") for lab, d in zip(labels, run_dirs, strict=True)}
+    metrics = {lab: read_log(Path(d) / "metrics.jsonl") for lab, d in zip(labels, run_dirs, strict=True)}
+    scores = {lab: read_log(Path(d) / "scores.jsonl") for lab, d in zip(labels, run_dirs, strict=True)}
     made = [
         _figure(out / f"compare_{name}.png", metrics, keys, title) for name, (keys, title) in CURVES.items()
     ]

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from aapa_rl.data.experts import label_problems
 from aapa_rl.data.rows import DataError, check_row, read_rows
 from aapa_rl.local import plots
 from aapa_rl.local.evaluation import RewardFn, evaluate, load_reward
@@ -92,17 +92,10 @@ def load_rows(
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
-    if reward_fn is not None:
-        # The reward functions check every label before scoring ("labels[i]: ..."), so scoring empty
-        # responses checks them all at once.
-        try:
-            reward_fn([""] * len(rows), [row["label"] for row in rows])
-        except ValueError as exc:
-            found = re.match(r"labels\[(\d+)\]: (.*)", str(exc), re.S)
-            if found is None:
-                raise  # not about a label (a bad reward option, say): the reward's own message
-            number = numbers[int(found[1])]
-            raise DataError(f"{path}: row {number}: field 'label': {found[2]}") from None
+    problems = label_problems(reward_fn, [row["label"] for row in rows]) if reward_fn is not None else {}
+    if problems:
+        i, problem = next(iter(problems.items()))
+        raise DataError(f"{path}: row {numbers[i]}: field 'label': {problem}")
     return rows
 
 
@@ -233,13 +226,11 @@ class Trainer:
             if checkpoint is None:
                 raise RunDirError(f"{d}: no checkpoint to resume from; start over with --overwrite")
             return checkpoint
-        if holds_run:
-            if not overwrite:
-                raise RunDirError(
-                    f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
-                )
-            shutil.rmtree(d)
-        elif (d / "config.yaml").exists():  # a start that failed before training (a bad data row, say)
+        if holds_run and not overwrite:
+            raise RunDirError(
+                f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+        if holds_run or (d / "config.yaml").exists():  # or a start that failed before training (a bad row)
             shutil.rmtree(d)
         elif d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise RunDirError(
@@ -255,7 +246,7 @@ class Trainer:
         for name in ("metrics.jsonl", "scores.jsonl"):
             path = self.run_dir / name
             if path.exists():  # a resumed run drops what was logged after its checkpoint
-                keep = [row for row in plots.read_rows(path) if row["step"] < self.step]
+                keep = [row for row in plots.read_log(path) if row["step"] < self.step]
                 path.write_text("".join(json.dumps(row) + "\n" for row in keep))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         self.scores_file = open(self.run_dir / "scores.jsonl", "a")
