@@ -4,7 +4,8 @@
 
 Prints one table row per (function, input, mode): checks per second and the slowest single call.
 "in-thread" runs the check in the calling thread with no timeout (what a naive reward function does),
-"worker pool" goes through batch_reward's killable workers, "sandbox xK" runs K programs at once.
+"worker pool" goes through batch_reward's killable workers, "sandbox xK" runs K programs at once
+(K = the process-wide limit, AAPA_CODE_CONCURRENCY).
 The last lines compare the pool with in-thread math-verify and the 64-answer fast path with the
 100 ms budget of a local-trainer step, both measured in this run.
 """
@@ -116,27 +117,34 @@ def main() -> None:
     # ---- code
     program = "```python\ndef add(a, b):\n    return a + b\n```"
     tests = "assert add(1, 2) == 3\nassert add(2, 2) == 4\nassert add(-1, 1) == 0"
-    for parallel in (1, 4):
-        measure(
-            "code",
-            "3 asserts, 8 programs",
-            f"sandbox x{parallel}",
-            lambda p=parallel: code.batch_reward([program] * 8, [tests] * 8, parallel=p),
-            8,
-            1,
-        )
+    measure(
+        "code",
+        "3 asserts, 8 programs",
+        "sandbox x1",
+        lambda: [code.batch_reward([program], [tests]) for _ in range(8)],
+        8,
+        1,
+    )
+    measure(
+        "code",
+        "3 asserts, 8 programs",
+        f"sandbox x{code.CONCURRENCY}",
+        lambda: code.batch_reward([program] * 8, [tests] * 8),
+        8,
+        1,
+    )
     echo = "```python\nprint(sum(map(int, input().split())))\n```"
     cases = {"cases": [{"stdin": f"{i} {i}", "stdout": str(2 * i)} for i in range(4)]}
     measure(
         "code",
         "4 stdin/stdout cases, 4 programs",
-        "sandbox x4",
+        f"sandbox x{code.CONCURRENCY}",
         lambda: code.batch_reward([echo] * 4, [cases] * 4),
         4,
         1,
     )
     hostile = {
-        "infinite loop (timeout 1 s)": "while True:\n    pass",
+        "infinite loop (CPU limit 1 s)": "while True:\n    pass",
         "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
         "stdout flood": "while True:\n    print('x' * 4096)",
         "memory hog": "x = bytearray(8 << 30)",

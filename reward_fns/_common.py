@@ -83,6 +83,12 @@ def response_from_query(query: str, prompt: str | None) -> str:
     return query
 
 
+def wall_limit(timeout: float, wall_timeout: float | None) -> float:
+    """The wall-clock safety net behind a CPU-time `timeout` (default: 10 x timeout, at least 60 s). A
+    busy machine stretches CPU time into far more wall time, so only a generous net is safe."""
+    return max(60.0, 10 * timeout) if wall_timeout is None else wall_timeout
+
+
 def make_reward_func(batch_fn: BatchFn, metrics: Sequence[str], error_key: str) -> Callable:
     """OpenRLHF's `reward_func(queries, prompts, labels, **kwargs)` around a batched reward.
 

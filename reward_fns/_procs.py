@@ -22,6 +22,11 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by process `pid` (all its threads): Linux's per-process CPU-time clock."""
+    return time.clock_gettime((~pid << 3) | 2)
+
+
 def write_frame(fd: int, obj: object) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     view = memoryview(_HEADER.pack(len(data)) + data)

@@ -26,17 +26,17 @@ from typing import Any
 
 import torch
 
-from reward_fns._common import final_answer, logger, make_reward_func, parse_label
-from reward_fns._sandbox import isolation_available, run_python
+from reward_fns._common import final_answer, logger, make_reward_func, parse_label, wall_limit
+from reward_fns._sandbox import CONCURRENCY, isolation_available, run_python
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0  # CPU seconds of the program's own work
 MEMORY_MB = 1024
-PARALLEL = 4
 METRICS = (
     "code_pass_rate",
     "code_all_passed",
     "code_no_program",
     "code_timeout",
+    "code_wall_timeout",
     "code_error",
     "code_isolated",
 )
@@ -158,29 +158,27 @@ def _normalise_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).strip()
 
 
-def _score(program: str, kind: str, spec: list, strict: bool, timeout: float, memory_mb: int, isolate: bool):
-    """(passed, total, timed_out, sandbox_error) for one program."""
+def _score(program: str, kind: str, spec: list, strict: bool, limits: dict) -> tuple[int, int, set[str]]:
+    """(passed, total, the statuses of its sandboxed runs) for one program."""
     if kind == "tests":
         token = secrets.token_hex(16)
         task = json.dumps({"token": token, "program": program, "statements": spec}) + "\n"
-        result = run_python(_HARNESS, task.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)
+        result = run_python(_HARNESS, task.encode(), **limits)
         prefix = f"{token} pass ".encode()
         reported = {line[len(prefix) :] for line in result.stdout.splitlines() if line.startswith(prefix)}
         # Only the indices of tests count, each once, so the reward stays in [0, 1] whatever was written.
         tests = [b"%d" % i for i, (_, is_test) in enumerate(spec) if is_test]
-        passed = sum(index in reported for index in tests)
-        return passed, len(tests), result.status == "timeout", result.status == "error"
-    passed = timed_out = error = 0
+        return sum(index in reported for index in tests), len(tests), {result.status}
+    passed, statuses = 0, set()
     for stdin, expected in spec:
-        result = run_python(program, stdin.encode(), timeout=timeout, memory_mb=memory_mb, isolate=isolate)
-        timed_out |= result.status == "timeout"
-        error |= result.status == "error"
+        result = run_python(program, stdin.encode(), **limits)
+        statuses.add(result.status)
         ok = result.status == "exited" and result.returncode == 0
         if ok and _normalise_output(result.stdout.decode(errors="replace")) == _normalise_output(expected):
             passed += 1
         elif strict:
             break
-    return passed, len(spec), bool(timed_out), bool(error)
+    return passed, len(spec), statuses
 
 
 def batch_reward(
@@ -189,48 +187,64 @@ def batch_reward(
     *,
     strict: bool = False,
     timeout: float = TIMEOUT_S,
+    wall_timeout: float | None = None,
     memory_mb: int = MEMORY_MB,
     require_isolation: bool = False,
     answer_only: bool = True,
-    parallel: int = PARALLEL,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards (N,) in [0, 1] and per-sample metrics (N,) named in METRICS.
 
-    `timeout`: wall seconds per sandboxed run (one per sample for tests, one per case for cases);
-    `memory_mb`: address space per process; `parallel`: programs run at once by this call.
+    `timeout`: CPU seconds of the program's own work per sandboxed run (one per sample for tests, one
+    per case for cases); `wall_timeout`: wall seconds per run from the program's start (default
+    `wall_limit`: 10 x timeout, at least 60 s), a safety net for programs that sleep or block;
+    `memory_mb`: address space per process. Runs queue for the process-wide CONCURRENCY slots; neither
+    queueing nor sandbox set-up counts against a limit.
     """
     if len(labels) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(labels)} labels")
     specs = [parse_code_label(label, i) for i, label in enumerate(labels)]
-    isolate = isolation_available()
-    if require_isolation and not isolate:
+    try:
+        isolate = isolation_available()
+    except OSError:  # the sandbox cannot start at all (disk full, say): no sample can run
+        logger.exception("code sandbox cannot start; reward 0 for every program of this batch")
+        isolate = None
+    if require_isolation and isolate is False:
         raise RuntimeError(
             "code sandbox: require_isolation=True but Linux namespaces are unavailable "
             f"(euid {os.geteuid()}; they need root and a platform that permits unshare)"
         )
     programs = [extract_program(final_answer(response, answer_only)) for response in responses]
+    limits = {
+        "timeout": timeout,
+        "wall_timeout": wall_limit(timeout, wall_timeout),
+        "memory_mb": memory_mb,
+        "isolate": isolate,
+    }
 
-    def score(i: int) -> tuple[int, int, bool, bool]:
+    def score(i: int) -> tuple[int, int, set[str]]:
         if programs[i] is None:
-            return 0, 1, False, False
+            return 0, 1, set()
+        if isolate is None:
+            return 0, 1, {"error"}
         kind, spec = specs[i]
         try:
-            return _score(programs[i], kind, spec, strict, timeout, memory_mb, isolate)
-        except OSError:  # the sandbox could not start (out of processes, disk...): this sample only
+            return _score(programs[i], kind, spec, strict, limits)
+        except OSError:  # the sandbox could not start (out of processes, disk full...): this sample only
             logger.exception("code sandbox failed for response %d; reward 0", i)
-            return 0, 1, False, True
+            return 0, 1, {"error"}
 
-    with ThreadPoolExecutor(max(1, min(parallel, len(responses)))) as executor:
+    with ThreadPoolExecutor(max(1, min(CONCURRENCY, len(responses)))) as executor:
         outcomes = list(executor.map(score, range(len(responses))))
     n = len(responses)
     metrics = {key: torch.zeros(n) for key in METRICS}
-    for i, (passed, total, timed_out, error) in enumerate(outcomes):
+    for i, (passed, total, statuses) in enumerate(outcomes):
         metrics["code_pass_rate"][i] = passed / total
         metrics["code_all_passed"][i] = float(passed == total)
         metrics["code_no_program"][i] = float(programs[i] is None)
-        metrics["code_timeout"][i] = float(timed_out)
-        metrics["code_error"][i] = float(error)
-    metrics["code_isolated"][:] = float(isolate)
+        metrics["code_timeout"][i] = float("cpu_timeout" in statuses)
+        metrics["code_wall_timeout"][i] = float("wall_timeout" in statuses)
+        metrics["code_error"][i] = float("error" in statuses)
+    metrics["code_isolated"][:] = float(bool(isolate))
     rewards = (metrics["code_all_passed"] if strict else metrics["code_pass_rate"]).clone()
     return rewards, metrics
 

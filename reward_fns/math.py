@@ -4,7 +4,9 @@ The answer is the last `\\boxed{...}` (or `\\fbox{...}`) of the response; withou
 the whole response and, failing that, the last number. Answers that match the label exactly (or as
 integers) are decided in the calling thread; everything else goes to math-verify in a worker process
 that is killed after `timeout` seconds per check (sympy can hang on inputs like `9^{9^{9^{9}}}`), so a
-hang costs one check its reward, never the caller its thread. OpenRLHF: `--reward.remote_url
+hang costs one check its reward, never the caller its thread. The timeout counts the worker's CPU time
+on that check, so a check that only waits for a core on a busy machine is never cut short; a wall limit
+(`wall_timeout`) is the safety net. OpenRLHF: `--reward.remote_url
 reward_fns/math.py`; label = the answer, or a dict with "answer".
 """
 
@@ -16,17 +18,26 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from reward_fns._common import final_answer, label_field, logger, make_reward_func
-from reward_fns._procs import FrameReader, die_with_parent, read_frame, write_frame
+from reward_fns._common import final_answer, label_field, logger, make_reward_func, wall_limit
+from reward_fns._procs import FrameReader, cpu_seconds, die_with_parent, read_frame, write_frame
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0  # CPU seconds of one check
 WORKERS = 2
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine can take long; not a check's fault
-METRICS = ("math_correct", "math_fast_path", "math_no_answer", "math_timeout", "math_error")
+POLL_S = 0.05  # how often a waiting caller reads the worker's CPU clock
+METRICS = (
+    "math_correct",
+    "math_fast_path",
+    "math_no_answer",
+    "math_timeout",
+    "math_wall_timeout",
+    "math_error",
+)
 
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
@@ -154,13 +165,34 @@ class _Worker:
     def send(self, tasks: list) -> None:
         write_frame(self.proc.stdin.fileno(), tasks)
 
-    def receive(self, timeout: float) -> tuple[float, str]:
+    def receive(self, timeout: float, wall_timeout: float) -> tuple[float, str]:
+        """The next check's result; TimeoutError("timeout") once the worker has spent `timeout` CPU
+        seconds on it, TimeoutError("wall_timeout") after `wall_timeout` seconds of waiting."""
         if not self.ready:
-            status, detail = self.reader.read(STARTUP_TIMEOUT_S)
+            try:
+                status, detail = self.reader.read(STARTUP_TIMEOUT_S)
+            except TimeoutError:  # not the check's fault, but it cannot run: an error, not a timeout
+                raise EOFError("math worker did not start in time") from None
             if status != "ready":
                 raise RuntimeError(f"math worker could not start: {detail}")
             self.ready = True
-        return self.reader.read(timeout)
+        started, deadline = self.cpu_seconds(), time.monotonic() + wall_timeout
+        while True:
+            try:
+                return self.reader.read(POLL_S)
+            except TimeoutError:
+                pass
+            if self.cpu_seconds() - started > timeout:
+                raise TimeoutError("timeout")
+            if time.monotonic() > deadline:
+                raise TimeoutError("wall_timeout")
+
+    def cpu_seconds(self) -> float:
+        """The worker's CPU time so far; EOFError once it has died."""
+        try:
+            return cpu_seconds(self.proc.pid)
+        except OSError:
+            raise EOFError("math worker died") from None
 
     def kill(self) -> None:
         self.proc.kill()
@@ -215,15 +247,20 @@ def _shutdown() -> None:
         _idle.clear()
 
 
-def run_checks(tasks: list[tuple[str, str, bool]], timeout: float, workers: int) -> list[tuple[float, str]]:
+def run_checks(
+    tasks: list[tuple[str, str, bool]], timeout: float, wall_timeout: float, workers: int
+) -> list[tuple[float, str]]:
     """One round trip per worker: the batch goes out at once and results stream back; a check that
-    runs past `timeout` scores 0 ("timeout"), its worker is killed and replaced, the rest re-sent."""
+    runs past `timeout` CPU seconds (or `wall_timeout` seconds) scores 0 ("timeout", "wall_timeout"),
+    its worker is killed and replaced, the rest re-sent. A worker that dies costs its check ("error")."""
     parts = min(workers, -(-len(tasks) // 8))
     if parts <= 1:
-        return _run_on_worker(tasks, timeout, workers)
+        return _run_on_worker(tasks, timeout, wall_timeout, workers)
     with ThreadPoolExecutor(parts) as executor:
         answered = list(
-            executor.map(lambda i: _run_on_worker(tasks[i::parts], timeout, workers), range(parts))
+            executor.map(
+                lambda i: _run_on_worker(tasks[i::parts], timeout, wall_timeout, workers), range(parts)
+            )
         )
     results: list = [None] * len(tasks)
     for i, part in enumerate(answered):
@@ -232,7 +269,7 @@ def run_checks(tasks: list[tuple[str, str, bool]], timeout: float, workers: int)
 
 
 def _run_on_worker(
-    tasks: list[tuple[str, str, bool]], timeout: float, workers: int
+    tasks: list[tuple[str, str, bool]], timeout: float, wall_timeout: float, workers: int
 ) -> list[tuple[float, str]]:
     results = []
     worker = _checkout(workers)
@@ -242,9 +279,9 @@ def _run_on_worker(
             worker.send(pending)
             for _ in pending:
                 try:
-                    results.append(worker.receive(timeout))
+                    results.append(worker.receive(timeout, wall_timeout))
                 except (TimeoutError, EOFError) as exc:
-                    results.append((0.0, "timeout" if isinstance(exc, TimeoutError) else "error"))
+                    results.append((0.0, exc.args[0] if isinstance(exc, TimeoutError) else "error"))
                     worker.kill()
                     worker = _Worker()  # starts importing now, off the critical path
                     break
@@ -262,13 +299,16 @@ def batch_reward(
     labels: list,
     *,
     timeout: float = TIMEOUT_S,
+    wall_timeout: float | None = None,
     answer_only: bool = True,
     workers: int = WORKERS,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Rewards (N,) in {0, 1} and per-sample metrics (N,) named in METRICS.
 
     labels[i]: the gold answer, or {"answer": ...}. `answer_only`: score only the text after `</think>`.
-    `workers`: most worker processes this call and concurrent ones use together.
+    `timeout`: CPU seconds a worker may spend on one check; `wall_timeout`: wall seconds waited for one
+    check (default `wall_limit`: 10 x timeout, at least 60 s). `workers`: most worker processes this
+    call and concurrent ones use together; waiting for one counts against no limit.
     """
     golds = [str(label_field(label, "answer", i)) for i, label in enumerate(labels)]
     if len(golds) != len(responses):
@@ -291,10 +331,12 @@ def batch_reward(
         else:
             pending.append(i)
             tasks.append((gold, answer if boxed else text, boxed))
-    for i, (score, status) in zip(pending, run_checks(tasks, timeout, workers), strict=True):
+    wall_timeout = wall_limit(timeout, wall_timeout)
+    for i, (score, status) in zip(pending, run_checks(tasks, timeout, wall_timeout, workers), strict=True):
         rewards[i] = score
         metrics["math_no_answer"][i] = float(status == "no_answer")
         metrics["math_timeout"][i] = float(status == "timeout")
+        metrics["math_wall_timeout"][i] = float(status == "wall_timeout")
         metrics["math_error"][i] = float(status in ("error", "gold_unparsed"))
         if status == "gold_unparsed":
             logger.warning("labels[%d]: math-verify cannot parse the gold answer %r; reward 0", i, golds[i])

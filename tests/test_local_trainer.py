@@ -16,8 +16,9 @@ import torch
 import yaml
 from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
 
+from aapa_rl.local.policy import load_policy
 from aapa_rl.local.recipe import load_recipe
-from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer
+from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 AAPA = {"alpha": 0.5, "lam": 1.0, "rho": 0.5}
@@ -237,7 +238,7 @@ def test_resume_after_sigkill_continues_identically(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # only a hang ends the wait: a busy machine is slow, not wrong
     while (
         not (run / "checkpoints" / "step_000002").exists() and proc.poll() is None and time.time() < deadline
     ):
@@ -273,6 +274,77 @@ def test_resume_after_sigkill_continues_identically(tmp_path):
         load_file(run / "final" / "model.safetensors"),
     )
     assert all(torch.allclose(ref_w[k], got_w[k], atol=1e-6) for k in ref_w)
+
+
+# Runs the trainer's CLI with torch.save cut short at step 4's trainer state: half the bytes written, then
+# SIGTERM, as a scheduler's stop would arrive mid-write.
+SIGTERM_MID_SAVE = r"""
+import io, os, signal, sys, torch
+from aapa_rl.cli import main
+
+real_save = torch.save
+
+def save(obj, path, *args, **kwargs):
+    if "step_000004" in str(path):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        with open(path, "wb") as file:
+            file.write(buffer.getvalue()[: buffer.tell() // 2])
+            file.flush()
+            os.kill(os.getpid(), signal.SIGTERM)
+    real_save(obj, path, *args, **kwargs)
+
+torch.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _six_step_recipe(tmp_path: Path) -> Path:
+    data = base_recipe(
+        tmp_path / "unused",
+        steps=6,
+        stages=[{"end_step": 6, "objective": "grpo"}],
+        model={"path": str(warm_run() / "final")},
+        log={"save_every": 2, "eval_every": 0, "eval_samples": 8, "plots": False},
+    )
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_sigterm_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    config, run = _six_step_recipe(tmp_path), tmp_path / "run"
+    argv = ["train", "--config", str(config), "--no-progress", "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", SIGTERM_MID_SAVE, *argv], env=env, cwd=REPO)
+    assert killed.returncode == -signal.SIGTERM
+    assert (run / "checkpoints" / "step_000004.tmp" / "trainer_state.pt").exists()  # the half-written one
+    assert [d.name for d in checkpoints(run)] == ["step_000002"]
+
+    Trainer(load_recipe(config, [f"out={run}"]), resume=True, progress=False).fit()
+    assert [r["step"] for r in metrics(run)] == list(range(6))
+    assert [d.name for d in checkpoints(run)] == ["step_000006", "step_000004", "step_000002"]
+    assert os.readlink(run / "final") == "checkpoints/step_000006"
+
+
+def test_damaged_checkpoint_on_resume_is_named_and_the_one_before_used(tmp_path, capsys):
+    config, run = _six_step_recipe(tmp_path), tmp_path / "run"
+    Trainer(load_recipe(config, [f"out={run}"]), progress=False).fit()
+    weights = run / "checkpoints" / "step_000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy cut short
+
+    Trainer(load_recipe(config, [f"out={run}"]), resume=True, progress=False).fit()  # steps 4 and 5 again
+    out = capsys.readouterr()
+    assert f"warning: {run / 'checkpoints' / 'step_000006'} cannot be loaded: SafetensorError" in out.err
+    assert f"resumed from {run / 'checkpoints' / 'step_000004'} at step 4" in out.out
+    assert [r["step"] for r in metrics(run)] == list(range(6))
+    assert load_policy(str(run / "final"), None) is not None  # rewritten whole
+
+    for checkpoint in checkpoints(run):
+        (checkpoint / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(RunDirError, match=r"no checkpoint can be loaded \(.*step_000006 cannot be loaded.*"
+                       r"step_000002 cannot be loaded.*\); start over with --overwrite"):
+        Trainer(load_recipe(config, [f"out={run}"]), resume=True, progress=False)
 
 
 def test_random_anchor_control_uses_the_same_budget(tmp_path):

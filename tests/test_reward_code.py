@@ -7,16 +7,22 @@ reward of 0 means the sandbox held, and each test also checks the host afterward
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from reward_fns import code
+from reward_fns import _sandbox, code
 from reward_fns._sandbox import isolation_available
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SANDBOX_UID_MIN = 10_000_000  # reward_fns._sandbox draws each run's uid above this
 
@@ -44,7 +50,7 @@ def sandbox_processes() -> list[int]:
 
 
 def assert_host_clean(sandbox_dirs_before: set[str]) -> None:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # killed processes go at once on a quiet machine; a busy one may lag
     while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_processes() == []
@@ -147,11 +153,12 @@ def test_namespaces_are_active_here():
     assert isolation_available(), "run as root on Linux with unshare permitted"
 
 
-def test_infinite_loop_is_killed_at_the_timeout(host):
-    start = time.monotonic()
+def test_infinite_loop_is_killed_at_the_cpu_limit(host):
     value, metrics = reward("while True:\n    pass\n", "assert True", timeout=1.5)
-    assert value == 0.0 and metrics["code_timeout"] == 1.0
-    assert time.monotonic() - start < 1.5 + 1.0
+    assert value == 0.0 and metrics["code_timeout"] == 1.0 and metrics["code_wall_timeout"] == 0.0
+    # A program that sleeps is stopped by the wall limit, and says so.
+    value, metrics = reward("import time\ntime.sleep(600)\n", "assert True", timeout=1.5, wall_timeout=1)
+    assert value == 0.0 and metrics["code_wall_timeout"] == 1.0 and metrics["code_timeout"] == 0.0
 
 
 def test_fork_bomb_is_contained(host):
@@ -169,9 +176,10 @@ for _ in range(500):
         break
 ATTACK_OK = born >= 500
 """
-    start = time.monotonic()
-    assert reward(bomb, "assert ATTACK_OK", timeout=3)[0] == 0.0
-    assert time.monotonic() - start < 4
+    value, metrics = reward(bomb, "assert ATTACK_OK", timeout=3)
+    assert value == 0.0
+    # The run ends with the program: its sleeping children hold neither a limit nor the call.
+    assert metrics["code_timeout"] == metrics["code_wall_timeout"] == metrics["code_error"] == 0.0
 
 
 def test_memory_hog_is_contained(host):
@@ -188,10 +196,9 @@ ATTACK_OK = len(chunks) == 64
 
 
 def test_huge_stdout_is_capped(host):
-    start = time.monotonic()
     flood = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
-    assert reward(flood, "assert True", timeout=4)[0] == 0.0
-    assert time.monotonic() - start < 3  # stopped by the output cap, not the timeout
+    value, metrics = reward(flood, "assert True", timeout=60)
+    assert value == 0.0 and metrics["code_timeout"] == metrics["code_wall_timeout"] == 0.0  # the cap
 
 
 def test_writes_outside_the_workdir_are_refused(host, tmp_path):
@@ -306,9 +313,8 @@ except OSError:
     pass
 ATTACK_OK = hits > 0
 """
-    start = time.monotonic()
-    assert reward(attack, "assert ATTACK_OK")[0] == 0.0
-    assert time.monotonic() - start < 5
+    value, metrics = reward(attack, "assert ATTACK_OK")
+    assert value == 0.0 and metrics["code_wall_timeout"] == metrics["code_error"] == 0.0
     assert os.getppid() > 1  # the test process and its parent are alive
 
 
@@ -318,8 +324,6 @@ def test_segfault_via_ctypes(host):
 
 
 def test_threads_match_serial(host):
-    from concurrent.futures import ThreadPoolExecutor
-
     programs = [
         ADD,
         "def add(a, b):\n    return 3\n",
@@ -332,6 +336,117 @@ def test_threads_match_serial(host):
         threaded = list(pool.map(lambda k: reward(programs[k % 4], labels[k % 4], timeout=1)[0], range(8)))
     assert threaded == serial + serial
     assert serial == [1.0, pytest.approx(1 / 3), 0.0, 0.0]
+
+
+def test_time_off_the_cpu_counts_against_no_limit(host):
+    """Waiting for a core is time off the CPU, as sleeping is: neither costs a correct program its reward."""
+    sleepy_add = "import time\ntime.sleep(2)\n" + ADD
+    value, metrics = reward(sleepy_add, ADD_TESTS, timeout=1, wall_timeout=60)
+    assert value == 1.0 and metrics["code_timeout"] == metrics["code_wall_timeout"] == 0.0
+
+
+def test_queued_runs_count_against_no_limit(host, monkeypatch):
+    """With one slot, four 1 s programs queue: the last starts after 3 s, yet its 4 s wall limit holds."""
+    active, most = [], []
+    run = _sandbox._run
+
+    def counted(*args, **kwargs):
+        active.append(1)
+        most.append(len(active))
+        try:
+            return run(*args, **kwargs)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(_sandbox, "_slots", threading.BoundedSemaphore(1))
+    monkeypatch.setattr(_sandbox, "_run", counted)
+    sleepy_add = fenced("import time\ntime.sleep(1)\n" + ADD)
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(
+            pool.map(lambda _: code.batch_reward([sleepy_add], [ADD_TESTS], wall_timeout=4), range(4))
+        )
+    assert max(most) == 1
+    assert [rewards.item() for rewards, _ in outcomes] == [1.0] * 4
+    assert all(metrics["code_wall_timeout"].item() == 0.0 for _, metrics in outcomes)
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [("3", "3"), ("", str(len(os.sched_getaffinity(0)))), ("many", "must be a positive integer, got 'many'")],
+)
+def test_concurrency_setting(setting, expected):
+    env = {**os.environ, "AAPA_CODE_CONCURRENCY": setting}
+    probe = "from reward_fns import code; print(code.CONCURRENCY)"
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=REPO)
+    assert expected in (run.stdout if run.returncode == 0 else run.stderr)
+
+
+def test_sandbox_killed_mid_run_costs_that_sample(host, monkeypatch):
+    """A jail killed from outside (the OOM killer, say) gives reward 0 and code_error; the next run works."""
+    started = []
+    popen = _sandbox.subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(_sandbox.subprocess, "Popen", recorded)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(reward, "import time\ntime.sleep(600)\n" + ADD, ADD_TESTS, wall_timeout=600)
+        while not started:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        started[0].kill()
+        value, metrics = pending.result()
+    assert value == 0.0 and metrics["code_error"] == 1.0 and metrics["code_wall_timeout"] == 0.0
+    assert reward(ADD, ADD_TESTS)[0] == 1.0
+
+
+def test_unwritable_or_full_temporary_directory_costs_the_sample_only(tmp_path, monkeypatch):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_dir / "tmp"))
+    value, metrics = reward(ADD, ADD_TESTS)
+    assert value == 0.0 and metrics["code_error"] == 1.0
+    monkeypatch.undo()
+    assert reward(ADD, ADD_TESTS)[0] == 1.0
+
+
+DISK_FULL = r"""
+import glob, json, os, subprocess, sys, tempfile
+full = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", full], check=True)
+try:
+    with open(os.path.join(full, "filler"), "wb") as filler:
+        filler.write(b"x" * (1 << 20))
+except OSError:
+    pass  # the disk is full now
+tempfile.tempdir = full
+from reward_fns import code
+program = "```python\ndef add(a, b):\n    return a + b\n```"
+rewards, metrics = code.batch_reward([program], ["assert add(1, 2) == 3"])
+left = glob.glob(os.path.join(full, "aapa-sandbox-*"))
+os.remove(os.path.join(full, "filler"))
+again = code.batch_reward([program], ["assert add(1, 2) == 3"])[0]
+print(json.dumps([rewards.item(), metrics["code_error"].item(), left, again.item()]))
+"""
+
+
+def test_disk_full_costs_the_sample_only(tmp_path):
+    """A real full filesystem (a 256 KiB tmpfs in a private mount namespace) under the sandbox's files."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (CI runs as root)"
+    full = tmp_path / "full"
+    full.mkdir()
+    run = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", DISK_FULL, str(full)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "No space left on device" in run.stderr
+    reward_full, error, left, reward_after = json.loads(run.stdout)
+    assert (reward_full, error, left, reward_after) == (0.0, 1.0, [], 1.0)
 
 
 def test_sandbox_failure_costs_one_sample(monkeypatch):

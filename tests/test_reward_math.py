@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -74,15 +76,53 @@ def test_long_answer_and_unparseable_gold():
 
 
 def test_pathological_input_times_out_and_worker_is_replaced():
-    rewards([("\\boxed{0.5}", "1/2")])  # a warm worker, so the timing below is the check alone
     timeout = 1.5
     scores, metrics = math_reward.batch_reward(
         ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{0.5}"], ["82", "1/2"], timeout=timeout, workers=1
     )  # the check after the hung one is re-sent to a fresh worker
     assert scores.tolist() == [0.0, 1.0] and metrics["math_timeout"].tolist() == [1.0, 0.0]
-    single_start = time.monotonic()
-    assert math_reward.batch_reward(["\\boxed{(x+1)^{100000}}"], ["82"], timeout=timeout)[0].tolist() == [0.0]
-    assert time.monotonic() - single_start < timeout + 1.0
+    # The CPU limit fired, not the wall-clock safety net: waiting for a core never costs a check.
+    scores, metrics = math_reward.batch_reward(["\\boxed{(x+1)^{100000}}"], ["82"], timeout=timeout)
+    assert scores.tolist() == [0.0] and metrics["math_timeout"].tolist() == [1.0]
+    assert metrics["math_wall_timeout"].tolist() == [0.0]
+
+
+def test_a_check_off_the_cpu_is_not_cut_short(monkeypatch):
+    """A worker stopped (SIGSTOP) for longer than the limit spends no CPU: its check still counts."""
+    rewards([("\\boxed{0.5}", "1/2")])  # a warm worker
+    real_send = math_reward._Worker.send
+
+    def send_then_pause(self, tasks):
+        real_send(self, tasks)
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        threading.Timer(2.0, os.kill, (self.proc.pid, signal.SIGCONT)).start()
+
+    monkeypatch.setattr(math_reward._Worker, "send", send_then_pause)
+    scores, metrics = math_reward.batch_reward(
+        ["\\boxed{\\frac{2}{4}}"], ["0.5"], timeout=1.0, wall_timeout=60
+    )
+    assert scores.tolist() == [1.0] and metrics["math_timeout"].tolist() == [0.0]
+
+
+def test_worker_killed_mid_batch_costs_its_check_and_the_pool_recovers(monkeypatch):
+    rewards([("\\boxed{0.5}", "1/2")])
+    real_send = math_reward._Worker.send
+    killed = []
+
+    def send_then_die(self, tasks):  # the worker dies (OOM killer, an operator) as the batch arrives
+        real_send(self, tasks)
+        if not killed:
+            killed.append(self.proc.pid)
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    monkeypatch.setattr(math_reward._Worker, "send", send_then_die)
+    scores, metrics = math_reward.batch_reward(
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{\\sqrt{4}}", "\\boxed{0.51}"], ["0.5", "2", "1/2"], workers=1
+    )
+    assert killed and scores.tolist() == [0.0, 1.0, 0.0]  # the rest is re-sent to a fresh worker
+    assert metrics["math_error"].tolist() == [1.0, 0.0, 0.0]
+    monkeypatch.undo()
+    assert rewards(EQUIVALENT[:3]) == [1.0] * 3
 
 
 def test_reward_func_contract():

@@ -124,10 +124,13 @@ class Stream:
         self.order, self.pos = state["order"], state["pos"]
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest first (a write cut short leaves only a step_N.tmp)."""
+    return sorted((run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
-    done = [d for d in done if (d / "trainer_state.pt").exists()]
-    return done[-1] if done else None
+    return next((d for d in checkpoints(run_dir) if (d / "trainer_state.pt").exists()), None)
 
 
 class Trainer:
@@ -137,7 +140,7 @@ class Trainer:
         self.recipe = r = recipe
         self.run_dir = Path(r.out)
         self.progress = progress
-        resume_from = self._prepare_run_dir(resume, overwrite)
+        resume_from = self._prepare_run_dir(resume, overwrite)  # checkpoints to try, newest first
         if r.threads:
             torch.set_num_threads(r.threads)
         import transformers
@@ -182,8 +185,8 @@ class Trainer:
         self.reference = None
         if r.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        if resume_from is not None:
-            self.policy = load_policy(str(resume_from), self.tokenizer, device=self.device)
+        if resume_from:
+            resume_from, self.policy, state = self._read_checkpoint(resume_from)
         self.policy.train()
 
         self.discriminator = self.critic = None
@@ -213,19 +216,20 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0  # non-finite steps in a row
         self.skipped = 0  # non-finite steps in the whole run
-        if resume_from is not None:
-            self._load_state(resume_from)
+        if resume_from:
+            self._load_state(state)
+            print(f"resumed from {resume_from} at step {self.step}")
         self._open_logs()
 
     # ----------------------------------------------------------------------------------------- run directory
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
         d = self.run_dir
         holds_run = d.is_dir() and any((d / m).exists() for m in RUN_MARKERS)
         if resume:
-            checkpoint = latest_checkpoint(d)
-            if checkpoint is None:
+            found = checkpoints(d)
+            if not found:
                 raise RunDirError(f"{d}: no checkpoint to resume from; start over with --overwrite")
-            return checkpoint
+            return found
         if holds_run and not overwrite:
             raise RunDirError(
                 f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
@@ -238,7 +242,7 @@ class Trainer:
             )
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.yaml").write_text(yaml.safe_dump(recipe_dict(self.recipe), sort_keys=False))
-        return None
+        return []
 
     def _open_logs(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -295,8 +299,25 @@ class Trainer:
         os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
         return final
 
-    def _load_state(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    def _read_checkpoint(self, candidates: list[Path]) -> tuple[Path, torch.nn.Module, dict]:
+        """The newest checkpoint that loads. One that does not (a copy cut short, a bad disk) is named and
+        the one before it tried; its steps are trained again and it is overwritten on the way."""
+        problems = []
+        for checkpoint in candidates:
+            try:
+                policy = load_policy(str(checkpoint), self.tokenizer, device=self.device)
+                state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+            except Exception as exc:  # whatever a damaged file raises: safetensors, pickle, OS errors
+                problems.append(f"{checkpoint} cannot be loaded: {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"warning: {problems[-1]}; trying the checkpoint before it", file=sys.stderr)
+                continue
+            return checkpoint, policy, state
+        raise RunDirError(
+            f"{self.run_dir}: no checkpoint can be loaded ({'; '.join(problems)}); "
+            "start over with --overwrite"
+        )
+
+    def _load_state(self, state: dict) -> None:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped = state.get("skipped", 0)  # checkpoints written before the count was kept lack it
         self.schedule.load_state_dict(state["schedule"])
@@ -306,7 +327,6 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        print(f"resumed from {checkpoint} at step {self.step}")
 
     # ---------------------------------------------------------------------------------------------- training
     def lr_at(self, step: int) -> float:
