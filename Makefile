@@ -1,11 +1,11 @@
-# Two commands: `make demo` (the main job) and `make test`. Both create .venv on first use.
+# Two commands: `make demo` (the main job) and `make test` (+ `make test-e2e`). All create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo
+.PHONY: install test test-e2e lint demo
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest
+
+# OpenRLHF's real training loop with AAPA on CPU, every layout (tests/e2e/; ~9 min on 2 cores, plus a
+# one-off 5-7 min build of DeepSpeed's CPU ops into $(VENV)/torch_extensions). Not part of `make test`.
+test-e2e: $(STAMP)
+	$(VENV)/bin/pytest tests/e2e -s
 
 # The main job: SFT-warm a tiny model, train the discriminator, run GRPO and GRPO+AAPA, compare.
 # A finished run only reprints its summary; pass DEMO_ARGS=--overwrite to run it again.

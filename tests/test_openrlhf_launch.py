@@ -277,7 +277,7 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 def test_launcher_scripts_parse_and_ship_the_plugin():
     scripts = sorted((REPO / "launchers").glob("*.sh")) + [REPO / "launchers" / "slurm.sbatch"]
-    assert len(scripts) == 5
+    assert len(scripts) == 6  # ray_head, ray_worker, single_node, submit, gpu_smoke, slurm
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, (script.name, result.stderr)
