@@ -29,8 +29,13 @@ TESTS = Path(__file__).resolve().parent
 def local_ray():
     # Workers import the vllm / flash_attn stand-ins of tests/conftest.py before anything else (no-ops where
     # the real packages are installed); a lambda is shipped by value, so this module is not imported first.
-    ray.init(num_cpus=1, include_dashboard=False, runtime_env={
-        "env_vars": {"PYTHONPATH": str(TESTS)}, "worker_process_setup_hook": lambda: __import__("conftest")})
+    # Ray starts its workers at nice 15, where any other busy process on the machine starves them: at
+    # nice 0 a loaded CI machine only slows these tests down.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_worker_niceness", "0")
+        setup = lambda: __import__("conftest")  # noqa: E731
+        ray.init(num_cpus=1, include_dashboard=False, runtime_env={
+            "env_vars": {"PYTHONPATH": str(TESTS)}, "worker_process_setup_hook": setup})
     yield
     ray.shutdown()
 

@@ -115,6 +115,8 @@ def worker_env(marker: str, extensions: Path) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")])),
         "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "AAPA_E2E_MARKER": marker,
+        # Ray starts workers at nice 15, where any other busy process on a shared CI machine starves them.
+        "RAY_worker_niceness": "0",
     }
 
 
