@@ -24,7 +24,9 @@ from reward_fns._sandbox import isolation_available
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SANDBOX_UID_MIN = 10_000_000  # reward_fns._sandbox draws each run's uid above this
+HOST_TMP = tempfile.gettempdir()  # host directories the hostile programs aim at (the host fixture moves
+# the sandbox's own files elsewhere)
+SANDBOX_UID_MIN = 10_000_000  # reward_fns._sandbox draws each run's uid as this + secrets.randbelow(...)
 
 
 def fenced(program: str) -> str:
@@ -36,7 +38,7 @@ def reward(program: str, label, **options) -> tuple[float, dict[str, float]]:
     return rewards.item(), {key: value.item() for key, value in metrics.items()}
 
 
-def sandbox_processes() -> list[int]:
+def sandbox_processes(uids: set[int]) -> list[int]:
     pids = []
     for status in glob.glob("/proc/[0-9]*/status"):
         try:
@@ -44,24 +46,28 @@ def sandbox_processes() -> list[int]:
                 uid_line = next(line for line in file if line.startswith("Uid:"))
         except (OSError, StopIteration):
             continue
-        if int(uid_line.split()[1]) >= SANDBOX_UID_MIN:
+        if int(uid_line.split()[1]) in uids:
             pids.append(int(status.split("/")[2]))
     return pids
 
 
-def assert_host_clean(sandbox_dirs_before: set[str]) -> None:
-    deadline = time.monotonic() + 60  # killed processes go at once on a quiet machine; a busy one may lag
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_processes() == []
-    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "aapa-sandbox-*"))) <= sandbox_dirs_before
-
-
 @pytest.fixture
-def host():
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "aapa-sandbox-*")))
+def host(tmp_path, monkeypatch):
+    """Afterwards no process of this test's sandbox runs is alive and no sandbox directory is left. The
+    runs' files go to a directory of this test's and their uids are recorded, so that another suite's
+    sandboxes on the same machine are not taken for this test's leftovers."""
+    sandbox_tmp = tmp_path / "sandbox-tmp"
+    sandbox_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(sandbox_tmp))
+    drawn, draw = [], _sandbox.secrets.randbelow
+    monkeypatch.setattr(_sandbox.secrets, "randbelow", lambda n: drawn.append(draw(n)) or drawn[-1])
     yield
-    assert_host_clean(before)
+    uids = {SANDBOX_UID_MIN + d for d in drawn}
+    deadline = time.monotonic() + 60  # killed processes go at once on a quiet machine; a busy one may lag
+    while sandbox_processes(uids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes(uids) == []
+    assert list(sandbox_tmp.glob("aapa-sandbox-*")) == []
 
 
 ADD = "def add(a, b):\n    return a + b\n"
@@ -202,11 +208,11 @@ def test_huge_stdout_is_capped(host):
 
 
 def test_writes_outside_the_workdir_are_refused(host, tmp_path):
-    open_dir = tempfile.mkdtemp(prefix="aapa-test-open-")
+    open_dir = tempfile.mkdtemp(prefix="aapa-test-open-", dir=HOST_TMP)
     os.chmod(open_dir, 0o777)  # writable for any uid: only the read-only mounts stop the program
     targets = [
         os.path.join(open_dir, "escaped.txt"),
-        os.path.join(tempfile.gettempdir(), "aapa-escaped.txt"),
+        os.path.join(HOST_TMP, "aapa-escaped.txt"),
         "/dev/shm/aapa-escaped.txt",
         str(tmp_path / "escaped.txt"),
     ]
@@ -240,7 +246,7 @@ def test_network_and_host_sockets_are_unreachable(host):
     listener.setblocking(False)
     port = listener.getsockname()[1]
     # A Unix socket any uid may use, like Ray's or Docker's: a read-only mount alone would not stop it.
-    socket_dir = tempfile.mkdtemp(prefix="aapa-test-sock-")
+    socket_dir = tempfile.mkdtemp(prefix="aapa-test-sock-", dir=HOST_TMP)
     os.chmod(socket_dir, 0o777)
     unix_path = os.path.join(socket_dir, "control.sock")
     unix_listener = socket.socket(socket.AF_UNIX)

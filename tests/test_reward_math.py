@@ -110,9 +110,11 @@ def test_worker_killed_mid_batch_costs_its_check_and_the_pool_recovers(monkeypat
     killed = []
 
     def send_then_die(self, tasks):  # the worker dies (OOM killer, an operator) as the batch arrives
-        real_send(self, tasks)
-        if not killed:
+        if not killed:  # stopped first, so that it answers nothing however late the kill comes
             killed.append(self.proc.pid)
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        real_send(self, tasks)
+        if killed == [self.proc.pid]:
             os.kill(self.proc.pid, signal.SIGKILL)
 
     monkeypatch.setattr(math_reward._Worker, "send", send_then_die)
