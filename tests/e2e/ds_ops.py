@@ -45,7 +45,7 @@ def build_ops(directory: Path | None = None, timeout_s: float = BUILD_TIMEOUT_S)
             return directory
         for stale in directory.rglob("lock"):  # we hold the flock, so no live build owns these
             stale.unlink()
-        print(f"building DeepSpeed CPU ops {OPS} into {directory} (once per machine; ~5 min on 2 cores)",
+        print(f"building DeepSpeed CPU ops {OPS} into {directory} (once per venv; ~5 min on 2 cores)",
               file=sys.stderr, flush=True)
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(directory)}
         # Its own session, so a timeout stops the compilers too, not only the Python that started them.
