@@ -1,4 +1,4 @@
-"""Build DeepSpeed's CPU ops (shm comm, fused Adam) once per machine into a private extensions directory.
+"""Build DeepSpeed's CPU ops (shm comm, fused Adam) once per venv into a private extensions directory.
 
 DeepSpeed JIT-compiles them on first use inside every Ray worker. A compile killed midway leaves torch's
 `lock` file behind and every later build waits on it forever, so builds run here first, serialised by an
