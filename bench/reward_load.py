@@ -56,7 +56,7 @@ MATH_INPUTS = [  # fast-path, math-verify right and wrong, and one in 16 that sy
     ("\\boxed{(1, 2]}", "[1,2)"),
     ("\\boxed{x^2+2x+1}", "(x+1)^2"),
     ("\\boxed{0.51}", "\\frac12"),
-    ("\\boxed{9^{9^{9^{9}}}}", "82"),
+    ("\\boxed{9^{9^{9^{9}}}}", "\\sqrt{82}"),  # a numeric gold would refuse it unchecked
     ("7+5=12, 3+4=7. \\boxed{72}", "82"),
     ("\\boxed{\\dfrac{3}{4}}", "3/4"),
     ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}"),

@@ -108,7 +108,7 @@ def main() -> None:
         "math",
         "9^{9^{9^{9}}} (sympy hangs), timeout 2 s",
         "worker pool",
-        lambda: math_reward.batch_reward(["\\boxed{9^{9^{9^{9}}}}"], ["82"], timeout=2.0),
+        lambda: math_reward.batch_reward(["\\boxed{9^{9^{9^{9}}}}"], ["\\sqrt{82}"], timeout=2.0),
         1,
         1,
     )

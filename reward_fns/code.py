@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,70 +40,78 @@ METRICS = (
     "code_wall_timeout",
     "code_error",
     "code_isolated",
+    "code_untrusted_compare",
 )
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
-# Runs in the sandbox. The task arrives on stdin with a random token that signs each passed test on stdout,
-# so the program must not get at the token, nor at the exec/compile/write the harness calls after it ran.
-_HARNESS = """\
-import ctypes, json, os, sys, threading
+# Runs in the sandbox as main.py; it reads the task from stdin and prints the token of each test that passed.
+_HARNESS = (Path(__file__).parent / "_code_harness.py").read_text(encoding="utf-8")
+# Calls whose verdict a program-defined __bool__ or __instancecheck__ could forge, and their guards.
+_GUARDED_CALLS = {"isinstance": "__aapa_isinstance__", "all": "__aapa_all__", "any": "__aapa_any__",
+                  "bool": "__aapa_truth__"}
 
 
-def run(exec=exec, compile=compile, write=os.write):
-    # Defaults are bound here, before the program may replace builtins or module attributes.
-    task = json.loads(sys.stdin.readline())
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    try:
-        os.unlink("stdin")  # without a mount namespace the task file stays readable in the working directory
-    except FileNotFoundError:
-        pass
-    report, line = os.dup(1), b"\\n%s pass %%d\\n" % task["token"].encode()
-    statements = list(enumerate(task["statements"]))
-
-    def refuse(event, args):
-        # Ways to look into this interpreter, where the token and the tests are: frames, the object graph,
-        # tracing, audit hooks of its own (they see each test's source), hand-made bytecode, ctypes and
-        # CPython's test modules.
-        frame = event == "object.__getattr__" and args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame")
-        native = event == "import" and args[0].startswith(("ctypes", "_ctypes", "_test"))
-        if frame or native or event in (
-            "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
-            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
-        ):
-            raise ValueError(event + " is not allowed in the code sandbox")
-
-    sys.addaudithook(refuse)
-    namespace = {"__name__": "solution"}
-    try:
-        exec(compile(task["program"], "solution.py", "exec"), namespace)
-    except BaseException:
-        return
-    for i, (source, is_test) in statements:
-        try:
-            exec(compile(source, "test_%d.py" % i, "exec"), namespace)
-        except BaseException:
-            continue
-        if is_test:
-            write(report, line % i)
+def _call(name: str, *args: ast.expr) -> ast.Call:
+    return ast.Call(ast.Name(name, ast.Load()), list(args), [])
 
 
-# Not dumpable: /proc/<pid>/mem and the like then belong to root, even for this process. ctypes goes after
-# that (its memmove is not audited), and `refuse` keeps it from being imported again.
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
-del ctypes
-for module in [module for module in sys.modules if module.startswith(("ctypes", "_ctypes"))]:
-    del sys.modules[module]
-# Signal handlers are handed the frame they interrupt, but run in the main thread and can only be set from
-# it: the program runs in another one.
-thread = threading.Thread(target=run)
-try:
-    thread.start()
-except RuntimeError:  # without a uid of its own, RLIMIT_NPROC counts all of the user's threads
-    run()
-else:
-    thread.join()
-"""
+class _GuardTests(ast.NodeTransformer):
+    """Rewrites test code so that the harness's guards, not the program's own methods, judge what the
+    program returned: comparisons, truth tests, arithmetic operators, abs, isinstance, all, any, bool."""
+
+    def truth(self, node: ast.expr) -> ast.expr:
+        # A value used only for its truth: and/or decide by each operand's truth, so guard each one.
+        if isinstance(node, ast.BoolOp):
+            return ast.BoolOp(node.op, [self.truth(value) for value in node.values])
+        return _call("__aapa_truth__", node)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.expr:
+        self.generic_visit(node)
+        ops = tuple(type(op).__name__ for op in node.ops)
+        if set(ops) <= {"Is", "IsNot"}:  # identity cannot be forged
+            return node
+        return _call("__aapa_compare__", ast.Constant(ops), node.left, *node.comparators)
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
+        self.generic_visit(node)
+        return _call("__aapa_arith__", ast.Constant(type(node.op).__name__), node.left, node.right)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.expr:
+        self.generic_visit(node)
+        if isinstance(node.op, ast.Not):
+            return ast.UnaryOp(ast.Not(), self.truth(node.operand))
+        return _call("__aapa_arith__", ast.Constant(type(node.op).__name__), node.operand)
+
+    def visit_Call(self, node: ast.Call) -> ast.expr:
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Name) and not node.keywords:
+            if node.func.id == "abs" and len(node.args) == 1:
+                return _call("__aapa_arith__", ast.Constant("abs"), node.args[0])
+            if node.func.id in _GUARDED_CALLS:
+                node.func = ast.Name(_GUARDED_CALLS[node.func.id], ast.Load())
+        return node
+
+    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+        self.generic_visit(node)
+        node.test = self.truth(node.test)
+        return node
+
+    def visit_If(self, node: ast.If | ast.While | ast.IfExp) -> ast.AST:
+        self.generic_visit(node)
+        node.test = self.truth(node.test)
+        return node
+
+    visit_While = visit_IfExp = visit_If
+
+    def visit_comprehension(self, node: ast.comprehension) -> ast.comprehension:
+        self.generic_visit(node)
+        node.ifs = [self.truth(test) for test in node.ifs]
+        return node
+
+
+def _guarded(node: ast.AST) -> str:
+    return ast.unparse(ast.fix_missing_locations(_GuardTests().visit(node)))
 
 
 def extract_program(text: str) -> str | None:
@@ -115,19 +124,22 @@ def extract_program(text: str) -> str | None:
     return None
 
 
-def _split_tests(tests: str, index: int) -> list[tuple[str, bool]]:
+def _split_tests(tests: str, index: int) -> tuple[list[tuple[str, bool]], list[str]]:
+    """The guarded statements (source, is_test) and the modules the tests import."""
     try:
         module = ast.parse(tests)
     except SyntaxError as exc:
         raise ValueError(f"labels[{index}]: field 'tests' is not valid Python: {exc}") from exc
-    statements = [(ast.unparse(node), isinstance(node, ast.Assert)) for node in module.body]
-    if not any(is_test for _, is_test in statements):
-        return [(tests, True)]
-    return statements
+    nodes = list(ast.walk(module))
+    imports = [alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names]
+    imports += [node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.level == 0]
+    if not any(isinstance(node, ast.Assert) for node in module.body):
+        return [(_guarded(module), True)], imports
+    return [(_guarded(node), isinstance(node, ast.Assert)) for node in module.body], imports
 
 
 def parse_code_label(label: Any, index: int) -> tuple[str, Any]:
-    """("tests", [(statement, is_test), ...]) or ("cases", [(stdin, stdout), ...])."""
+    """("tests", ([(statement, is_test), ...], imports)) or ("cases", [(stdin, stdout), ...])."""
     label = parse_label(label)
     if isinstance(label, dict):
         if label.get("tests") is not None:
@@ -158,17 +170,21 @@ def _normalise_output(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).strip()
 
 
-def _score(program: str, kind: str, spec: list, strict: bool, limits: dict) -> tuple[int, int, set[str]]:
-    """(passed, total, the statuses of its sandboxed runs) for one program."""
+def _score(program: str, kind: str, spec: Any, strict: bool, limits: dict) -> tuple[int, int, set[str]]:
+    """(passed, total, the statuses of its sandboxed runs, plus "untrusted" when a test refused a value)."""
     if kind == "tests":
-        token = secrets.token_hex(16)
-        task = json.dumps({"token": token, "program": program, "statements": spec}) + "\n"
-        result = run_python(_HARNESS, task.encode(), **limits)
-        prefix = f"{token} pass ".encode()
-        reported = {line[len(prefix) :] for line in result.stdout.splitlines() if line.startswith(prefix)}
-        # Only the indices of tests count, each once, so the reward stays in [0, 1] whatever was written.
-        tests = [b"%d" % i for i, (_, is_test) in enumerate(spec) if is_test]
-        return sum(index in reported for index in tests), len(tests), {result.status}
+        statements, imports = spec
+        # Two tokens per statement, so that a line seen (say, by a program that took over stdout) tells
+        # nothing about any other verdict.
+        passed, refused = ([secrets.token_hex(16) for _ in statements] for _ in range(2))
+        task = {"program": program, "statements": statements, "imports": imports, "pass": passed,
+                "refused": refused}
+        result = run_python(_HARNESS, (json.dumps(task) + "\n").encode(), **limits)
+        lines = set(result.stdout.decode(errors="replace").splitlines())
+        # Each test counts once, so the reward stays in [0, 1] whatever was written.
+        tests = [i for i, (_, is_test) in enumerate(statements) if is_test]
+        statuses = {result.status} | ({"untrusted"} if lines & set(refused) else set())
+        return sum(passed[i] in lines for i in tests), len(tests), statuses
     passed, statuses = 0, set()
     for stdin, expected in spec:
         result = run_python(program, stdin.encode(), **limits)
@@ -244,6 +260,7 @@ def batch_reward(
         metrics["code_timeout"][i] = float("cpu_timeout" in statuses)
         metrics["code_wall_timeout"][i] = float("wall_timeout" in statuses)
         metrics["code_error"][i] = float("error" in statuses)
+        metrics["code_untrusted_compare"][i] = float("untrusted" in statuses)
     metrics["code_isolated"][:] = float(bool(isolate))
     rewards = (metrics["code_all_passed"] if strict else metrics["code_pass_rate"]).clone()
     return rewards, metrics

@@ -37,12 +37,17 @@ METRICS = (
     "math_timeout",
     "math_wall_timeout",
     "math_error",
+    "math_unsimplified",
 )
 
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _BOX = re.compile(r"\\(?:boxed|fbox)\b")
 _SPACING = re.compile(r"\s+|\\[,;:! ]|\\left|\\right")
+# A number as written: integer, decimal, a fraction of two integers, optionally a percentage; "x=" before it.
+_PLAIN_NUMBER = re.compile(
+    r"(?:[A-Za-z]\w*=)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+|\\frac\{\d+\}\{\d+\}|\d+/\d+)(?:\\?%)?"
+)
 
 
 def last_boxed(text: str) -> str | None:
@@ -107,6 +112,10 @@ def check(gold: str, text: str, boxed: bool, _gold_cache: dict | None = None) ->
             parsed = parse(number, parsing_timeout=None) if number else []
     if not parsed:
         return 0.0, "no_answer"
+    # A number asked for must be given as one: an expression equal to it (the question restated, 17*23-387)
+    # would make the verifier do the policy's work.
+    if _PLAIN_NUMBER.fullmatch(_compact(gold)) and not _PLAIN_NUMBER.fullmatch(_compact(str(parsed[-1]))):
+        return 0.0, "unsimplified"
     return float(verify(parsed_gold, parsed, timeout_seconds=None)), "ok"
 
 
@@ -338,6 +347,7 @@ def batch_reward(
         metrics["math_timeout"][i] = float(status == "timeout")
         metrics["math_wall_timeout"][i] = float(status == "wall_timeout")
         metrics["math_error"][i] = float(status in ("error", "gold_unparsed"))
+        metrics["math_unsimplified"][i] = float(status == "unsimplified")
         if status == "gold_unparsed":
             logger.warning("labels[%d]: math-verify cannot parse the gold answer %r; reward 0", i, golds[i])
     metrics["math_correct"] = rewards.clone()

@@ -566,13 +566,24 @@ def add(a: int, b: int) -> int:
 
 
 def test_only_test_indices_count_once(monkeypatch):
-    """The parent counts the signed indices of real tests only, so a reward never leaves [0, 1]."""
+    """The parent counts the tokens of real tests only, each once, so a reward never leaves [0, 1]; a
+    refused value anywhere shows in code_untrusted_compare."""
+    from itertools import count
+
     from reward_fns._sandbox import RunResult
 
-    monkeypatch.setattr(code.secrets, "token_hex", lambda n: "t" * 32)
-    for lines, expected in [(range(50), 1.0), ([0, 0, 0, 2, 7], 1 / 3), ([2, 4, -1], 0.0)]:
-        stdout = b"".join(b"\n%s pass %d\n" % (b"t" * 32, i) for i in lines) + b"junk pass 1\n"
+    # ADD_TESTS has 4 statements: tests at indices 0, 1 and 3, setup at 2. Pass tokens are drawn first.
+    for seen, expected, untrusted in [
+        (["t0", "t1", "t2", "t3"] * 5, 1.0, 0.0),
+        (["t0", "t0", "t2"], 1 / 3, 0.0),
+        (["t2", "t4", "x1"], 0.0, 1.0),
+        (["t1", "t6"], 1 / 3, 1.0),
+    ]:
+        tokens = (f"t{k}" for k in count())
+        monkeypatch.setattr(code.secrets, "token_hex", lambda n, tokens=tokens: next(tokens))
+        stdout = b"".join(b"\n%s\n" % token.encode() for token in seen) + b"junk t1 t3\n"
         result = RunResult("exited", 0, stdout, b"")
         monkeypatch.setattr(code, "run_python", lambda *a, result=result, **k: result)
-        value, metrics = reward(ADD, ADD_TESTS)  # tests at statement indices 0, 1 and 3; 2 is setup
+        value, metrics = reward(ADD, ADD_TESTS)
         assert value == pytest.approx(expected) and metrics["code_pass_rate"] == pytest.approx(expected)
+        assert metrics["code_untrusted_compare"] == untrusted

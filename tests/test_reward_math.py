@@ -75,14 +75,28 @@ def test_long_answer_and_unparseable_gold():
     assert scores.tolist() == [0.0] and metrics["math_error"].tolist() == [1.0]
 
 
+def test_a_number_must_be_answered_with_a_number():
+    """An expression equal to a numeric gold (the question restated) would let the verifier do the sum."""
+    gamed = ["\\boxed{17 \\cdot 23 - 387}", "The answer is 17*23-387", "so $2^{2}$", "\\boxed{3 = 4}"]
+    gamed.append("\\boxed{3, 4}")
+    scores, metrics = math_reward.batch_reward(gamed, ["4"] * len(gamed))
+    assert scores.tolist() == [0.0] * 5 and metrics["math_unsimplified"].tolist() == [1.0] * 5
+    honest = ["\\boxed{x = 4}", "\\boxed{4 \\text{ apples}}", "\\boxed{\\frac{8}{2}}", "4.0"]
+    honest.append("\\boxed{400\\%}")
+    scores, metrics = math_reward.batch_reward(honest, ["4"] * 5)
+    assert scores.tolist() == [1.0] * 5 and metrics["math_unsimplified"].tolist() == [0.0] * 5
+    # A gold that is itself an expression takes any equal expression.
+    assert rewards([("\\boxed{\\sqrt{8}}", "2\\sqrt{2}"), ("\\boxed{1,000}", "1000")]) == [1.0, 1.0]
+
+
 def test_pathological_input_times_out_and_worker_is_replaced():
     timeout = 1.5
     scores, metrics = math_reward.batch_reward(
-        ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{0.5}"], ["82", "1/2"], timeout=timeout, workers=1
+        ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{0.5}"], ["\\sqrt{82}", "1/2"], timeout=timeout, workers=1
     )  # the check after the hung one is re-sent to a fresh worker
     assert scores.tolist() == [0.0, 1.0] and metrics["math_timeout"].tolist() == [1.0, 0.0]
     # The CPU limit fired, not the wall-clock safety net: waiting for a core never costs a check.
-    scores, metrics = math_reward.batch_reward(["\\boxed{(x+1)^{100000}}"], ["82"], timeout=timeout)
+    scores, metrics = math_reward.batch_reward(["\\boxed{(x+1)^{100000}}"], ["\\sqrt{82}"], timeout=timeout)
     assert scores.tolist() == [0.0] and metrics["math_timeout"].tolist() == [1.0]
     assert metrics["math_wall_timeout"].tolist() == [0.0]
 
@@ -119,7 +133,7 @@ def test_worker_killed_mid_batch_costs_its_check_and_the_pool_recovers(monkeypat
 
     monkeypatch.setattr(math_reward._Worker, "send", send_then_die)
     scores, metrics = math_reward.batch_reward(
-        ["\\boxed{\\frac{1}{2}}", "\\boxed{\\sqrt{4}}", "\\boxed{0.51}"], ["0.5", "2", "1/2"], workers=1
+        ["\\boxed{\\frac{1}{2}}", "\\boxed{2.0}", "\\boxed{0.51}"], ["0.5", "2", "1/2"], workers=1
     )
     assert killed and scores.tolist() == [0.0, 1.0, 0.0]  # the rest is re-sent to a fresh worker
     assert metrics["math_error"].tolist() == [1.0, 0.0, 0.0]
