@@ -134,6 +134,21 @@ def shaping_signal(scores: torch.Tensor, transform: str = "log", eps: float = 1e
     raise ValueError(f"unknown shaping transform {transform!r}; choose one of {SHAPING_TRANSFORMS}")
 
 
+def shape_rewards(
+    rewards: torch.Tensor, scores: torch.Tensor, alpha: float, transform: str = "log", eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r + alpha * s, s) with s = g(D); s = 0 where D is NaN (a prompt the discriminator could not score)."""
+    scored = ~scores.isnan()
+    shaping = torch.where(scored, shaping_signal(scores, transform, eps), 0.0)
+    return rewards.detach().float() + alpha * shaping, shaping
+
+
+def stage_estimator(objective: str, estimator: str) -> str:
+    """The advantage estimator a stage uses: the SFT stage's policy-gradient term is shaping alone, and alpha
+    must scale it, so its baseline is the plain group mean (no division by the group's std)."""
+    return "dr_grpo" if objective == "sft" else estimator
+
+
 def anchor_gaps(rollout_scores: torch.Tensor, expert_scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """g_i = log D(x_i, y*_i) - mean_j log D(x_i, y_ij): how much less expert-like the rollouts look."""
     log_rollouts = rollout_scores.float().clamp(min=eps).log().mean(-1)
@@ -158,6 +173,21 @@ def select_hard_set(
         return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
     weights = chosen.numel() * torch.softmax(gaps[chosen].float() / temperature, dim=0)
     return chosen, weights
+
+
+def choose_hard_set(
+    gaps: torch.Tensor, rho: float, temperature: float | None = None, selection: str = "gap"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hard set H and its weights. NaN gaps (prompts without an expert) are never chosen. "gap": the
+    spec's rule (select_hard_set); "random": ceil(rho * P) prompts with a gap, drawn with torch's global
+    generator and weighted 1, a control that spends the same anchor budget blind to the critic."""
+    if selection == "random":
+        have = torch.nonzero(~gaps.isnan()).flatten()
+        chosen = have[torch.randperm(len(have))[: math.ceil(rho * gaps.numel() - 1e-9)]]
+        return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
+    if selection != "gap":
+        raise ValueError(f"unknown selection {selection!r}; choose gap or random")
+    return select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, temperature)
 
 
 def anchor_loss(

@@ -1,8 +1,12 @@
-"""Stage schedule for lambda(t), alpha(t), rho and the base objective, plus the adaptive-lambda controller."""
+"""Stage schedule for lambda(t), alpha(t), rho, CHORD's mu(t) and the base objective, plus the adaptive-lambda
+controller. Every backend reads a step's values from here (aapa_rl.settings.AapaSettings.schedule)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from aapa_rl.objectives import chord_mu
 
 BASE_OBJECTIVES = ("sft", "grpo", "chord")
 
@@ -35,6 +39,7 @@ class ScheduleValues:
     lam: float
     alpha: float
     rho: float
+    mu: float  # CHORD's expert weight (0 outside chord stages)
 
 
 class AdaptiveLambda:
@@ -61,14 +66,18 @@ class AdaptiveLambda:
 class StageSchedule:
     """An ordered list of stages; the last stage extends past its end step."""
 
-    def __init__(self, stages: list[Stage], adaptive: AdaptiveLambda | None = None):
+    def __init__(self, stages: list[Stage], adaptive: AdaptiveLambda | None = None, chord: Any = None):
+        """`chord`: CHORD's mu schedule (warmup_steps, decay_steps, peak, valley), needed by chord stages."""
         if not stages:
             raise ValueError("a stage schedule needs at least one stage")
         ends = [s.end_step for s in stages]
         if any(b <= a for a, b in zip(ends, ends[1:], strict=False)) or ends[0] <= 0:
             raise ValueError(f"stage end steps must be positive and strictly increasing, got {ends}")
+        if chord is None and any(s.objective == "chord" for s in stages):
+            raise ValueError("a chord stage needs CHORD's mu schedule (chord settings)")
         self.stages = stages
         self.adaptive = adaptive
+        self.chord = chord
 
     def _stage_index(self, step: int) -> int:
         for i, stage in enumerate(self.stages):
@@ -88,8 +97,12 @@ class StageSchedule:
             if self.adaptive.lam is None:
                 self.adaptive.lam = lam
             lam = self.adaptive.lam
+        mu = 0.0
+        if stage.objective == "chord":  # counted from the stage's start, like lambda's decay
+            c = self.chord
+            mu = chord_mu(step - start, c.warmup_steps, c.decay_steps, c.peak, c.valley)
         return ScheduleValues(stage=i, stage_step=step - start, objective=stage.objective, lam=lam,
-                              alpha=stage.alpha, rho=stage.rho)
+                              alpha=stage.alpha, rho=stage.rho, mu=mu)
 
     def observe(self, gap_mean: float) -> None:
         if self.adaptive is not None and self.adaptive.lam is not None:

@@ -1,4 +1,5 @@
-"""Rollouts scored per second by AnchorCritic.evaluate (experts cached) vs the encoder's raw throughput.
+"""Rollouts per second through the critic's part of a step (AnchorCritic.score and anchor_step, experts
+cached) vs the encoder's raw throughput.
 
 Raw = encoder.encode on the texts the critic embeds, measured in the same run, interleaved with the
 critic runs (best of --repeats for both, so a busy shared machine hurts both alike). Target: ratio >= 0.8.
@@ -28,8 +29,17 @@ import time
 
 import torch
 
-from aapa_rl.anchor import AnchorCritic, ExpertBank, ExpertRecord, build_discriminator, load_encoder
+from aapa_rl.anchor import (
+    AnchorCritic,
+    ExpertBank,
+    ExpertRecord,
+    anchor_step,
+    build_discriminator,
+    load_encoder,
+)
 from aapa_rl.anchor.discriminator import MAX_SENTENCES, split_sentences, text_stats
+from aapa_rl.schedule import ScheduleValues, Stage
+from aapa_rl.settings import AapaSettings
 
 STEPS = (
     "We start from the numbers {a} and {b}.",
@@ -109,7 +119,9 @@ def main() -> None:
     flat_prompts = [p for p in prompts for _ in range(args.group)]
     flat_experts = [bank.expert_for(prompt=p) for p in flat_prompts]
     rewards = torch.zeros(args.prompts, args.group)
-    step = {"alpha": 0.1, "rho": 0.25}
+    experts = [bank.expert_for(prompt=p) for p in prompts]
+    values = ScheduleValues(0, 0, "grpo", lam=1.0, alpha=0.1, rho=0.25, mu=0.0)
+    settings = AapaSettings(stages=[Stage(1, "grpo", lam=1.0, rho=0.25)])
     print(
         f"{len(flat)} rollouts per batch ({args.prompts} prompts x {args.group}, {len(sentences)} "
         f"sentences), torch threads {torch.get_num_threads()}, best of {args.repeats}, malloc: {malloc}"
@@ -124,14 +136,18 @@ def main() -> None:
         loops = max(1, round(0.3 / seconds(1, encoder.encode, flat)))
         for variant in args.variants:
             disc = build_discriminator(variant, encoder)
-            critic = AnchorCritic(disc, bank)
-            critic.evaluate(prompts, rollouts, rewards, **step)  # caches experts and prompts
+            critic = AnchorCritic(disc)
+
+            def critic_step(critic=critic):
+                return anchor_step(values, settings, critic.score(prompts, experts, rollouts), rewards)
+
+            critic_step()  # caches experts and prompts
             features = disc.features(flat_prompts, flat, flat_experts if disc.needs_expert else None)
             texts = sentences if variant == "aligned" else flat
             raw, whole, scored, stats, head = [], [], [], [], []
             for _ in range(args.repeats):  # interleaved so load changes hit all alike
                 raw.append(seconds(loops, encoder.encode, texts))
-                scored.append(seconds(loops, critic.evaluate, prompts, rollouts, rewards, **step))
+                scored.append(seconds(loops, critic_step))
                 if texts is sentences:
                     whole.append(seconds(loops, encoder.encode, flat))
                 stats.append(seconds(loops, text_stats, flat) if disc.trainable else 0.0)

@@ -1,4 +1,4 @@
-"""Weighted sums of the reward functions, built from config.
+"""Loading rewards (`load_reward`: the one way every command does it) and weighted sums of them.
 
     build_reward({"math": 1.0, "format": {"weight": 0.1, "pattern": "think"}})
     build_reward([{"name": "math", "weight": 1.0, "timeout": 3}, {"name": "format", "weight": 0.1}])
@@ -14,9 +14,12 @@ component's own metrics plus "<name>_reward" (its unweighted reward). For OpenRL
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
+import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,40 @@ import torch
 from reward_fns._common import make_reward_func
 
 REWARDS = ("math", "code", "ifeval", "format")
+RewardFn = Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def load_reward(spec: str | dict | list) -> RewardFn:
+    """A batched reward `(responses, labels) -> (rewards, metrics)` from a reward_fns module name, a path to a
+    .py file that defines `batch_reward`, or a weighted-sum config (build_reward). Errors are ValueErrors
+    that name the spec."""
+    if isinstance(spec, dict | list):
+        return build_reward(spec)
+    if spec.endswith(".py"):
+        if not Path(spec).is_file():
+            raise ValueError(f"{spec}: no such reward file")
+        loader = importlib.util.spec_from_file_location(Path(spec).stem, spec)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        module = _module(spec)
+    if not callable(getattr(module, "batch_reward", None)):
+        raise ValueError(f"reward {spec!r} defines no batch_reward(responses, labels)")
+    return module.batch_reward
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(f"reward_fns.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"reward_fns.{name}":
+            raise  # the module exists but one of its imports does not
+        import reward_fns
+
+        modules = pkgutil.iter_modules(reward_fns.__path__)
+        known = sorted(m.name for m in modules if m.name[0] != "_" and m.name != "combine")
+        raise ValueError(f"unknown reward function {name!r}; available: {', '.join(known)} "
+                         "or a path to a .py file defining batch_reward") from e
 
 
 def _entries(config: dict | list) -> list[tuple[str, float, dict[str, Any]]]:
@@ -52,15 +89,13 @@ def _entries(config: dict | list) -> list[tuple[str, float, dict[str, Any]]]:
     return entries
 
 
-def build_reward(
-    config: dict | list,
-) -> Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+def build_reward(config: dict | list) -> RewardFn:
     """A batched reward that is the weighted sum of the configured ones; its `metrics` attribute lists
     the metric names it returns."""
     components = []
     metric_names = ["reward_error"]
     for name, weight, options in _entries(config):
-        module = importlib.import_module(f"reward_fns.{name}")
+        module = _module(name)
         accepted = [
             p.name
             for p in inspect.signature(module.batch_reward).parameters.values()

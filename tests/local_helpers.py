@@ -21,7 +21,8 @@ _ROOT = Path(tempfile.mkdtemp(prefix="aapa-local-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
-def base_recipe(out: Path, **extra) -> dict:
+def base_recipe(out: Path, *, stages: list | None = None, aapa: dict | None = None, **extra) -> dict:
+    """A tiny recipe; `stages` and `aapa` fill its `aapa:` section, everything else its top level."""
     recipe = {
         "out": str(out),
         "steps": 2,
@@ -31,7 +32,7 @@ def base_recipe(out: Path, **extra) -> dict:
         "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 40},
         "optim": {"lr": 1e-3},
         "loss": {"sft_batch_size": 8},
-        "stages": [{"end_step": 2, "objective": "grpo"}],
+        "aapa": {"stages": stages or [{"end_step": 2, "objective": "grpo"}], **(aapa or {})},
         "log": {"eval_every": 0, "eval_samples": 8, "save_every": 0, "plots": False},
     }
     recipe.update(extra)

@@ -1,4 +1,5 @@
-"""AnchorCritic contract, missing experts, the expert-embedding cache, and the discriminator CLI."""
+"""AnchorCritic.score and anchor_step's contract, missing experts, the expert-embedding cache, and the
+discriminator CLI."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ import pytest
 import torch
 from anchor_data import degenerate_rollouts, make_records, write_jsonl
 
-from aapa_rl.anchor import AnchorCritic, ExpertBank, HashEncoder, build_discriminator, load_discriminator
+from aapa_rl.anchor import (
+    AnchorCritic,
+    ExpertBank,
+    HashEncoder,
+    anchor_step,
+    build_discriminator,
+    load_discriminator,
+)
 from aapa_rl.cli import main
 from aapa_rl.objectives import anchor_gaps, select_hard_set
+from aapa_rl.schedule import ScheduleValues, Stage
+from aapa_rl.settings import AapaSettings
 
 torch.set_num_threads(1)
 
@@ -36,6 +46,15 @@ def batch(records, group=3):
     return prompts, rollouts, torch.arange(len(records) * group, dtype=torch.float32).view(-1, group)
 
 
+def evaluate(critic, bank, prompts, rollouts, rewards, *, alpha, rho, temperature=None, objective="grpo"):
+    """What a backend does per step: the bank's experts, the critic's scores, the core's anchor step."""
+    experts = [bank.expert_for(prompt=p) for p in prompts]
+    scored = critic.score(prompts, experts, rollouts)
+    values = ScheduleValues(0, 0, objective, lam=0.0, alpha=alpha, rho=rho, mu=0.0)
+    settings = AapaSettings(stages=[Stage(1, objective)], temperature=temperature)
+    return experts, scored, anchor_step(values, settings, scored, rewards)
+
+
 @pytest.fixture()
 def bank(tmp_path):
     return ExpertBank.load(write_jsonl(tmp_path / "experts.jsonl", make_records(6)))
@@ -44,32 +63,53 @@ def bank(tmp_path):
 @pytest.mark.parametrize("variant", ["cosine", "aligned", "classifier"])
 def test_evaluate_follows_the_contract(bank, variant):
     disc = build_discriminator(variant, HashEncoder())
-    critic = AnchorCritic(disc, bank, temperature=0.5)
+    critic = AnchorCritic(disc)
     records = make_records(6)[:4]
     prompts, rollouts, rewards = batch(records)
-    result = critic.evaluate(prompts, rollouts, rewards, alpha=0.1, rho=0.5)
+    experts, scored, step = evaluate(
+        critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=0.5, temperature=0.5
+    )
 
-    experts = [r["expert"] for r in records]
+    assert experts == [r["expert"] for r in records]
     flat = disc.score([p for p in prompts for _ in range(3)], [y for g in rollouts for y in g],
                       [e for e in experts for _ in range(3)])
-    assert torch.equal(result.scores, flat.view(4, 3))
-    assert torch.equal(result.expert_scores, disc.score(prompts, experts, experts))
-    assert torch.allclose(result.shaping, torch.log(result.scores.clamp(min=1e-6)))
-    assert torch.allclose(result.shaped_rewards, rewards + 0.1 * result.shaping)
-    assert torch.allclose(result.gaps, anchor_gaps(result.scores, result.expert_scores))
-    hard, weights = select_hard_set(result.gaps, 0.5, 0.5)
-    assert torch.equal(result.hard_set, hard) and torch.allclose(result.hard_weights, weights)
-    assert result.hard_set.dtype == torch.long and len(result.hard_set) <= 2
-    assert result.hard_weights.sum().item() == pytest.approx(len(result.hard_set))
+    assert torch.equal(scored.scores, flat.view(4, 3))
+    assert torch.equal(scored.expert_scores, disc.score(prompts, experts, experts))
+    assert torch.allclose(scored.gaps, anchor_gaps(scored.scores, scored.expert_scores))
+    assert torch.allclose(step.shaping, torch.log(scored.scores.clamp(min=1e-6)))
+    assert torch.allclose(step.shaped_rewards, rewards + 0.1 * step.shaping)
+    hard, weights = select_hard_set(scored.gaps, 0.5, 0.5)
+    assert torch.equal(step.hard_set, hard) and torch.allclose(step.hard_weights, weights)
+    assert step.hard_set.dtype == torch.long and len(step.hard_set) <= 2
+    assert step.hard_weights.sum().item() == pytest.approx(len(step.hard_set))
     if variant != "classifier":  # an untrained classifier is random; the others see worse rollouts
-        assert len(result.hard_set) == 2 and (result.gaps > 0).all()
-    assert result.experts == experts
-    m = result.metrics
-    assert m["hard_set_size"] == len(result.hard_set) and m["missing_experts"] == 0 and m["truncations"] == 0
-    assert m["gap_max"] == pytest.approx(result.gaps.max().item())
-    assert m["d_rollout_mean"] == pytest.approx(result.scores.mean().item())
-    assert m["d_expert_mean"] == pytest.approx(result.expert_scores.mean().item())
+        assert len(step.hard_set) == 2 and (scored.gaps > 0).all()
+    m = step.metrics
+    assert m["hard_set_size"] == len(step.hard_set) and m["missing_experts"] == 0
+    assert m["encoder_truncations"] == 0 and m["reward_raw_mean"] == pytest.approx(rewards.mean().item())
+    assert m["gap_max"] == pytest.approx(scored.gaps.max().item())
+    assert m["d_rollout_mean"] == pytest.approx(scored.scores.mean().item())
+    assert m["d_expert_mean"] == pytest.approx(scored.expert_scores.mean().item())
     assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    # In an SFT stage the rollouts carry the shaping alone.
+    _, _, sft = evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=0.5, objective="sft")
+    assert torch.allclose(sft.shaped_rewards, 0.1 * sft.shaping)
+
+
+def test_random_selection_spends_the_same_budget_blind_to_the_gaps(bank):
+    critic = AnchorCritic(build_discriminator("cosine", HashEncoder()), missing_expert="skip")
+    prompts, rollouts, rewards = batch(make_records(6))
+    prompts[2] = "A prompt the bank has never seen"
+    values = ScheduleValues(0, 0, "grpo", lam=1.0, alpha=0.0, rho=0.5, mu=0.0)
+    settings = AapaSettings(stages=[Stage(1, "grpo", lam=1.0, rho=0.5)], selection="random")
+    scored = critic.score(prompts, [bank.expert_for(prompt=p) for p in prompts], rollouts)
+    chosen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        step = anchor_step(values, settings, scored, rewards)
+        assert len(step.hard_set) == 3 and 2 not in step.hard_set.tolist() and (step.hard_weights == 1).all()
+        chosen |= set(step.hard_set.tolist())
+    assert chosen == {0, 1, 3, 4, 5}
 
 
 def test_missing_expert_is_an_error_or_a_counted_skip(bank):
@@ -77,22 +117,22 @@ def test_missing_expert_is_an_error_or_a_counted_skip(bank):
     records = make_records(6)[:3]
     prompts, rollouts, rewards = batch(records)
     prompts[1] = "A prompt the bank has never seen"
-    with pytest.raises(KeyError, match=r"1 of 3 prompts have no expert .* first: prompt 1 'A prompt the"):
-        AnchorCritic(disc, bank).evaluate(prompts, rollouts, rewards, alpha=0.1, rho=1.0)
-    critic = AnchorCritic(disc, bank, missing_expert="skip")
-    result = critic.evaluate(prompts, rollouts, rewards, alpha=0.1, rho=1.0)
-    assert result.experts[1] is None and result.metrics["missing_experts"] == 1
-    assert result.scores[1].isnan().all() and result.gaps[1].isnan() and result.expert_scores[1].isnan()
-    assert (result.shaping[1] == 0).all() and torch.equal(result.shaped_rewards[1], rewards[1])
-    assert 1 not in result.hard_set.tolist() and set(result.hard_set.tolist()) == {0, 2}
-    assert math.isfinite(result.metrics["gap_mean"]) and math.isfinite(result.metrics["d_rollout_mean"])
+    with pytest.raises(KeyError, match=r"1 of 3 prompts have no expert, first: prompt 1 'A prompt the"):
+        evaluate(AnchorCritic(disc), bank, prompts, rollouts, rewards, alpha=0.1, rho=1.0)
+    critic = AnchorCritic(disc, missing_expert="skip")
+    experts, scored, step = evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=1.0)
+    assert experts[1] is None and step.metrics["missing_experts"] == 1
+    assert scored.scores[1].isnan().all() and scored.gaps[1].isnan() and scored.expert_scores[1].isnan()
+    assert (step.shaping[1] == 0).all() and torch.equal(step.shaped_rewards[1], rewards[1])
+    assert 1 not in step.hard_set.tolist() and set(step.hard_set.tolist()) == {0, 2}
+    assert math.isfinite(step.metrics["gap_mean"]) and math.isfinite(step.metrics["d_rollout_mean"])
 
 
 def test_bad_batch_shapes_are_rejected(bank):
-    critic = AnchorCritic(build_discriminator("cosine", HashEncoder()), bank)
+    critic = AnchorCritic(build_discriminator("cosine", HashEncoder()))
     prompts, rollouts, rewards = batch(make_records(6)[:2])
-    with pytest.raises(ValueError, match=r"groups \(sizes \[2, 3\]\)"):
-        critic.evaluate(prompts, [rollouts[0], rollouts[1][:2]], rewards, alpha=0.1, rho=0.5)
+    with pytest.raises(ValueError, match=r"of one size; got 2 experts and 2 groups \(sizes \[2, 3\]\)"):
+        evaluate(critic, bank, prompts, [rollouts[0], rollouts[1][:2]], rewards, alpha=0.1, rho=0.5)
 
 
 @pytest.mark.parametrize("variant", ["pairwise", "aligned"])
@@ -102,9 +142,9 @@ def test_each_expert_is_embedded_once_per_run_and_reused_from_disk(bank, tmp_pat
     rollouts = [["I like turtles.", "The answer is 7."] for _ in records]  # no text shared with experts
     rewards = torch.zeros(6, 2)
     encoder = CountingEncoder()
-    critic = AnchorCritic(build_discriminator(variant, encoder, hidden=8, cache_dir=tmp_path / "cache"), bank)
+    critic = AnchorCritic(build_discriminator(variant, encoder, hidden=8, cache_dir=tmp_path / "cache"))
     for _ in range(3):
-        critic.evaluate(prompts, rollouts, rewards, alpha=0.1, rho=0.5)
+        evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=0.5)
     cached = [r["expert"] for r in records] + [r["prompt"] for r in records]
     if variant == "aligned":  # the sentence matcher embeds the experts' sentences instead
         from aapa_rl.anchor.discriminator import split_sentences
@@ -115,8 +155,8 @@ def test_each_expert_is_embedded_once_per_run_and_reused_from_disk(bank, tmp_pat
     assert critic.discriminator.cache.hits > 0
 
     fresh = CountingEncoder()  # a new run: the experts come from the disk cache
-    AnchorCritic(build_discriminator(variant, fresh, hidden=8, cache_dir=tmp_path / "cache"), bank).evaluate(
-        prompts, rollouts, rewards, alpha=0.1, rho=0.5)
+    fresh_critic = AnchorCritic(build_discriminator(variant, fresh, hidden=8, cache_dir=tmp_path / "cache"))
+    evaluate(fresh_critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=0.5)
     assert not any(fresh.seen[t] for t in cached)
     assert list((tmp_path / "cache").glob("hash-*/*.safetensors"))
 
@@ -145,10 +185,9 @@ def test_cli_trains_evaluates_and_hands_over_a_discriminator(tmp_path, capsys):
     assert (tmp_path / "eval" / "scores_hist.png").exists()
 
     disc = load_discriminator(out)
-    critic = AnchorCritic(disc, ExpertBank.load(experts))
-    result = critic.evaluate([records[0]["prompt"]], [[records[0]["expert"], "The answer is 5. " * 4]],
-                             torch.zeros(1, 2), alpha=1.0, rho=1.0)
-    assert result.scores[0, 0] > result.scores[0, 1]
+    scored = AnchorCritic(disc).score([records[0]["prompt"]], [records[0]["expert"]],
+                                      [[records[0]["expert"], "The answer is 5. " * 4]])
+    assert scored.scores[0, 0] > scored.scores[0, 1]
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

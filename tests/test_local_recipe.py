@@ -10,7 +10,8 @@ import yaml
 from aapa_rl.local.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-MINIMAL = {"out": "runs/x", "steps": 3, "task": {}, "stages": [{"end_step": 3, "objective": "sft"}]}
+MINIMAL = {"out": "runs/x", "steps": 3, "task": {}, "aapa": {"stages": [{"end_step": 3, "objective": "sft"}]}}
+GRPO = {"stages": [{"end_step": 3, "objective": "grpo"}]}
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -22,7 +23,13 @@ def _write(tmp_path: Path, data: dict) -> Path:
 def test_minimal_recipe_and_overrides(tmp_path):
     recipe = load_recipe(
         _write(tmp_path, MINIMAL),
-        ["optim.lr=2e-4", "stages.0.rho=0.5", "rollout.top_k=5", "aapa.temperature=null", "log.plots=false"],
+        [
+            "optim.lr=2e-4",
+            "aapa.stages.0.rho=0.5",
+            "rollout.top_k=5",
+            "aapa.temperature=null",
+            "log.plots=false",
+        ],
     )
     assert recipe.optim.lr == 2e-4 and recipe.stages[0].rho == 0.5 and recipe.rollout.top_k == 5
     assert recipe.task.flawed_fraction == 0.05 and recipe.log.plots is False
@@ -37,19 +44,34 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL, ["optim.lr=fast"], r"optim.lr: expected float, got str 'fast'"),
         (MINIMAL, ["steps=2.5"], r"steps: expected int, got float"),
         (MINIMAL, ["rollout=8"], r"rollout: expected a mapping"),
-        (MINIMAL, ["stages.0.objective=ppo"], r"stages\[0\]: stage objective 'ppo' is not one of"),
-        (MINIMAL, ["stages.3.lam=1"], r"'3' is not an index of stages"),
-        (MINIMAL, ["stages.0.end_step"], r"expected key=value"),
+        (MINIMAL, ["aapa.stages.0.objective=ppo"], r"aapa.stages\[0\]: stage objective 'ppo' is not one of"),
+        (MINIMAL, ["aapa.stages.3.lam=1"], r"'3' is not an index of aapa.stages"),
+        (MINIMAL, ["aapa.stages.0.end_step"], r"expected key=value"),
         ({k: v for k, v in MINIMAL.items() if k != "steps"}, [], r"missing required key\(s\) \['steps'\]"),
-        (MINIMAL, ["stages.0.alpha=0.5"], r"aapa.discriminator: stages with lam > 0 or alpha > 0 need one"),
+        (
+            MINIMAL,
+            ["aapa.stages.0.alpha=0.5"],
+            r"aapa.discriminator: stages with lam > 0 or alpha > 0 .*need one",
+        ),
         (MINIMAL, ["model.path=/no/such/model"], r"model.path: file or directory not found: /no/such/model"),
-        (MINIMAL, ["aapa.discriminator=/no/such/disc", "stages.0.lam=1"], r"aapa.discriminator: .*not found"),
+        (
+            MINIMAL,
+            ["aapa.discriminator=/no/such/disc", "aapa.stages.0.lam=1", "aapa.stages.0.rho=0.5"],
+            r"aapa.discriminator: .*not found",
+        ),
+        (
+            MINIMAL,
+            ["aapa.stages.0.lam=1"],
+            r"aapa: stages\[0\] has lam 1.0 but rho 0: no prompt can be anchored",
+        ),
+        (MINIMAL, ["aapa.selection=best"], r"aapa: selection: 'best' is not one of \('gap', 'random'\)"),
+        (MINIMAL, ["aapa.chord.peak=2"], r"aapa.chord: chord needs 0 <= valley <= peak <= 1"),
         (MINIMAL, ["data.train=/no/such.jsonl"], r"data.train: the arithmetic task generates its own data"),
         (MINIMAL, ["task.flaw=typo"], r"task: task.flaw must be one of"),
         (MINIMAL, ["loss.estimator=gae"], r"loss.estimator: 'gae' is not one of"),
         (MINIMAL, ["rollout.group_size=1"], r"rollout.group_size must be >= 2"),
         (
-            {**MINIMAL, "task": None, "reward": "math", "stages": [{"end_step": 3, "objective": "grpo"}]},
+            {**MINIMAL, "task": None, "reward": "math", "aapa": GRPO},
             [],
             r"data.train: RL stages need a prompt file",
         ),
@@ -59,7 +81,7 @@ def test_minimal_recipe_and_overrides(tmp_path):
                 "task": None,
                 "data": {"train": "/no/such.jsonl"},
                 "reward": "math",
-                "stages": [{"end_step": 3, "objective": "grpo"}],
+                "aapa": GRPO,
             },
             [],
             r"data.train: file or directory not found",
@@ -67,12 +89,12 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (
             {**MINIMAL, "task": None, "data": {"sft": __file__}, "reward": "no_such_reward"},
             [],
-            r"reward: no reward function module reward_fns.no_such_reward",
+            r"reward: unknown reward function .no_such_reward.; available: code, format, ifeval, math",
         ),
         (
             MINIMAL,
-            ["stages=[{end_step: 3, objective: sft}, {end_step: 2, objective: grpo}]"],
-            r"end_step must be positive and strictly increasing",
+            ["aapa.stages=[{end_step: 3, objective: sft}, {end_step: 2, objective: grpo}]"],
+            r"aapa: stage end steps must be positive and strictly increasing, got \[3, 2\]",
         ),
     ],
 )
@@ -81,6 +103,32 @@ def test_bad_recipes_name_the_key(tmp_path, data, overrides, message):
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(path, overrides)
     assert str(path) in str(err.value)
+
+
+def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):
+    old = {
+        **{k: v for k, v in MINIMAL.items() if k != "aapa"},
+        "stages": [{"end_step": 3, "objective": "chord"}],
+        "adaptive": {"target_gap": 1.0},
+        "loss": {"chord_peak": 0.5, "chord_phi": False, "anchor_phi": True},
+        "aapa": {"force": True, "discriminator": str(tmp_path)},
+    }
+    recipe = load_recipe(_write(tmp_path, old))
+    a = recipe.aapa
+    assert a.stages[0].objective == "chord" and a.adaptive.target_gap == 1.0 and a.force_discriminator
+    assert a.chord.peak == 0.5 and a.chord.phi is False and a.anchor_phi is True
+    err = capsys.readouterr().err
+    for old_key, new_key in [
+        ("stages", "aapa.stages"),
+        ("loss.chord_peak", "aapa.chord.peak"),
+        ("aapa.force", "aapa.force_discriminator"),
+    ]:
+        assert f"deprecated: recipe key {old_key} is now {new_key}" in err
+    both = {**MINIMAL, "stages": MINIMAL["aapa"]["stages"]}
+    with pytest.raises(
+        RecipeError, match="stages and aapa.stages are the same setting; keep only aapa.stages"
+    ):
+        load_recipe(_write(tmp_path, both))
 
 
 def test_missing_or_broken_recipe_file(tmp_path):

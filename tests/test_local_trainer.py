@@ -30,17 +30,23 @@ SCHEDULES = {
 }
 
 
-def _recipe(out: Path, stages: list[dict], aapa: bool, **extra):
+def _recipe(out: Path, stages: list[dict], aapa: bool, settings: dict | None = None, **extra):
+    """A recipe from the warmed model; `aapa` adds the discriminator and AAPA coefficients, `settings` more
+    keys of the `aapa:` section."""
     if aapa:
         stages = [
             {**s, **AAPA, **({"lam_end": 0.2} if i == len(stages) - 1 and len(stages) > 1 else {})}
             for i, s in enumerate(stages)
         ]
+    disc = {"discriminator": str(discriminator_dir())} if aapa else {}
     data = base_recipe(
-        out, steps=stages[-1]["end_step"], stages=stages, model={"path": str(warm_run() / "final")}, **extra
+        out,
+        steps=stages[-1]["end_step"],
+        stages=stages,
+        aapa={**disc, **(settings or {})},
+        model={"path": str(warm_run() / "final")},
+        **extra,
     )
-    if aapa:
-        data["aapa"] = {"discriminator": str(discriminator_dir())}
     return load_recipe(None, base=data)
 
 
@@ -115,8 +121,8 @@ def test_grpo_variants_kl_and_micro_batches(tmp_path):
         [{"end_step": 2, "objective": "grpo"}],
         True,
         loss={"estimator": "rloo", "kl_coef": 0.1, "agg": "seq-mean-token-mean"},
+        settings={"adaptive": {"target_gap": 0.01, "rate": 0.5}},
         optim={"lr": 1e-3, "micro_batch_size": 5},
-        adaptive={"target_gap": 0.01, "rate": 0.5},
     )
     Trainer(recipe, progress=False).fit()
     rows = metrics(tmp_path / "run")
@@ -153,7 +159,8 @@ def test_chord_weighs_the_kl_term_with_the_rl_loss(tmp_path):
             tmp_path / f"run{kl_coef}",
             [{"end_step": 1, "objective": "chord"}],
             False,
-            loss={"kl_coef": kl_coef, "chord_peak": 1.0, "chord_valley": 1.0, "sft_batch_size": 8},
+            settings={"chord": {"peak": 1.0, "valley": 1.0}},
+            loss={"kl_coef": kl_coef, "sft_batch_size": 8},
         )
         trainer = Trainer(recipe, progress=False)
         torch.manual_seed(0)
@@ -221,8 +228,7 @@ def test_resume_after_sigkill_continues_identically(tmp_path):
         steps=steps,
         stages=[{"end_step": steps, "objective": "grpo", **AAPA}],
         model={"path": str(warm_run() / "final")},
-        aapa={"discriminator": str(discriminator_dir())},
-        adaptive={"target_gap": 0.5, "rate": 0.2},
+        aapa={"discriminator": str(discriminator_dir()), "adaptive": {"target_gap": 0.5, "rate": 0.2}},
         log={"save_every": 2, "eval_every": 0, "eval_samples": 8, "plots": False},
     )
     config = tmp_path / "recipe.yaml"
@@ -342,8 +348,11 @@ def test_damaged_checkpoint_on_resume_is_named_and_the_one_before_used(tmp_path,
 
     for checkpoint in checkpoints(run):
         (checkpoint / "trainer_state.pt").write_bytes(b"")
-    with pytest.raises(RunDirError, match=r"no checkpoint can be loaded \(.*step_000006 cannot be loaded.*"
-                       r"step_000002 cannot be loaded.*\); start over with --overwrite"):
+    with pytest.raises(
+        RunDirError,
+        match=r"no checkpoint can be loaded \(.*step_000006 cannot be loaded.*"
+        r"step_000002 cannot be loaded.*\); start over with --overwrite",
+    ):
         Trainer(load_recipe(config, [f"out={run}"]), resume=True, progress=False)
 
 
@@ -359,13 +368,17 @@ def test_random_anchor_control_uses_the_same_budget(tmp_path):
     assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs["random"])  # ceil(0.5 * 4)
 
 
-def _data_recipe(tmp_path: Path, data: dict, **extra):
+def _data_recipe(tmp_path: Path, data: dict, *, stages: list | None = None, aapa: dict | None = None):
     """A recipe on data files with the math reward, from the warmed model."""
     recipe = base_recipe(
-        tmp_path / "run", data=data, reward="math", model={"path": str(warm_run() / "final")}
+        tmp_path / "run",
+        stages=stages,
+        aapa=aapa,
+        data=data,
+        reward="math",
+        model={"path": str(warm_run() / "final")},
     )
     del recipe["task"]
-    recipe.update(extra)
     return load_recipe(None, base=recipe)
 
 
@@ -405,9 +418,12 @@ def test_aapa_prompt_without_expert_is_named_at_startup(tmp_path):
     rows = (warm_run() / "data" / "train.jsonl").read_text().splitlines()[:2]
     rows.append(json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}))  # no expert in the task's bank
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    data = {"train": str(tmp_path / "train.jsonl"), "expert_bank": str(warm_run() / "data" / "experts.jsonl")}
+    data = {"train": str(tmp_path / "train.jsonl")}
     stages = [{"end_step": 2, "objective": "grpo", **AAPA}]
-    aapa = {"discriminator": str(discriminator_dir())}
+    aapa = {
+        "discriminator": str(discriminator_dir()),
+        "expert_bank": str(warm_run() / "data" / "experts.jsonl"),
+    }
     with pytest.raises(DataError, match=r"train.jsonl: row 3: .*no expert.*aapa.missing_expert"):
         Trainer(_data_recipe(tmp_path, data, stages=stages, aapa=aapa), progress=False)
     skip = {**aapa, "missing_expert": "skip"}

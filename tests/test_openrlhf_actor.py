@@ -19,7 +19,9 @@ from test_openrlhf_driver import TOKENIZER, rollout_sample
 
 from aapa_rl.local.task import expert_for, prompt_for, tiny_qwen3
 from aapa_rl.objectives import phi_weight, token_log_probs
-from aapa_rl.openrlhf_adapter.actor import AapaActorPPOTrainer
+from aapa_rl.openrlhf_adapter.ppo_actor import AapaActorPPOTrainer
+from aapa_rl.schedule import Stage
+from aapa_rl.settings import AapaSettings
 
 torch.set_num_threads(1)
 ns = SimpleNamespace
@@ -59,7 +61,7 @@ def make_trainer(objective: str, lam: float, mu: float = 0.0, gas: int = 1, temp
         algo=ns(kl=ns(use_loss=True, init_coef=0.01, estimator="k3", unbiased_gradient=False)),
         train=ns(dynamic_batch_enable=False, max_epochs=1),
         ds=ns(packing_samples=False, tensor_parallel_size=1),
-        data=ns(max_len=256), aapa=ns(anchor_phi=False),
+        data=ns(max_len=256), aapa=AapaSettings(stages=[Stage(1, "grpo")]),
     )
     actor = Actor(tiny_qwen3(len(TOKENIZER), seed=0), temperature=temperature)
     actor.packing_samples = False  # Actor(nn.Module) leaves it unset

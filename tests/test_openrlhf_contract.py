@@ -15,14 +15,14 @@ import torch
 
 
 def test_version_guard_refuses_other_versions(monkeypatch):
-    import aapa_rl.openrlhf_adapter as adapter
+    import aapa_rl.openrlhf_adapter.pinned as pinned
 
     monkeypatch.setattr("importlib.metadata.version", lambda name: "0.11.0")
-    monkeypatch.delitem(sys.modules, "aapa_rl.openrlhf_adapter")
+    monkeypatch.delitem(sys.modules, "aapa_rl.openrlhf_adapter.pinned")
     with pytest.raises(ImportError, match=r"openrlhf==0\.11\.2 exactly.*found 0\.11\.0"):
-        importlib.import_module("aapa_rl.openrlhf_adapter")
-    monkeypatch.setitem(sys.modules, "aapa_rl.openrlhf_adapter", adapter)
-    assert adapter.OPENRLHF_VERSION == "0.11.2"
+        importlib.import_module("aapa_rl.openrlhf_adapter.pinned")
+    monkeypatch.setitem(sys.modules, "aapa_rl.openrlhf_adapter.pinned", pinned)
+    assert pinned.OPENRLHF_VERSION == "0.11.2"
 
 
 def test_openrlhf_internals_the_adapter_uses():

@@ -15,8 +15,9 @@ from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
 from aapa_rl.anchor import build_discriminator, load_discriminator
 from aapa_rl.local.task import char_tokenizer, expert_for, prompt_for
 from aapa_rl.objectives import group_advantages, shaping_signal
-from aapa_rl.openrlhf_adapter.actor import _per_sample
-from aapa_rl.openrlhf_adapter.driver import AapaExperienceMaker
+from aapa_rl.openrlhf_adapter.ppo_actor import _per_sample
+from aapa_rl.openrlhf_adapter.ppo_trainer import AapaExperienceMaker
+from aapa_rl.openrlhf_adapter.scoring import build_critic
 from aapa_rl.openrlhf_adapter.settings import split_argv
 from aapa_rl.schedule import ScheduleValues
 
@@ -35,8 +36,8 @@ def make_args(disc_dir: str, *, n: int = GROUP, estimator: str = "group_norm", a
     """OpenRLHF's nested arguments, as far as the experience maker reads them, with the AAPA section."""
     ns = SimpleNamespace
     stages = [{"end_step": 100, "objective": "grpo", "lam": 0.5, "alpha": 0.3, "rho": 0.5}]
-    aapa, _ = split_argv(["--aapa.discriminator", disc_dir, "--aapa.stages", json.dumps(stages),
-                          "--aapa.score_on", "driver", *aapa_flags])
+    aapa, score_on, _ = split_argv(["--aapa.discriminator", disc_dir, "--aapa.stages", json.dumps(stages),
+                                    "--aapa.score_on", "driver", *aapa_flags])
     return ns(
         rollout=ns(n_samples_per_prompt=n, micro_batch_size=3, max_new_tokens=64, batch_size=len(PROBLEMS)),
         train=ns(dynamic_batch_enable=False),
@@ -47,7 +48,12 @@ def make_args(disc_dir: str, *, n: int = GROUP, estimator: str = "group_norm", a
         ds=ns(ring_attn_size=1, tensor_parallel_size=1),
         actor=ns(num_nodes=1, num_gpus_per_node=1),
         aapa=aapa,
+        aapa_score_on=score_on,
     )
+
+
+def step_values(objective: str, *, lam: float, alpha: float, rho: float) -> ScheduleValues:
+    return ScheduleValues(stage=0, stage_step=0, objective=objective, lam=lam, alpha=alpha, rho=rho, mu=0.0)
 
 
 def rollout_sample(prompt: str, response: str, reward: float, label) -> Experience:
@@ -118,7 +124,7 @@ def expected_scores(disc_dir, rows) -> torch.Tensor:
 def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
     args = make_args(disc_dir)
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = step_values("grpo", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     assert len(experiences) == 6 and any(len(e.index) == 1 for e in experiences)  # groups span micro-batches
 
@@ -140,7 +146,7 @@ def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
 def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
     args = make_args(disc_dir, aapa_flags=["--aapa.temperature", "0.5"])
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = step_values("grpo", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
 
@@ -169,7 +175,7 @@ def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
 def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
     args = make_args(disc_dir)
     maker = make_maker(args)
-    maker.values = ScheduleValues(stage=0, stage_step=0, objective="sft", lam=1.0, alpha=0.3, rho=0.25)
+    maker.values = step_values("sft", lam=1.0, alpha=0.3, rho=0.25)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
 
@@ -184,7 +190,7 @@ def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
 
 def test_mixed_groups_and_missing_experts_are_errors(disc_dir):
     maker = make_maker(make_args(disc_dir))
-    maker.values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = step_values("grpo", lam=0.5, alpha=0.3, rho=0.5)
     samples, _ = rollout_batch()
     samples[1], samples[4] = samples[4], samples[1]  # a sample of prompt 1 inside the group of prompt 0
     experiences = maker.split_rollout_samples(samples)
@@ -216,7 +222,7 @@ def make_experiences_from(maker, samples):
 
 def test_replay_buffer_round_trip_keeps_weights_and_label_dicts(disc_dir, monkeypatch):
     maker = make_maker(make_args(disc_dir))
-    maker.values = ScheduleValues(stage=0, stage_step=0, objective="chord", lam=0.5, alpha=0.3, rho=0.5)
+    maker.values = step_values("chord", lam=0.5, alpha=0.3, rho=0.5)
     experiences, rows = make_experiences(maker)
     maker.compute_advantages_and_returns(experiences)
     weights = by_index(experiences, lambda e: e.info["aapa_w"])
@@ -241,3 +247,59 @@ def test_replay_buffer_round_trip_keeps_weights_and_label_dicts(disc_dir, monkey
             received[(batch.prompts[row], response)] = (weights[row].item(), sft[row].item())
     assert received == sent
     assert sum(w for w, _ in received.values()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("objective,selection", [("grpo", "gap"), ("sft", "gap"), ("chord", "random")])
+def test_both_backends_feed_the_same_shaping_and_anchors(disc_dir, objective, selection):
+    """The local trainer's critic step and the OpenRLHF experience maker, given the same batch, settings and
+    seed, hand their losses the same shaped rewards, hard set, weights and metrics."""
+    from aapa_rl.anchor import AnchorCritic
+    from aapa_rl.local.trainer import Trainer
+
+    args = make_args(disc_dir, aapa_flags=["--aapa.selection", selection, "--aapa.temperature", "0.5"])
+    values = step_values(objective, lam=0.5, alpha=0.3, rho=0.5)
+    maker = make_maker(args)
+    maker.values = values
+    maker._critic = build_critic(args.aapa)  # loaded before the seed, as the local critic below
+    experiences, rows = make_experiences(maker)
+    torch.manual_seed(7)
+    maker.compute_advantages_and_returns(experiences)
+
+    groups = [rows[i : i + GROUP] for i in range(0, len(rows), GROUP)]
+    prompts, experts = [g[0][0] for g in groups], [g[0][3] for g in groups]
+    texts = [r[1] for r in rows]
+    rewards = torch.tensor([r[2] for r in rows])
+    critic = AnchorCritic(load_discriminator(disc_dir))
+    local = SimpleNamespace(critic=critic, recipe=SimpleNamespace(rollout=SimpleNamespace(group_size=GROUP),
+                                                                  aapa=args.aapa))
+    torch.manual_seed(7)
+    anchor, _, _ = Trainer.score(local, values, prompts, experts, texts, rewards)
+
+    shaped = torch.stack(by_index(experiences, "rewards")).view(-1, GROUP)
+    assert torch.allclose(shaped, anchor.shaped_rewards, atol=1e-6)
+    weights = torch.stack(by_index(experiences, lambda e: e.info["aapa_w"])).view(-1, GROUP)[:, 0]
+    local_weights = torch.zeros(len(groups))
+    local_weights[anchor.hard_set] = anchor.hard_weights
+    assert torch.allclose(weights, local_weights) and len(anchor.hard_set) == 2
+    for key, value in anchor.metrics.items():
+        assert maker.last_metrics[f"aapa/{key}"] == pytest.approx(value, nan_ok=True), key
+
+
+def test_both_backends_read_one_schedule():
+    """Stage, lambda (decay and adaptive), alpha, rho and CHORD's mu come from AapaSettings.schedule in both
+    backends, so a staged recipe means the same thing to each."""
+    from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
+
+    stages = [{"end_step": 3, "objective": "sft", "lam": 1.0, "alpha": 0.1, "rho": 0.25},
+              {"end_step": 8, "objective": "grpo", "lam": 1.0, "lam_end": 0.2, "alpha": 0.1, "rho": 0.25},
+              {"end_step": 12, "objective": "chord", "lam": 0.5, "rho": 0.5}]
+    aapa, _, _ = split_argv(["--aapa.discriminator", "d", "--aapa.stages", json.dumps(stages),
+                             "--aapa.chord", json.dumps({"decay_steps": 3, "peak": 0.6})])
+    driver = AapaPPOTrainer.__ray_actor_class__.__new__(AapaPPOTrainer.__ray_actor_class__)
+    driver.args = SimpleNamespace(aapa=aapa)
+    driver.aapa_schedule = aapa.schedule()
+    local = aapa.schedule()  # what aapa_rl.local.trainer.Trainer builds from the recipe's `aapa:` section
+    seen = [(driver.aapa_schedule.at(step), local.at(step)) for step in range(14)]
+    assert all(a == b for a, b in seen)
+    assert [v.mu for v, _ in seen[8:12]] == pytest.approx([0.6, 0.4625, 0.1875, 0.05])
+    assert seen[5][0].lam == pytest.approx(1.0 + (0.2 - 1.0) * 2 / 5)

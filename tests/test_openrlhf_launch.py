@@ -20,11 +20,11 @@ from openrlhf.utils import config
 from test_openrlhf_driver import save_discriminator
 
 from aapa_rl import cli
-from aapa_rl.anchor import ExpertBank
+from aapa_rl.anchor import ExpertBank, label_expert
 from aapa_rl.local.task import expert_for, prompt_for
 from aapa_rl.openrlhf_adapter import launch
-from aapa_rl.openrlhf_adapter.actor import AapaPolicyModelActor
-from aapa_rl.openrlhf_adapter.driver import AapaPPOTrainer, _label_expert
+from aapa_rl.openrlhf_adapter.ppo_actor import AapaPolicyModelActor
+from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
 from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, command, openrlhf_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,8 @@ def test_module_entry_strips_aapa_flags_attaches_them_and_injects_classes(stop_a
     args, seen_argv = stop_at_strategy["args"], stop_at_strategy["argv"]
     assert not [a for a in seen_argv if a.startswith("--aapa")] and "--actor.model_name_or_path" in seen_argv
     assert args.aapa.temperature == 0.5 and args.aapa.anchor_phi is True
-    assert args.aapa.stages[0]["objective"] == "grpo" and args.aapa.discriminator == str(data / "disc")
+    assert args.aapa.stages[0].objective == "grpo" and args.aapa.discriminator == str(data / "disc")
+    assert args.aapa_score_on == "actors"
     assert args.actor.model_name_or_path == "Qwen/Qwen3-0.6B"
     assert args.reward.remote_url == ["reward_fns/math.py"]
     assert args.rollout.n_samples_per_prompt == 4  # OpenRLHF's own parsing and fix-ups ran
@@ -113,7 +114,7 @@ def test_module_entry_strips_aapa_flags_attaches_them_and_injects_classes(stop_a
                 flat[f"{prefix}{key}"] = value
 
     walk(args)
-    flat = {k: v for k, v in flat.items() if not k.startswith("aapa.")}
+    flat = {k: v for k, v in flat.items() if not k.startswith("aapa")}
     assert set(flat) - {"local_rank", "use_ms"} <= openrlhf_flags()
     assert openrlhf_flags() - set(flat) == {"actor.muon.no_nesterov", "critic.muon.no_nesterov"}
     given = {"actor.model_name_or_path", "reward.remote_url", "vllm.num_engines", "algo.advantage.estimator",
@@ -138,9 +139,13 @@ def test_bad_aapa_settings_stop_the_launcher(stop_at_strategy, data, tmp_path):
     base = [*BASE, *aapa_flags(data)]
     with pytest.raises(SystemExit, match="unknown AAPA flag --aapa.lamda"):
         launch.main([*base, "--aapa.lamda", "1"])
-    chord = [{"end_step": 10, "objective": "chord", "lam": 0.5, "rho": 0.25}]
-    with pytest.raises(SystemExit, match="a chord stage needs --aapa.chord"):
-        launch.main([*BASE, *aapa_flags(data, chord)])
+    chord = [*aapa_flags(data, [{"end_step": 10, "objective": "chord", "lam": 0.5, "rho": 0.25}])]
+    with pytest.raises(SystemExit, match=r"--aapa.chord: chord needs 0 <= valley <= peak <= 1"):
+        launch.main([*BASE, *chord, "--aapa.chord", '{"peak": 2}'])
+    with pytest.raises(SystemExit, match=r"--aapa: stages\[0\] has lam 0.5 but rho 0: no prompt can be"):
+        launch.main([*BASE, *aapa_flags(data, [{"end_step": 5, "objective": "grpo", "lam": 0.5}])])
+    with pytest.raises(SystemExit, match=r"--aapa: selection: 'best' is not one of"):
+        launch.main([*base, "--aapa.selection", "best"])
     with pytest.raises(SystemExit, match=r"stages\[0\].*rho must be in \[0, 1\]"):
         launch.main([*BASE, *aapa_flags(data, [{"end_step": 5, "objective": "grpo", "rho": 2}])])
     weak = save_discriminator(tmp_path / "weak", auroc=0.52)
@@ -216,7 +221,7 @@ def test_dry_run_checks_json_lines_labels_and_says_when_it_cannot(data, monkeypa
 
 def test_dry_run_finds_experts_as_the_run_does(data, monkeypatch, capsys, tmp_path):
     """A label without an expert finds it in the bank by its id, its raw `prompt`, or else by the prompt
-    OpenRLHF builds (after the recipe's input_template), exactly as driver._label_expert does at run time."""
+    OpenRLHF builds (after the recipe's input_template), as aapa_rl.anchor.label_expert does at run time."""
     monkeypatch.chdir(REPO)
     recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
     raw = prompt_for(10, "+", 20)
@@ -229,7 +234,7 @@ def test_dry_run_finds_experts_as_the_run_does(data, monkeypatch, capsys, tmp_pa
         flags = [*data_flags(data), "--data.prompt_dataset", str(tmp_path / "train.jsonl")]
         found = cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *flags]) == 0
         out = capsys.readouterr().out
-        assert found == (_label_expert(label, template.format(raw), bank)[1] is not None), (name, out)
+        assert found == (label_expert(label, template.format(raw), bank)[1] is not None), (name, out)
         assert found or "1 rows have no expert" in out and "after --data.input_template" in out, (name, out)
         assert found == name.startswith("by "), (name, out)
 

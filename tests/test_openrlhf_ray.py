@@ -17,9 +17,9 @@ from openrlhf.trainer.ray.launcher import RayActorGroup
 from openrlhf.utils.logging_utils import TensorboardLogger
 from test_openrlhf_driver import GROUP, by_index, make_args, make_experiences, make_maker, save_discriminator
 
-from aapa_rl.openrlhf_adapter.actor import AapaPolicyModelActor
-from aapa_rl.openrlhf_adapter.driver import AapaPPOTrainer
-from aapa_rl.openrlhf_adapter.scoring import build_critic, score_groups
+from aapa_rl.openrlhf_adapter.ppo_actor import AapaPolicyModelActor
+from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
+from aapa_rl.openrlhf_adapter.scoring import build_critic
 from aapa_rl.schedule import ScheduleValues
 
 TESTS = Path(__file__).resolve().parent
@@ -65,17 +65,16 @@ def test_policy_actor_sets_state_and_scores_like_the_driver(disc_dir, policy_gro
     aapa = make_args(disc_dir).aapa
     prompts, experts = ["Q: 1+2=?\nA: ", "Q: 3+4=?\nA: "], ["1+2=3. \\boxed{3}", "3+4=7. \\boxed{7}"]
     rollouts = [["1+2=3. \\boxed{3}", "3"], ["3+4=8. \\boxed{8}", "zz"]]
-    rewards = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    remote = ray.get(actor.aapa_score.remote(aapa, prompts, experts, rollouts, rewards, 0.3))
-    local = score_groups(build_critic(aapa), prompts, experts, rollouts, rewards, 0.3)
-    assert remote.keys() == local.keys()
-    for key in local:
-        assert torch.allclose(remote[key], local[key], equal_nan=True), key
-    assert remote["scores"][0, 0] > remote["scores"][0, 1]  # the expert-like rollout scores higher
+    remote = ray.get(actor.aapa_score.remote(aapa, prompts, experts, rollouts))
+    local = build_critic(aapa).score(prompts, experts, rollouts)
+    for key in ("scores", "expert_scores", "gaps"):
+        assert torch.allclose(getattr(remote, key), getattr(local, key), equal_nan=True), key
+    assert (remote.truncations, remote.missing_experts) == (local.truncations, local.missing_experts)
+    assert remote.scores[0, 0] > remote.scores[0, 1]  # the expert-like rollout scores higher
 
 
 def test_experience_maker_scores_on_the_policy_actors(disc_dir, policy_group):
-    values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5)
+    values = ScheduleValues(stage=0, stage_step=0, objective="grpo", lam=0.5, alpha=0.3, rho=0.5, mu=0.0)
     results = []
     for score_on in ("driver", "actors"):
         args = make_args(disc_dir, aapa_flags=["--aapa.score_on", score_on])

@@ -8,13 +8,13 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ExpertBank": "bank", "ExpertRecord": "bank", "DataError": "bank",
+    "ExpertBank": "bank", "ExpertRecord": "bank", "DataError": "bank", "label_expert": "bank",
     "load_encoder": "encoders", "HashEncoder": "encoders", "SentenceEncoder": "encoders",
     "EmbeddingCache": "encoders",
     "Discriminator": "discriminator", "build_discriminator": "discriminator",
     "load_discriminator": "discriminator", "DiscriminatorQualityError": "discriminator",
     "VARIANTS": "discriminator",
-    "AnchorCritic": "critic", "CriticResult": "critic",
+    "AnchorCritic": "critic", "CriticScores": "critic", "AnchorStep": "critic", "anchor_step": "critic",
     "train_discriminator": "training",
 }
 __all__ = list(_EXPORTS)

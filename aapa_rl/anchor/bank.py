@@ -84,3 +84,17 @@ class ExpertBank:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def label_expert(label: Any, prompt: str, bank: ExpertBank | None) -> tuple[str, str | None]:
+    """(the prompt the discriminator sees, the expert) for one sample, the one rule every backend and the
+    dry run use: the label dict's `expert`, else the bank by the label's `id`, else by the label's `prompt`
+    (the raw prompt, before any chat template: what the discriminator was trained on), else by `prompt`."""
+    if not isinstance(label, dict):
+        return prompt, None if bank is None else bank.expert_for(prompt=prompt)
+    disc_prompt = label.get("prompt") or prompt
+    expert = label.get("expert")
+    if expert is None and bank is not None:
+        has_id = label.get("id") is not None
+        expert = bank.expert_for(id=label["id"]) if has_id else bank.expert_for(prompt=disc_prompt)
+    return disc_prompt, expert

@@ -1,4 +1,6 @@
-"""The adversarial anchor critic: one call per batch gives shaped rewards, anchor gaps and the hard set H."""
+"""The adversarial anchor critic, backend-neutral: the frozen discriminator's scores of a rollout batch
+(`AnchorCritic.score`), and what a training step makes of them (`anchor_step`): shaped rewards, the hard set
+H with its weights, and the metrics every backend logs under `aapa/`."""
 
 from __future__ import annotations
 
@@ -7,63 +9,69 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aapa_rl.objectives import anchor_gaps, select_hard_set, shaping_signal
+from aapa_rl.objectives import anchor_gaps, choose_hard_set, shape_rewards
 
-from .bank import ExpertBank
 from .discriminator import Discriminator
 
 
 @dataclass
-class CriticResult:
+class CriticScores:
     scores: torch.Tensor  # (P, G) D of the rollouts; NaN where it needs an expert the prompt lacks
     expert_scores: torch.Tensor  # (P,) D of the experts; NaN without one
-    shaping: torch.Tensor  # (P, G) s_ij = g(D), 0 where D is NaN
-    shaped_rewards: torch.Tensor  # (P, G) r_ij + alpha * s_ij
     gaps: torch.Tensor  # (P,) anchor gaps; NaN without an expert
+    truncations: int  # texts the encoder cut to its length limit
+    missing_experts: int
+
+
+@dataclass
+class AnchorStep:
+    shaped_rewards: torch.Tensor  # (P, G) r + alpha * s (r = 0 in an SFT stage)
+    shaping: torch.Tensor  # (P, G) s = g(D), 0 where D is NaN
     hard_set: torch.Tensor  # (k,) prompt indices
     hard_weights: torch.Tensor  # (k,)
-    experts: list[str | None]  # (P,)
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # named as logged, without the `aapa/` prefix
 
 
 class AnchorCritic:
-    """Scores rollouts against the expert bank with a frozen discriminator (AAPA's two signals)."""
+    """Scores rollouts and experts with a frozen discriminator; the experts come with the call."""
 
-    def __init__(self, discriminator: Discriminator, bank: ExpertBank, *, temperature: float | None = None,
-                 eps: float = 1e-6, transform: str = "log", missing_expert: str = "error"):
+    def __init__(self, discriminator: Discriminator, *, eps: float = 1e-6, missing_expert: str = "error"):
         if missing_expert not in ("error", "skip"):
             raise ValueError(f"missing_expert must be 'error' or 'skip', got {missing_expert!r}")
         self.discriminator = discriminator
-        self.bank = bank
-        self.temperature = temperature
         self.eps = eps
-        self.transform = transform
         self.missing_expert = missing_expert
         self._expert_scores: dict[tuple[str, str], float] = {}  # D(x, y*) is fixed: score it once
 
-    def evaluate(self, prompts: list[str], rollouts: list[list[str]], rewards: torch.Tensor, *,
-                 alpha: float, rho: float) -> CriticResult:
+    def score(self, prompts: list[str], experts: list[str | None], rollouts: list[list[str]]) -> CriticScores:
+        """D for P groups of G rollouts and for each prompt's expert (None: the prompt has none)."""
         num_prompts = len(prompts)
-        group = rewards.shape[1] if rewards.dim() == 2 else -1
-        if rewards.shape[0] != num_prompts or len(rollouts) != num_prompts or \
-                any(len(r) != group for r in rollouts):
+        group = len(rollouts[0]) if rollouts else 0
+        if (
+            len(rollouts) != num_prompts
+            or len(experts) != num_prompts
+            or any(len(r) != group for r in rollouts)
+        ):
             sizes = sorted({len(r) for r in rollouts})
-            raise ValueError(f"expected {num_prompts} prompts, {num_prompts} groups of rollouts and rewards "
-                             f"(P, G) of the same sizes; got {len(rollouts)} groups (sizes {sizes}) "
-                             f"and rewards {tuple(rewards.shape)}")
-        disc = self.discriminator
-        experts = [self.bank.expert_for(prompt=p) for p in prompts]
+            raise ValueError(
+                f"expected {num_prompts} prompts, experts and groups of rollouts of one size; got "
+                f"{len(experts)} experts and {len(rollouts)} groups (sizes {sizes})"
+            )
         missing = [i for i, e in enumerate(experts) if e is None]
         if missing and self.missing_expert == "error":
-            raise KeyError(f"{len(missing)} of {num_prompts} prompts have no expert in {self.bank.source}, "
-                           f"first: prompt {missing[0]} {prompts[missing[0]][:120]!r}. "
-                           "Add them to the bank or set missing_expert='skip'.")
+            raise KeyError(
+                f"{len(missing)} of {num_prompts} prompts have no expert, first: prompt {missing[0]} "
+                f"{prompts[missing[0]][:120]!r}. Add them to the expert bank or labels, or set "
+                "missing_expert: skip."
+            )
+        disc = self.discriminator
         truncated_before = disc.truncated
-
         rows = [i for i in range(num_prompts) if experts[i] is not None or not disc.needs_expert]
-        flat = disc.score([prompts[i] for i in rows for _ in range(group)],
-                          [y for i in rows for y in rollouts[i]],
-                          [experts[i] for i in rows for _ in range(group)] if disc.needs_expert else None)
+        flat = disc.score(
+            [prompts[i] for i in rows for _ in range(group)],
+            [y for i in rows for y in rollouts[i]],
+            [experts[i] for i in rows for _ in range(group)] if disc.needs_expert else None,
+        )
         if len(rows) == num_prompts:
             scores = flat.cpu().float().view(num_prompts, group)
         else:
@@ -76,30 +84,40 @@ class AnchorCritic:
             fresh = disc.score([p for p, _ in new], [e for _, e in new], [e for _, e in new], cached=True)
             self._expert_scores.update(zip(new, fresh.cpu().tolist(), strict=True))
         expert_scores = torch.tensor([self._expert_scores.get(pair, float("nan")) for pair in pairs])
-
-        scored = ~scores.isnan()
-        shaping = torch.where(scored, shaping_signal(scores, self.transform, self.eps), 0.0)
-        shaped = rewards.detach().float().cpu() + alpha * shaping
         gaps = anchor_gaps(scores, expert_scores, self.eps)
-        hard_set, hard_weights = select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, self.temperature)
+        return CriticScores(scores, expert_scores, gaps, disc.truncated - truncated_before, len(missing))
 
-        # Metrics in numpy: a few microseconds each, where torch's small-tensor ops cost more than the rest.
-        ok, d, e, g = scored.numpy(), scores.numpy(), expert_scores.numpy(), gaps.numpy()
-        rollout_d, expert_d, valid_gaps, s = d[ok], e[~np.isnan(e)], g[~np.isnan(g)], shaping.numpy()[ok]
-        metrics = {
-            "d_rollout_mean": _mean(rollout_d), "d_rollout_std": _std(rollout_d),
-            "d_expert_mean": _mean(expert_d), "d_expert_std": _std(expert_d),
-            "shaping_mean": _mean(s), "shaping_std": _std(s),
-            "reward_mean": float(rewards.float().mean()), "shaped_reward_mean": float(shaped.mean()),
-            "gap_mean": _mean(valid_gaps),
-            "gap_max": float(valid_gaps.max()) if len(valid_gaps) else float("nan"),
-            "hard_set_size": float(len(hard_set)),
-            "truncations": float(disc.truncated - truncated_before),
-            "missing_experts": float(len(missing)),
-        }
-        dev = rewards.device
-        return CriticResult(scores.to(dev), expert_scores.to(dev), shaping.to(dev), shaped.to(dev),
-                            gaps.to(dev), hard_set.to(dev), hard_weights.to(dev), experts, metrics)
+
+def anchor_step(values, settings, scored: CriticScores, rewards: torch.Tensor) -> AnchorStep:
+    """Shaping, hard set and metrics for one step's batch: `values` from the stage schedule, `settings` an
+    AapaSettings, `rewards` (P, G) the task rewards. In an SFT stage the rollouts carry the shaping alone."""
+    base = torch.zeros_like(rewards, dtype=torch.float32) if values.objective == "sft" else rewards.float()
+    shaped, shaping = shape_rewards(base.cpu(), scored.scores, values.alpha, settings.transform, settings.eps)
+    hard, weights = choose_hard_set(scored.gaps, values.rho, settings.temperature, settings.selection)
+    # In numpy: a few microseconds each, where torch's small-tensor ops cost more than the rest.
+    ok, d, e, g = (
+        ~scored.scores.isnan().numpy(),
+        scored.scores.numpy(),
+        scored.expert_scores.numpy(),
+        scored.gaps.numpy(),
+    )
+    rollout_d, expert_d, valid_gaps, s = d[ok], e[~np.isnan(e)], g[~np.isnan(g)], shaping.numpy()[ok]
+    metrics = {
+        "d_rollout_mean": _mean(rollout_d),
+        "d_rollout_std": _std(rollout_d),
+        "d_expert_mean": _mean(expert_d),
+        "d_expert_std": _std(expert_d),
+        "shaping_mean": _mean(s),
+        "shaping_std": _std(s),
+        "reward_raw_mean": float(rewards.float().mean()),
+        "reward_shaped_mean": float(shaped.mean()),
+        "gap_mean": _mean(valid_gaps),
+        "gap_max": float(valid_gaps.max()) if len(valid_gaps) else float("nan"),
+        "hard_set_size": float(len(hard)),
+        "encoder_truncations": float(scored.truncations),
+        "missing_experts": float(scored.missing_experts),
+    }
+    return AnchorStep(shaped, shaping, hard, weights, metrics)
 
 
 def _mean(x: np.ndarray) -> float:

@@ -6,41 +6,21 @@ such sample on ties). Bank rows: {id, prompt, expert, label}, the schema aapa_rl
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import pkgutil
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aapa_rl.data.rows import BadRows, DataError, PromptRow, RowError, read_records, text
-
-RewardFn = Callable[[list[str], list], tuple[Any, dict]]
+from reward_fns.combine import RewardFn
+from reward_fns.combine import load_reward as load_any_reward
 
 
 def load_reward(name: str) -> RewardFn:
-    """`batch_reward` of reward_fns.<name>, or of a .py file that defines it."""
-    if name.endswith(".py"):
-        if not Path(name).is_file():
-            raise DataError(f"{name}: no such reward file")
-        spec = importlib.util.spec_from_file_location(Path(name).stem, name)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(f"reward_fns.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"reward_fns.{name}":
-                raise  # the module exists but one of its imports does not
-            import reward_fns
-
-            known = sorted(m.name for m in pkgutil.iter_modules(reward_fns.__path__) if m.name[0] != "_")
-            raise DataError(f"unknown reward function {name!r}; available: {', '.join(known)} "
-                            "or a path to a .py file defining batch_reward") from e
-    if not callable(getattr(module, "batch_reward", None)):
-        raise DataError(f"reward {name!r} defines no batch_reward(responses, labels)")
-    return module.batch_reward
+    """`batch_reward` of reward_fns.<name> or of a .py file defining it, as data errors."""
+    try:
+        return load_any_reward(name)
+    except ValueError as e:
+        raise DataError(str(e)) from e
 
 
 def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_rows: BadRows

@@ -33,7 +33,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set optim.lr=1e-4 --set stages.0.lam=0.5",
+        help="override a recipe key, e.g. --set optim.lr=1e-4 --set aapa.stages.0.lam=0.5",
     )
     train.add_argument("--out", help="run directory (overrides the recipe's `out`)")
     group = train.add_mutually_exclusive_group()

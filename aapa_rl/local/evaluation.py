@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable
 
 import torch
 
 from aapa_rl.local.policy import autocast, generate, pack, response_log_probs, truncated
-
-RewardFn = Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from reward_fns.combine import RewardFn
+from reward_fns.combine import load_reward as load_any_reward
 
 
 def load_reward(spec, task=None) -> RewardFn:
-    """ "arithmetic" (the task's flawed reward), a reward_fns module name, or a reward_fns.combine config."""
+    """ "arithmetic" (the task's flawed reward), else what reward_fns.combine.load_reward reads: a reward_fns
+    module name, a .py file defining batch_reward, or a weighted-sum config."""
     if spec in (None, "arithmetic"):
         if task is None:
             from aapa_rl.local.task import ArithmeticTask
 
             task = ArithmeticTask()
         return task.reward
-    if isinstance(spec, str):
-        return importlib.import_module(f"reward_fns.{spec}").batch_reward
-    from reward_fns.combine import build_reward
-
-    return build_reward(spec)
+    return load_any_reward(spec)
 
 
 def correctness(rewards: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:

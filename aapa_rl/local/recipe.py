@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
-import typing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from aapa_rl.local.task import ArithmeticTask
-from aapa_rl.objectives import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, SHAPING_TRANSFORMS
+from aapa_rl.objectives import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from aapa_rl.schedule import Stage
+from aapa_rl.settings import AapaSettings, ConfigError, build
 
-FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# Keys renamed when the AAPA settings became one schema for every backend (aapa_rl/settings.py): old recipes
+# keep working for one release, with a message naming the new key.
+RENAMED = {
+    "stages": "aapa.stages",
+    "adaptive": "aapa.adaptive",
+    "data.expert_bank": "aapa.expert_bank",
+    "aapa.force": "aapa.force_discriminator",
+    "loss.anchor_phi": "aapa.anchor_phi",
+    "loss.chord_warmup_steps": "aapa.chord.warmup_steps",
+    "loss.chord_decay_steps": "aapa.chord.decay_steps",
+    "loss.chord_peak": "aapa.chord.peak",
+    "loss.chord_valley": "aapa.chord.valley",
+    "loss.chord_phi": "aapa.chord.phi",
+}
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe problem; the message names the file and the key."""
 
 
@@ -34,7 +46,6 @@ class DataConfig:
     sft: str | None = None  # JSONL {prompt, expert}: the SFT stream (sft objective, CHORD's expert part)
     train: str | None = None  # JSONL {prompt, label}: RL prompts
     eval: str | None = None  # JSONL {prompt, label, expert?}: held-out prompts
-    expert_bank: str | None = None  # expert bank for AAPA (aapa_rl.anchor.ExpertBank)
 
 
 @dataclass
@@ -68,30 +79,6 @@ class LossConfig:
     kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial policy as the KL reference
     kl_estimator: str = "k3"
     sft_batch_size: int = 32  # expert rows per step for sft and for CHORD's expert part
-    chord_warmup_steps: int = 0
-    chord_decay_steps: int = 200
-    chord_peak: float = 0.9
-    chord_valley: float = 0.05
-    chord_phi: bool = True
-    anchor_phi: bool = False
-
-
-@dataclass
-class AdaptiveConfig:
-    target_gap: float
-    rate: float = 0.1
-    lam_min: float = 0.0
-    lam_max: float = 10.0
-
-
-@dataclass
-class AapaConfig:
-    discriminator: str | None = None  # directory written by `aapa-rl discriminator train`
-    force: bool = False  # accept a discriminator whose held-out AUROC is near chance
-    temperature: float | None = None  # hard-set weights softmax(g/T); None: uniform
-    transform: str = "log"
-    missing_expert: str = "error"  # or "skip": prompts without an expert are left out of H and counted
-    selection: str = "gap"  # "random": the anchor prompts are drawn at random (a control for the critic)
 
 
 @dataclass
@@ -106,7 +93,7 @@ class LogConfig:
 class Recipe:
     out: str
     steps: int
-    stages: list[Stage]
+    aapa: AapaSettings  # the stage schedule and every AAPA setting (aapa_rl/settings.py)
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)
     max_nonfinite: int = 3  # this many non-finite steps in a row abort the run
@@ -117,9 +104,11 @@ class Recipe:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    adaptive: AdaptiveConfig | None = None
-    aapa: AapaConfig = field(default_factory=AapaConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def stages(self) -> list[Stage]:
+        return self.aapa.stages
 
     @property
     def uses_rollouts(self) -> bool:
@@ -130,67 +119,27 @@ class Recipe:
         return any(s.objective in ("sft", "chord") for s in self.stages)
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
-
-
-def _convert(value, tp, where: str):
-    """Check `value` against the annotation `tp`, building nested dataclasses; raise naming `where`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, where)
-            except RecipeError as exc:
-                errors.append(str(exc))
-        names = " or ".join(_type_name(o) for o in options)
-        if len(errors) == 1:
-            raise RecipeError(errors[0])
-        raise RecipeError(f"{where}: expected {names}, got {type(value).__name__} {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # PyYAML reads `1e-4` (no dot) as a string
-    if tp in (dict, list) and isinstance(value, tp):
-        return value
-    if tp in (int, str, bool, float) and type(value) is tp:
-        return value
-    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
-    missing = [
-        name
-        for name, f in fields.items()
-        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-    ]
-    if missing:
-        raise RecipeError(f"{where}: missing required key(s) {missing}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{where or 'recipe'}: {exc}") from exc
+def _migrate(data: dict) -> None:
+    """Move renamed keys to their new place, saying so once per key."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for part in new_parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise RecipeError(f"{'.'.join(new_parents)}: expected a mapping for the renamed key {old}")
+        if new_leaf in target:
+            raise RecipeError(f"{old} and {new} are the same setting; keep only {new}")
+        target[new_leaf] = value
+        print(f"deprecated: recipe key {old} is now {new}; the old name works until the next release",
+              file=sys.stderr)
 
 
 def _apply_override(data: dict, assignment: str) -> None:
@@ -239,9 +188,10 @@ def load_recipe(
     try:
         for assignment in overrides or []:
             _apply_override(data, assignment)
-        recipe = _build(Recipe, data, "")
+        _migrate(data)
+        recipe = build(Recipe, data, "")
         _check(recipe)
-    except RecipeError as exc:
+    except ConfigError as exc:
         raise RecipeError(f"{path or 'recipe'}: {exc}") from None
     return recipe
 
@@ -258,12 +208,6 @@ def _check(r: Recipe) -> None:
             raise RecipeError(msg)
 
     need(r.steps > 0, f"steps must be > 0, got {r.steps}")
-    need(bool(r.stages), "stages: at least one stage is required")
-    ends = [s.end_step for s in r.stages]
-    need(
-        all(b > a for a, b in zip(ends, ends[1:], strict=False)) and ends[0] > 0,
-        f"stages: end_step must be positive and strictly increasing, got {ends}",
-    )
     need(
         r.loss.estimator in ADVANTAGE_ESTIMATORS,
         f"loss.estimator: {r.loss.estimator!r} is not one of {ADVANTAGE_ESTIMATORS}",
@@ -272,15 +216,6 @@ def _check(r: Recipe) -> None:
     need(
         r.loss.kl_estimator in KL_ESTIMATORS,
         f"loss.kl_estimator: {r.loss.kl_estimator!r} is not one of {KL_ESTIMATORS}",
-    )
-    need(
-        r.aapa.transform in SHAPING_TRANSFORMS,
-        f"aapa.transform: {r.aapa.transform!r} is not one of {SHAPING_TRANSFORMS}",
-    )
-    need(r.aapa.selection in ("gap", "random"), f"aapa.selection: {r.aapa.selection!r} is not gap or random")
-    need(
-        r.aapa.missing_expert in ("error", "skip"),
-        f"aapa.missing_expert: {r.aapa.missing_expert!r} is not 'error' or 'skip'",
     )
     need(
         r.model.dtype in ("auto", "float32", "bfloat16"),
@@ -324,32 +259,32 @@ def _check(r: Recipe) -> None:
             r.model.tokenizer in (None, "char"),
             "model.tokenizer: without model.path the tiny model needs 'char'",
         )
-    uses_aapa = any(s.lam > 0 or s.alpha > 0 for s in r.stages) or r.adaptive is not None
-    if uses_aapa:
+    if r.aapa.uses_critic:
         need(
-            r.aapa.discriminator is not None, "aapa.discriminator: stages with lam > 0 or alpha > 0 need one"
-        )
-        need(
-            r.task is not None or r.data.expert_bank is not None,
-            "data.expert_bank: AAPA needs an expert bank",
+            r.aapa.discriminator is not None,
+            "aapa.discriminator: stages with lam > 0 or alpha > 0 (or adaptive lambda) need one",
         )
     if r.aapa.discriminator is not None:
         need(
-            r.task is not None or r.data.expert_bank is not None,
-            "data.expert_bank: a discriminator needs an expert bank to compare with",
+            r.task is not None or r.aapa.expert_bank is not None,
+            "aapa.expert_bank: a discriminator needs an expert bank to compare with",
         )
+    need(
+        r.task is None or r.aapa.expert_bank is None,
+        "aapa.expert_bank: the arithmetic task writes its own expert bank; remove the key or the task",
+    )
     files = {f"data.{k}": v for k, v in dataclasses.asdict(r.data).items()}
     files["model.path"] = r.model.path
     files["aapa.discriminator"] = r.aapa.discriminator
+    files["aapa.expert_bank"] = r.aapa.expert_bank
     if r.model.tokenizer not in (None, "char"):
         files["model.tokenizer"] = r.model.tokenizer
     for key, value in files.items():
         need(value is None or Path(value).exists(), f"{key}: file or directory not found: {value}")
-    if isinstance(r.reward, str) and r.reward != "arithmetic":
-        import importlib
+    if r.reward not in (None, "arithmetic"):
+        from reward_fns.combine import load_reward
 
         try:
-            module = importlib.import_module(f"reward_fns.{r.reward}")
-        except ImportError as exc:
-            raise RecipeError(f"reward: no reward function module reward_fns.{r.reward} ({exc})") from None
-        need(hasattr(module, "batch_reward"), f"reward: reward_fns.{r.reward} has no batch_reward")
+            load_reward(r.reward)
+        except (ValueError, ImportError) as exc:
+            raise RecipeError(f"reward: {exc}") from None

@@ -1,11 +1,7 @@
 """The single-process trainer: SFT, GRPO (group_norm / dr_grpo / rloo) and CHORD, each with or without AAPA,
-following a stage schedule. All loss math goes through aapa_rl.objectives and the anchor through
-aapa_rl.anchor.AnchorCritic, so this file only moves tensors between them.
-
-A run directory holds: config.yaml, metrics.jsonl (one row per step, eval rows prefixed `eval/`),
-scores.jsonl (per-step D and log-prob samples), tb/ (TensorBoard), eval/ (per-sample eval records),
-checkpoints/step_N/ (save_pretrained + trainer_state.pt), final (a link to the last checkpoint),
-plots/*.png and summary.json.
+following the stage schedule of the recipe's AAPA settings. A step reads top to bottom in `train_step`:
+rollout, reward, critic, advantages, losses, update. The loss math is aapa_rl.objectives', the critic's
+aapa_rl.anchor's; this file moves tensors between them. The run directory is aapa_rl.local.rundir's.
 """
 
 from __future__ import annotations
@@ -16,14 +12,12 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from aapa_rl.data.experts import label_problems
@@ -40,25 +34,28 @@ from aapa_rl.local.policy import (
     truncated,
 )
 from aapa_rl.local.recipe import Recipe, recipe_dict
+from aapa_rl.local.rundir import (  # noqa: F401  (RunDirError, checkpoints: the trainer's API)
+    RunDirError,
+    RunLog,
+    checkpoints,
+    latest_checkpoint,
+    prepare,
+    read_checkpoint,
+    save_checkpoint,
+)
 from aapa_rl.objectives import (
     anchor_loss,
     approx_kl,
-    chord_mu,
     group_advantages,
     masked_mean,
     policy_loss,
     sft_loss,
+    stage_estimator,
 )
-from aapa_rl.schedule import AdaptiveLambda, StageSchedule
 
 if TYPE_CHECKING:
     from aapa_rl.anchor import ExpertBank
-
-RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
-
-
-class RunDirError(RuntimeError):
-    """The run directory already holds a run (or holds none to resume)."""
+    from aapa_rl.schedule import ScheduleValues
 
 
 class NonFiniteError(RuntimeError):
@@ -124,15 +121,6 @@ class Stream:
         self.order, self.pos = state["order"], state["pos"]
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories, newest first (a write cut short leaves only a step_N.tmp)."""
-    return sorted((run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    return next((d for d in checkpoints(run_dir) if (d / "trainer_state.pt").exists()), None)
-
-
 class Trainer:
     def __init__(
         self, recipe: Recipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True
@@ -140,7 +128,7 @@ class Trainer:
         self.recipe = r = recipe
         self.run_dir = Path(r.out)
         self.progress = progress
-        resume_from = self._prepare_run_dir(resume, overwrite)  # checkpoints to try, newest first
+        resume_from = prepare(self.run_dir, recipe_dict(r), resume, overwrite)  # checkpoints, newest first
         if r.threads:
             torch.set_num_threads(r.threads)
         import transformers
@@ -149,7 +137,7 @@ class Trainer:
         torch.manual_seed(r.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-        paths = dataclasses.asdict(r.data)
+        paths = {**dataclasses.asdict(r.data), "expert_bank": r.aapa.expert_bank}
         if r.task is not None:
             written = r.task.write(self.run_dir / "data")
             paths = {
@@ -186,7 +174,9 @@ class Trainer:
         if r.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         if resume_from:
-            resume_from, self.policy, state = self._read_checkpoint(resume_from)
+            resume_from, self.policy, state = read_checkpoint(
+                self.run_dir, resume_from, lambda path: load_policy(path, self.tokenizer, device=self.device)
+            )
         self.policy.train()
 
         self.discriminator = self.critic = None
@@ -194,17 +184,12 @@ class Trainer:
             from aapa_rl.anchor import AnchorCritic, load_discriminator
 
             self.discriminator = load_discriminator(
-                r.aapa.discriminator, force=r.aapa.force, device=str(self.device)
+                r.aapa.discriminator, force=r.aapa.force_discriminator, device=str(self.device)
             )
             self.critic = AnchorCritic(
-                self.discriminator,
-                self.bank,
-                temperature=r.aapa.temperature,
-                transform=r.aapa.transform,
-                missing_expert=r.aapa.missing_expert,
+                self.discriminator, eps=r.aapa.eps, missing_expert=r.aapa.missing_expert
             )
-        adaptive = AdaptiveLambda(**dataclasses.asdict(r.adaptive)) if r.adaptive else None
-        self.schedule = StageSchedule(list(r.stages), adaptive)
+        self.schedule = r.aapa.schedule()
         self.optimizer = torch.optim.AdamW(
             self.policy.parameters(),
             lr=r.optim.lr,
@@ -217,72 +202,19 @@ class Trainer:
         self.nonfinite = 0  # non-finite steps in a row
         self.skipped = 0  # non-finite steps in the whole run
         if resume_from:
-            self._load_state(state)
+            self.load_state_dict(state)
             print(f"resumed from {resume_from} at step {self.step}")
-        self._open_logs()
-
-    # ----------------------------------------------------------------------------------------- run directory
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> list[Path]:
-        d = self.run_dir
-        holds_run = d.is_dir() and any((d / m).exists() for m in RUN_MARKERS)
-        if resume:
-            found = checkpoints(d)
-            if not found:
-                raise RunDirError(f"{d}: no checkpoint to resume from; start over with --overwrite")
-            return found
-        if holds_run and not overwrite:
-            raise RunDirError(
-                f"{d} already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-        if holds_run or (d / "config.yaml").exists():  # or a start that failed before training (a bad row)
-            shutil.rmtree(d)
-        elif d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise RunDirError(
-                f"{d} exists and is not an empty directory or a run directory; choose another out"
-            )
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(yaml.safe_dump(recipe_dict(self.recipe), sort_keys=False))
-        return []
-
-    def _open_logs(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        for name in ("metrics.jsonl", "scores.jsonl"):
-            path = self.run_dir / name
-            if path.exists():  # a resumed run drops what was logged after its checkpoint
-                keep = [row for row in plots.read_log(path) if row["step"] < self.step]
-                path.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        self.scores_file = open(self.run_dir / "scores.jsonl", "a")
-        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+        self.log = RunLog(self.run_dir, self.step)
 
     def close(self) -> None:
-        self.metrics_file.close()
-        self.scores_file.close()
-        self.tb.close()
-
-    def _log(self, metrics: dict, scores: dict | None) -> None:
-        self.metrics_file.write(json.dumps(metrics) + "\n")
-        self.metrics_file.flush()
-        step = metrics["step"]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
-        if scores:
-            self.scores_file.write(json.dumps({"step": step, **scores}) + "\n")
-            self.scores_file.flush()
-            for key in ("d_rollout", "d_expert"):
-                if scores.get(key):
-                    self.tb.add_histogram(f"aapa/{key}", torch.tensor(scores[key]), step)
+        self.log.close()
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        final = self.run_dir / "checkpoints" / f"step_{self.step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        state = {
+        return save_checkpoint(self.run_dir, self.step, self.policy, self.tokenizer, self.state_dict())
+
+    def state_dict(self) -> dict:
+        return {
             "step": self.step,
             "nonfinite": self.nonfinite,
             "skipped": self.skipped,
@@ -294,30 +226,8 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
         }
-        torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint directory exists only once it is complete
-        return final
 
-    def _read_checkpoint(self, candidates: list[Path]) -> tuple[Path, torch.nn.Module, dict]:
-        """The newest checkpoint that loads. One that does not (a copy cut short, a bad disk) is named and
-        the one before it tried; its steps are trained again and it is overwritten on the way."""
-        problems = []
-        for checkpoint in candidates:
-            try:
-                policy = load_policy(str(checkpoint), self.tokenizer, device=self.device)
-                state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-            except Exception as exc:  # whatever a damaged file raises: safetensors, pickle, OS errors
-                problems.append(f"{checkpoint} cannot be loaded: {type(exc).__name__}: {str(exc)[:200]}")
-                print(f"warning: {problems[-1]}; trying the checkpoint before it", file=sys.stderr)
-                continue
-            return checkpoint, policy, state
-        raise RunDirError(
-            f"{self.run_dir}: no checkpoint can be loaded ({'; '.join(problems)}); "
-            "start over with --overwrite"
-        )
-
-    def _load_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.skipped = state.get("skipped", 0)  # checkpoints written before the count was kept lack it
         self.schedule.load_state_dict(state["schedule"])
@@ -348,66 +258,70 @@ class Trainer:
         return loss.item()
 
     def train_step(self, step: int) -> tuple[dict, dict]:
-        r, dev = self.recipe, self.device
-        sv = self.schedule.at(step)
+        """One step: rollout -> reward -> critic -> advantages -> losses (backward each) -> update.
+        Returns the step's metrics and its per-sample scores."""
+        r, values = self.recipe, self.schedule.at(step)
+        P, G = r.rollout.prompts_per_step, r.rollout.group_size
         lr = self.lr_at(step)
         m: dict = {
             "step": step,
-            "stage": sv.stage,
-            "objective": sv.objective,
-            "lambda": sv.lam,
-            "alpha": sv.alpha,
-            "rho": sv.rho,
+            "stage": values.stage,
+            "objective": values.objective,
+            "lambda": values.lam,
+            "alpha": values.alpha,
+            "rho": values.rho,
             "lr": lr,
         }
+        if values.objective == "chord":
+            m["mu"] = values.mu
         scores: dict = {}
         started = time.perf_counter()
-        mu = 0.0
-        if sv.objective == "chord":
-            mu = chord_mu(
-                sv.stage_step,
-                r.loss.chord_warmup_steps,
-                r.loss.chord_decay_steps,
-                r.loss.chord_peak,
-                r.loss.chord_valley,
-            )
-            m["mu"] = mu
         self.optimizer.zero_grad(set_to_none=True)
         losses = {"policy": 0.0, "kl": 0.0, "sft": 0.0, "anchor": 0.0}
-        result = None
+        anchor = experts = None
         try:
-            if sv.objective != "sft" or sv.alpha > 0 or sv.lam > 0:
-                result = self._rollout_part(sv, mu, m, scores, losses)
-            if sv.objective in ("sft", "chord"):
-                t0 = time.perf_counter()
-                rows = [self.sft_rows[i] for i in self.sft_stream.take(r.loss.sft_batch_size)]
-                batch = pack(self.tokenizer, [x["prompt"] for x in rows], [x["expert"] for x in rows], dev)
-                total = batch.response_mask.sum()
-                coef = 1.0 if sv.objective == "sft" else mu
-                phi = sv.objective == "chord" and r.loss.chord_phi
-                for sl in self._chunks(len(rows)):
-                    sub = batch.rows(sl)
-                    with autocast(dev, r.model.dtype):
-                        lp = response_log_probs(self.policy, sub)
-                    share = sub.response_mask.sum() / total
-                    nll = sft_loss(lp, sub.response_mask, phi)
-                    self._backward(coef * share * nll)
-                    losses["sft"] += nll.item() * share.item()
-                m["time/sft"] = time.perf_counter() - t0
-            if result is not None and result[0]:
-                self._anchor_part(sv, *result, m, scores, losses)
-            t0 = time.perf_counter()
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, r.optim.grad_clip if r.optim.grad_clip > 0 else math.inf
-            )
-            if not torch.isfinite(grad_norm):
-                raise _SkipStep
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            m["time/optimizer"] = time.perf_counter() - t0
-            m["grad_norm"] = float(grad_norm)
+            if values.objective != "sft" or values.alpha > 0 or values.lam > 0:
+                rows = [self.train_rows[i] for i in self.train_stream.take(P)]
+                batch, t = self.rollout([x["prompt"] for x in rows])
+                m["time/rollout"] = t
+                rewards, extras, t = self.reward(values, batch.texts, [x["label"] for x in rows])
+                if t is not None:
+                    m["time/reward"] = t
+                m.update(
+                    {"reward/raw": float(rewards.mean()), **{f"reward/{k}": v for k, v in extras.items()}}
+                )
+                prompts, experts = self.experts(rows)
+                shaped = rewards
+                if self.critic is not None:
+                    anchor, d_scores, t = self.score(values, prompts, experts, batch.texts, rewards)
+                    shaped = anchor.shaped_rewards.reshape(-1).float().cpu()
+                    m.update({"time/critic": t, **{f"aapa/{k}": v for k, v in anchor.metrics.items()}})
+                    scores.update(d_scores)
+                m["reward/shaped"] = float(shaped.mean())
+                lengths = batch.response_mask.sum(-1)
+                m["response/length"] = float(lengths.float().mean())
+                m["response/truncated"] = float(truncated(batch, self.tokenizer.eos_token_id).float().mean())
+                scores["length"] = lengths.tolist()
+
+                advantages = group_advantages(shaped, G, stage_estimator(values.objective, r.loss.estimator))
+                (losses["policy"], losses["kl"], seq_logp), m["time/policy"] = self.policy_gradient(
+                    values, batch, advantages.to(self.device)
+                )
+                m["logp/rollout"] = float(seq_logp.mean())
+                scores["logp_rollout"] = seq_logp.tolist()
+            if values.objective in ("sft", "chord"):
+                losses["sft"], m["time/sft"] = self.sft_term(values)
+            if experts and any(e is not None for e in experts):
+                expert_logp, anchor_loss_value, extra = self.anchor_term(values, prompts, experts, anchor)
+                m["logp/expert"] = float(expert_logp.mean())
+                scores["logp_expert"] = expert_logp.tolist()
+                m.update(extra)
+                if anchor_loss_value is not None:
+                    losses["anchor"] = anchor_loss_value
+                gap = m.get("aapa/gap_mean", math.nan)
+                if anchor is not None and math.isfinite(gap):
+                    self.schedule.observe(gap)
+            m["grad_norm"], m["time/optimizer"] = self.update(lr)
             m["nonfinite_skipped"] = 0
         except _SkipStep:
             self.optimizer.zero_grad(set_to_none=True)
@@ -417,74 +331,74 @@ class Trainer:
         m["time/step"] = time.perf_counter() - started
         return m, scores
 
-    def _rollout_part(self, sv, mu: float, m: dict, scores: dict, losses: dict):
-        """Sample, reward, score with the critic, and backpropagate the policy-gradient (and KL) terms."""
-        r, dev = self.recipe, self.device
-        P, G = r.rollout.prompts_per_step, r.rollout.group_size
-        rows = [self.train_rows[i] for i in self.train_stream.take(P)]
-        prompts, labels = [x["prompt"] for x in rows], [x["label"] for x in rows]
-        t0 = time.perf_counter()
+    def rollout(self, prompts: list[str]):
+        """G sampled responses per prompt (and the seconds it took)."""
+        r, t0 = self.recipe, time.perf_counter()
         batch = generate(
             self.policy,
             self.tokenizer,
             prompts,
-            n=G,
+            n=r.rollout.group_size,
             max_new_tokens=r.rollout.max_new_tokens,
             temperature=r.rollout.temperature,
             top_p=r.rollout.top_p,
             top_k=r.rollout.top_k,
             dtype=r.model.dtype,
         )
-        m["time/rollout"] = time.perf_counter() - t0
-        if sv.objective == "sft":  # pure SFT has no task reward: the rollouts carry only the shaping term
-            rewards, extras = torch.zeros(P * G), {}
-        else:
-            t0 = time.perf_counter()
-            rewards, extras = self.reward_fn(batch.texts, [lab for lab in labels for _ in range(G)])
-            m["time/reward"] = time.perf_counter() - t0
-        rewards = rewards.float().cpu()
-        m["reward/raw"] = float(rewards.mean())
-        for key, value in extras.items():
-            m[f"reward/{key}"] = float(value.float().mean())
-        shaped, critic_result = rewards, None
-        if self.critic is not None:
-            t0 = time.perf_counter()
-            critic_result = self.critic.evaluate(
-                prompts,
-                [batch.texts[i * G : (i + 1) * G] for i in range(P)],
-                rewards.view(P, G),
-                alpha=sv.alpha,
-                rho=sv.rho,
-            )
-            m["time/critic"] = time.perf_counter() - t0
-            shaped = critic_result.shaped_rewards.reshape(-1).float().cpu()
-            m.update({f"aapa/{k}": v for k, v in critic_result.metrics.items()})
-            scores["d_rollout"] = critic_result.scores.reshape(-1).tolist()
-            scores["d_expert"] = critic_result.expert_scores.tolist()
-        m["reward/shaped"] = float(shaped.mean())
-        mask = batch.response_mask
-        lengths = mask.sum(-1)
-        m["response/length"] = float(lengths.float().mean())
-        m["response/truncated"] = float(truncated(batch, self.tokenizer.eos_token_id).float().mean())
-        scores["length"] = lengths.tolist()
+        return batch, time.perf_counter() - t0
 
-        coef = {"grpo": 1.0, "chord": 1.0 - mu, "sft": 1.0 if sv.alpha > 0 else 0.0}[sv.objective]
+    def reward(self, values: ScheduleValues, texts: list[str], labels: list):
+        """(rewards (P*G,) on the CPU, each extra metric's mean, seconds or None): none in an SFT stage,
+        where the rollouts carry only the shaping term."""
+        if values.objective == "sft":
+            return torch.zeros(len(texts)), {}, None
         t0 = time.perf_counter()
-        estimator = "dr_grpo" if sv.objective == "sft" else r.loss.estimator  # spec: group-mean baseline
-        advantages = group_advantages(shaped, G, estimator).to(dev)
+        group = self.recipe.rollout.group_size
+        rewards, extras = self.reward_fn(texts, [label for label in labels for _ in range(group)])
+        elapsed = time.perf_counter() - t0
+        return rewards.float().cpu(), {k: float(v.float().mean()) for k, v in extras.items()}, elapsed
+
+    def experts(self, rows: list[dict]) -> tuple[list[str], list[str | None]]:
+        """The prompts the discriminator sees and their experts (aapa_rl.anchor.label_expert's rule)."""
+        from aapa_rl.anchor import label_expert
+
+        pairs = [label_expert(x["label"], x["prompt"], self.bank) for x in rows]
+        return [p for p, _ in pairs], [e for _, e in pairs]
+
+    def score(self, values: ScheduleValues, prompts: list[str], experts: list, texts: list[str], rewards):
+        """The critic's AnchorStep (shaped rewards, hard set, metrics), the D samples logged, and seconds."""
+        from aapa_rl.anchor import anchor_step
+
+        t0, G = time.perf_counter(), self.recipe.rollout.group_size
+        rollouts = [texts[i * G : (i + 1) * G] for i in range(len(prompts))]
+        scored = self.critic.score(prompts, experts, rollouts)
+        anchor = anchor_step(values, self.recipe.aapa, scored, rewards.view(len(prompts), G))
+        d_scores = {
+            "d_rollout": scored.scores.reshape(-1).tolist(),
+            "d_expert": scored.expert_scores.tolist(),
+        }
+        return anchor, d_scores, time.perf_counter() - t0
+
+    def policy_gradient(self, values: ScheduleValues, batch, advantages: torch.Tensor):
+        """Backpropagate the clipped policy-gradient term (and KL), scaled for the stage; returns
+        ((policy loss, KL, per-sequence mean log-prob), seconds)."""
+        r, dev, t0 = self.recipe, self.device, time.perf_counter()
+        mu = values.mu
+        coef = {"grpo": 1.0, "chord": 1.0 - mu, "sft": 1.0 if values.alpha > 0 else 0.0}[values.objective]
+        mask = batch.response_mask
+        n = mask.shape[0]
         ref_lp = None
         if self.reference is not None:
             with torch.no_grad(), autocast(dev, r.model.dtype):
                 ref_lp = torch.cat(
                     [
                         response_log_probs(self.reference, batch.rows(sl), r.rollout.temperature)
-                        for sl in self._chunks(P * G)
+                        for sl in self._chunks(n)
                     ]
                 )
-        total_tokens = mask.sum()
-        total_seqs = (lengths > 0).sum()
-        seq_logp = []
-        for sl in self._chunks(P * G):
+        total_tokens, total_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
+        policy, kl_total, seq_logp = 0.0, 0.0, []
+        for sl in self._chunks(n):
             sub = batch.rows(sl)
             with autocast(dev, r.model.dtype):
                 lp = response_log_probs(self.policy, sub, r.rollout.temperature)
@@ -506,70 +420,87 @@ class Trainer:
             loss = coef * share * pg
             if ref_lp is not None:
                 kl = masked_mean(approx_kl(lp, ref_lp[sl], r.loss.kl_estimator), sub.response_mask)
-                losses["kl"] += kl.item() * token_share.item()
+                kl_total += kl.item() * token_share.item()
                 # CHORD mixes the host's whole loss, KL included: (1 - mu) * (surrogate + KL) + mu * L_sft.
-                kl_scale = 1.0 - mu if sv.objective == "chord" else 1.0
+                kl_scale = 1.0 - mu if values.objective == "chord" else 1.0
                 loss = loss + kl_scale * r.loss.kl_coef * token_share * kl
-            losses["policy"] += pg.item() * float(share)
+            policy += pg.item() * float(share)
             if coef > 0 or ref_lp is not None:
                 self._backward(loss)
             seq_logp.append(
                 (lp.detach() * sub.response_mask).sum(-1) / sub.response_mask.sum(-1).clamp(min=1)
             )
-        m["time/policy"] = time.perf_counter() - t0  # policy-gradient (and KL) forward/backward
-        seq_logp = torch.cat(seq_logp).float().cpu()
-        m["logp/rollout"] = float(seq_logp.mean())
-        scores["logp_rollout"] = seq_logp.tolist()
+        return (policy, kl_total, torch.cat(seq_logp).float().cpu()), time.perf_counter() - t0
 
-        experts = (
-            critic_result.experts
-            if critic_result is not None
-            else [self.bank.expert_for(prompt=p) for p in prompts]
-            if self.bank is not None
-            else []
-        )
-        return experts, prompts, critic_result
+    def sft_term(self, values: ScheduleValues) -> tuple[float, float]:
+        """Backpropagate the SFT term on a batch of the SFT stream (CHORD: mu times the phi-weighted NLL);
+        returns (the NLL, seconds)."""
+        r, dev, t0 = self.recipe, self.device, time.perf_counter()
+        rows = [self.sft_rows[i] for i in self.sft_stream.take(r.loss.sft_batch_size)]
+        batch = pack(self.tokenizer, [x["prompt"] for x in rows], [x["expert"] for x in rows], dev)
+        total = batch.response_mask.sum()
+        coef = 1.0 if values.objective == "sft" else values.mu
+        phi = values.objective == "chord" and r.aapa.chord.phi
+        nll_total = 0.0
+        for sl in self._chunks(len(rows)):
+            sub = batch.rows(sl)
+            with autocast(dev, r.model.dtype):
+                lp = response_log_probs(self.policy, sub)
+            share = sub.response_mask.sum() / total
+            nll = sft_loss(lp, sub.response_mask, phi)
+            self._backward(coef * share * nll)
+            nll_total += nll.item() * share.item()
+        return nll_total, time.perf_counter() - t0
 
-    def _anchor_part(self, sv, experts, prompts, critic_result, m: dict, scores: dict, losses: dict) -> None:
-        """Expert log-probs of this batch's prompts (logged), and lambda * L_anchor over the hard set H."""
+    def anchor_term(self, values: ScheduleValues, prompts: list[str], experts: list, anchor):
+        """The experts' log-probs under the policy (logged), and lambda * L_anchor over the hard set H
+        (backpropagated; only reported when lambda is 0). Returns (per-expert mean log-prob, L_anchor or None
+        without a critic, metrics)."""
         r, dev = self.recipe, self.device
         have = [i for i, e in enumerate(experts) if e is not None]
-        if not have:
-            return
         batch = pack(self.tokenizer, [prompts[i] for i in have], [experts[i] for i in have], dev)
         with torch.no_grad(), autocast(dev, r.model.dtype):
             lp = response_log_probs(self.policy, batch).float()
         mask = batch.response_mask
-        seq = (lp * mask).sum(-1) / mask.sum(-1)
-        m["logp/expert"] = float(seq.mean())
-        scores["logp_expert"] = seq.cpu().tolist()
-        if critic_result is None:
-            return
+        expert_logp = ((lp * mask).sum(-1) / mask.sum(-1)).cpu()
+        if anchor is None:
+            return expert_logp, None, {}
         row_of = {i: j for j, i in enumerate(have)}
-        hard = [row_of[i] for i in critic_result.hard_set.tolist()]
-        weights = critic_result.hard_weights.to(dev)
-        if r.aapa.selection == "random":  # control arm: as many anchor prompts, picked blind to the gaps
-            k = math.ceil(sv.rho * len(prompts) - 1e-9)
-            hard = torch.randperm(len(have))[:k].tolist()
-            weights = torch.ones(len(hard), device=dev)
-        m["aapa/anchor_rows"] = len(hard)
+        hard = [row_of[i] for i in anchor.hard_set.tolist()]
+        weights = anchor.hard_weights.to(dev)
+        metrics: dict = {"aapa/anchor_rows": len(hard)}
         if not hard:
-            losses["anchor"] = 0.0
-        elif sv.lam > 0:
-            t0 = time.perf_counter()
-            sub = batch.rows(torch.tensor(hard))
-            with autocast(dev, r.model.dtype):
-                hard_lp = response_log_probs(self.policy, sub)
-            la = anchor_loss(hard_lp, sub.response_mask, weights, phi=r.loss.anchor_phi)
-            losses["anchor"] = self._backward(sv.lam * la) / sv.lam
-            m["time/anchor"] = time.perf_counter() - t0  # the anchor term's forward/backward
-            m["aapa/anchor_tokens"] = int(sub.response_mask.sum())
-        else:  # lambda = 0 (e.g. a monitored baseline): report L_anchor without optimising it
+            return expert_logp, 0.0, metrics
+        if values.lam == 0:  # e.g. a monitored baseline: report L_anchor without optimising it
             idx = torch.tensor(hard, device=dev)
-            losses["anchor"] = float(anchor_loss(lp[idx], mask[idx], weights, phi=r.loss.anchor_phi))
-        gap = critic_result.metrics.get("gap_mean", math.nan)
-        if math.isfinite(gap):
-            self.schedule.observe(gap)
+            return (
+                expert_logp,
+                float(anchor_loss(lp[idx], mask[idx], weights, phi=r.aapa.anchor_phi)),
+                metrics,
+            )
+        t0 = time.perf_counter()
+        sub = batch.rows(torch.tensor(hard))
+        with autocast(dev, r.model.dtype):
+            hard_lp = response_log_probs(self.policy, sub)
+        value = self._backward(
+            values.lam * anchor_loss(hard_lp, sub.response_mask, weights, phi=r.aapa.anchor_phi)
+        )
+        metrics["time/anchor"] = time.perf_counter() - t0  # the anchor term's forward/backward
+        metrics["aapa/anchor_tokens"] = int(sub.response_mask.sum())
+        return expert_logp, value / values.lam, metrics
+
+    def update(self, lr: float) -> tuple[float, float]:
+        """Clip and apply the accumulated gradients; returns (gradient norm, seconds)."""
+        t0 = time.perf_counter()
+        clip = self.recipe.optim.grad_clip
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            raise _SkipStep
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return float(grad_norm), time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
@@ -629,7 +560,7 @@ class Trainer:
                 if self.eval_rows and ((r.log.eval_every and self.step % r.log.eval_every == 0) or last):
                     summary = self.evaluate()
                     metrics.update({f"eval/{k}": v for k, v in summary.items()})
-                self._log(metrics, scores)
+                self.log.write(metrics, scores)
                 if self.nonfinite >= r.max_nonfinite:
                     good = latest_checkpoint(self.run_dir)
                     raise NonFiniteError(

@@ -28,7 +28,11 @@ def launch(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from .recipe import RecipeError, check, command, dry_run
+    try:
+        from .recipe import RecipeError, check, command, dry_run
+    except ImportError as e:  # OpenRLHF missing or another version: the other commands still work
+        print(f"aapa-rl: {e}")
+        return 2
 
     extra = list(args.extra)
     if extra[:1] == ["--"]:

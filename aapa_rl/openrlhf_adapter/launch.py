@@ -2,32 +2,39 @@
 
 Runs OpenRLHF's own `openrlhf.cli.train_ppo_ray` with the AAPA classes injected: the `--aapa.*` flags are
 taken out of argv, checked (schedule, discriminator report, files) before Ray starts, and attached to
-OpenRLHF's parsed arguments as `args.aapa`, which reaches every Ray actor inside `strategy.args`.
+OpenRLHF's parsed arguments as `args.aapa` (an aapa_rl.settings.AapaSettings), which reaches every Ray
+actor inside `strategy.args`.
 """
 
 from __future__ import annotations
 
+from . import pinned  # noqa: F401  (refuses another OpenRLHF version before using its internals)
+
+# isort: split
+
 import runpy
 import sys
-from types import SimpleNamespace
 
-from .settings import AapaConfigError, build_schedule, check_files, parser, refuse_unsupported, split_argv
+from aapa_rl.settings import AapaSettings
+
+from .settings import AapaConfigError, check_files, parser, refuse_unsupported, split_argv
 
 
-def install(aapa: SimpleNamespace) -> None:
-    """Attach `aapa` to OpenRLHF's parsed args (refusing unsupported flags there); inject the AAPA classes."""
+def install(aapa: AapaSettings, score_on: str = "actors") -> None:
+    """Attach the settings to OpenRLHF's parsed args as `args.aapa` and `args.aapa_score_on` (refusing
+    unsupported flags there); inject the AAPA classes."""
     from openrlhf.trainer import ppo_trainer
     from openrlhf.trainer.ray import ppo_actor
     from openrlhf.utils import config
 
-    from .actor import AapaPolicyModelActor
-    from .driver import AapaPPOTrainer
+    from .ppo_actor import AapaPolicyModelActor
+    from .ppo_trainer import AapaPPOTrainer
 
     hierarchize = getattr(config.hierarchize, "__wrapped__", config.hierarchize)
 
     def hierarchize_with_aapa(flat):
         args = hierarchize(flat)
-        args.aapa = aapa
+        args.aapa, args.aapa_score_on = aapa, score_on
         refuse_unsupported(args)
         return args
 
@@ -45,14 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\nEvery other flag goes to OpenRLHF: python -m openrlhf.cli.train_ppo_ray --help")
         return
     try:
-        aapa, rest = split_argv(argv)
-        build_schedule(aapa)
+        aapa, score_on, rest = split_argv(argv)
         problems = check_files(aapa)
     except AapaConfigError as e:
         raise SystemExit(f"aapa-rl: {e}") from e
     if problems:
         raise SystemExit("aapa-rl: " + "\n".join(problems))
-    install(aapa)
+    install(aapa, score_on)
     sys.argv = [sys.argv[0], *rest]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
 

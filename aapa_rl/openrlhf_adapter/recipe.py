@@ -7,6 +7,10 @@ on the command line come last, so they override the recipe (argparse keeps the l
 
 from __future__ import annotations
 
+from . import pinned  # noqa: F401  (refuses another OpenRLHF version before using its internals)
+
+# isort: split
+
 import importlib.util
 import json
 import math
@@ -16,22 +20,15 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import yaml
 
-from .settings import (
-    AapaConfigError,
-    build_schedule,
-    check_files,
-    dests,
-    refused,
-    split_argv,
-)
+from aapa_rl.settings import AapaSettings
+
+from .settings import GROUP_ESTIMATORS, AapaConfigError, check_files, dests, refused, split_argv
 
 LAUNCH_MODULE = "aapa_rl.openrlhf_adapter.launch"
 STOCK_MODULE = "openrlhf.cli.train_ppo_ray"
-GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt")
 OUTPUT_FLAGS = ("ckpt.path", "ckpt.output_dir", "logger.tensorboard_dir")
 # OpenRLHF 0.11.2's defaults (cli/train_ppo_ray.py) for the flags the checks read; a test compares them with
@@ -132,8 +129,7 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
     aapa, args = None, cmd[3:]
     if cmd[2] == LAUNCH_MODULE:
         try:
-            aapa, args = split_argv(args)
-            schedule = build_schedule(aapa)
+            aapa, _, args = split_argv(args)
         except AapaConfigError as e:
             return [], [str(e)]
     flags = parse_flags(args)
@@ -160,16 +156,13 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
     _check_batches(get, ok, bad)
     if aapa is not None:
         prompts = int(get("rollout.batch_size"))
-        for i, stage in enumerate(schedule.stages):
-            if stage.lam > 0 and stage.rho == 0:
-                bad.append(f"--aapa.stages[{i}] has lam {stage.lam} but rho 0: no prompt can be anchored")
+        for i, stage in enumerate(aapa.stages):
             decay = "" if stage.lam_end is None else f" -> {stage.lam_end}"
             ok.append(f"AAPA stage {i}, steps < {stage.end_step}: {stage.objective}, lam {stage.lam}{decay}, "
                       f"alpha {stage.alpha}, rho {stage.rho} "
                       f"(|H| <= {math.ceil(stage.rho * prompts - 1e-9)} of {prompts} prompts)")
-        if schedule.adaptive is not None:
-            ok.append(f"adaptive lambda: target gap {schedule.adaptive.target_gap}, "
-                      f"rate {schedule.adaptive.rate}")
+        if aapa.adaptive is not None:
+            ok.append(f"adaptive lambda: target gap {aapa.adaptive.target_gap}, rate {aapa.adaptive.rate}")
     return ok, bad
 
 
@@ -177,7 +170,7 @@ def _is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(DATA_SUFFIXES)
 
 
-def _check_files(get: Callable, aapa: SimpleNamespace | None, ok: list[str], bad: list[str]) -> None:
+def _check_files(get: Callable, aapa: AapaSettings | None, ok: list[str], bad: list[str]) -> None:
     for name in ("actor.model_name_or_path", "data.prompt_dataset", "eval.dataset"):
         value = get(name)
         if value is None:
@@ -212,12 +205,11 @@ def _check_files(get: Callable, aapa: SimpleNamespace | None, ok: list[str], bad
         _check_labels(aapa, data, get, ok, bad)
 
 
-def _check_labels(aapa: SimpleNamespace, data: str, get: Callable, ok: list[str], bad: list[str]) -> None:
+def _check_labels(aapa: AapaSettings, data: str, get: Callable, ok: list[str], bad: list[str]) -> None:
     """Every prompt row must lead to an expert that agrees with the expert bank, found as the run finds it
-    (driver._label_expert): the label's `expert`, else the bank by the label's `id`, else by the label's
-    `prompt`, else by the prompt OpenRLHF builds (after --data.input_template; a chat template needs the
-    tokenizer, so those rows count as missing here)."""
-    from aapa_rl.anchor.bank import ExpertBank
+    (aapa_rl.anchor.label_expert) from the prompt OpenRLHF builds (after --data.input_template; a chat
+    template needs the tokenizer, so rows that depend on it count as missing here)."""
+    from aapa_rl.anchor.bank import ExpertBank, label_expert
     from aapa_rl.data.rows import DataError, read_rows
 
     input_key, label_key = get("data.input_key"), get("data.label_key")
@@ -234,21 +226,19 @@ def _check_labels(aapa: SimpleNamespace, data: str, get: Callable, ok: list[str]
                 return
             rows += 1
             label = row.get(label_key)
+            built = None if chat else row.get(input_key)  # the prompt OpenRLHF builds
+            if template and "{}" in template and isinstance(built, str):
+                built = template.format(built)
+            _, at_run = label_expert(label, built if isinstance(built, str) else "", bank)
             label = label if isinstance(label, dict) else {}
-            if bank is None:
-                at_run = by_data = None
-            elif label.get("id") is not None:
-                at_run = by_data = bank.expert_for(id=label["id"])
-            else:
-                raw = label.get("prompt") or row.get(input_key)  # the bank holds raw prompts
-                built = label.get("prompt")  # else the prompt OpenRLHF builds, which the run looks up
-                if not built and not chat:
-                    built = row.get(input_key)
-                    if template and "{}" in template and isinstance(built, str):
-                        built = template.format(built)
-                at_run = bank.expert_for(prompt=built) if isinstance(built, str) else None
-                by_data = bank.expert_for(prompt=raw) if isinstance(raw, str) else None
-            missing += not (label.get("expert") or at_run)
+            # The bank's expert for the raw prompt (or id), to compare with an expert the label carries.
+            raw = label.get("prompt") or row.get(input_key)
+            by_data = None
+            if bank is not None and label.get("id") is not None:
+                by_data = bank.expert_for(id=label["id"])
+            elif bank is not None and isinstance(raw, str):
+                by_data = bank.expert_for(prompt=raw)
+            missing += not at_run
             disagree += bool(label.get("expert") and by_data and label["expert"] != by_data)
     except DataError as e:  # a format read_rows does not read (OpenRLHF reads more): say so, do not fail
         ok.append(f"{data}: expert labels not checked ({e})")

@@ -1,23 +1,27 @@
-"""The `--aapa.*` flags, their stage schedule and what AAPA refuses: all checked before Ray starts.
+"""The `--aapa.*` flags (the fields of aapa_rl.settings.AapaSettings, plus where to score) and what AAPA
+refuses: all checked before Ray starts.
 
 OpenRLHF's parser rejects unknown flags, so the launcher parses `--aapa.*` apart and hands the rest on.
-Nested values (stages, the adaptive-lambda controller, CHORD's mu schedule) travel as JSON strings so that
-the printed command is complete and can be pasted into a shell or a `ray job submit` entrypoint.
+Nested values (stages, the adaptive-lambda controller, CHORD's settings) travel as JSON strings so that the
+printed command is complete and can be pasted into a shell or a `ray job submit` entrypoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
-from aapa_rl.objectives import SHAPING_TRANSFORMS
-from aapa_rl.schedule import AdaptiveLambda, Stage, StageSchedule
+from aapa_rl.settings import AapaSettings, ConfigError, build
 
 PREFIX = "--aapa."
-CHORD_KEYS = {"warmup_steps", "decay_steps", "peak", "valley"}
+SCORE_ON = ("actors", "driver")  # the one OpenRLHF-only setting: where the discriminator runs
+# OpenRLHF's advantage estimators with a per-prompt group baseline (GAE has none).
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 
 # (flag, is_refused(value), why): each would break an assumption AAPA makes about the batch it sees.
 REFUSALS: list[tuple[str, Callable[[object], bool], str]] = [
@@ -33,7 +37,7 @@ REFUSALS: list[tuple[str, Callable[[object], bool], str]] = [
 ]
 
 
-class AapaConfigError(ValueError):
+class AapaConfigError(ConfigError):
     """A bad `--aapa.*` flag or recipe entry; the message names it."""
 
 
@@ -41,68 +45,55 @@ def parse_json(text: str):
     return json.loads(text)
 
 
+def _structured(hint) -> bool:
+    """A list or a dataclass (or one of them or null): given as JSON."""
+    options = typing.get_args(hint) or (hint,)
+    return any(dataclasses.is_dataclass(t) or typing.get_origin(t) is list for t in options)
+
+
 def parser() -> argparse.ArgumentParser:
+    """One flag per AapaSettings field (structured ones as JSON) and --aapa.score_on; a flag not given is
+    absent from the parsed namespace, so the schema's defaults apply."""
     p = argparse.ArgumentParser(prog="python -m aapa_rl.openrlhf_adapter.launch", allow_abbrev=False,
-                                add_help=False, description="AAPA flags; every other flag goes to OpenRLHF.")
-    a = p.add_argument
-    a("--aapa.discriminator", required=True, help="directory written by `aapa-rl discriminator train`")
-    a("--aapa.expert_bank", default=None,
-      help="expert bank (JSONL/parquet/datasets dir): experts for labels that carry an `id` but no `expert`")
-    a("--aapa.stages", type=parse_json, required=True,
-      help='JSON list: [{"end_step": 50, "objective": "sft", "lam": 1.0, "alpha": 0.1, "rho": 0.25}, ...]')
-    a("--aapa.adaptive", type=parse_json, default=None,
-      help='JSON adaptive-lambda controller: {"target_gap": 0.5, "rate": 0.1, "lam_min": 0, "lam_max": 10}')
-    a("--aapa.chord", type=parse_json, default=None,
-      help='JSON CHORD mu schedule for "chord" stages: {"warmup_steps", "decay_steps", "peak", "valley"}')
-    a("--aapa.temperature", type=float, default=None,
-      help="softmax temperature of the anchor weights (default: uniform)")
-    a("--aapa.transform", choices=SHAPING_TRANSFORMS, default="log", help="shaping s = g(D)")
-    a("--aapa.eps", type=float, default=1e-6, help="floor on D inside logs")
-    a("--aapa.anchor_phi", action="store_true", help="weight anchor tokens by p(1-p) (CHORD-style)")
-    a("--aapa.missing_expert", choices=["error", "skip"], default="error",
-      help="a prompt without an expert: stop, or leave it out of the hard set and count it")
-    a("--aapa.force_discriminator", action="store_true",
-      help="use a discriminator whose held-out AUROC is below 0.6")
-    a("--aapa.score_on", choices=["actors", "driver"], default="actors",
-      help="score rollouts on the policy GPUs (default) or on the CPU of the trainer process")
+                                add_help=False, argument_default=argparse.SUPPRESS,
+                                description="AAPA flags; every other flag goes to OpenRLHF.")
+    hints = typing.get_type_hints(AapaSettings)
+    for f in dataclasses.fields(AapaSettings):
+        flag, help, hint = f"{PREFIX}{f.name}", f.metadata["help"], hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, action="store_true", help=help)
+        elif _structured(hint):
+            p.add_argument(flag, type=parse_json, help=f"JSON: {help}")
+        else:
+            p.add_argument(flag, help=help)  # converted and checked by aapa_rl.settings.build
+    p.add_argument(f"{PREFIX}score_on", choices=SCORE_ON,
+                   help="score rollouts on the policy GPUs (actors, default) or the trainer's CPU (driver)")
     return p
 
 
-def dests() -> dict[str, argparse.Action]:
-    """Recipe key (e.g. `stages`) -> its argparse action."""
-    return {a.dest.removeprefix("aapa."): a for a in parser()._actions if a.dest.startswith("aapa.")}
+def dests() -> set[str]:
+    """The recipe keys of the `aapa:` section (e.g. `stages`)."""
+    return {f.name for f in dataclasses.fields(AapaSettings)} | {"score_on"}
 
 
-def split_argv(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
-    """Take the `--aapa.*` flags out of `argv`; returns (aapa settings, the flags left for OpenRLHF)."""
+def split_argv(argv: list[str]) -> tuple[AapaSettings, str, list[str]]:
+    """Take the `--aapa.*` flags out of `argv`: (AAPA settings, where to score, the flags for OpenRLHF)."""
     flat, rest = parser().parse_known_args(argv)
     unknown = [arg for arg in rest if arg.startswith(PREFIX)]
     if unknown:
         raise AapaConfigError(f"unknown AAPA flag {unknown[0].split('=')[0]}; known: {sorted(dests())}")
-    return SimpleNamespace(**{k.removeprefix("aapa."): v for k, v in vars(flat).items()}), rest
-
-
-def build_schedule(aapa: SimpleNamespace) -> StageSchedule:
-    if not isinstance(aapa.stages, list) or not aapa.stages:
-        raise AapaConfigError("--aapa.stages must be a non-empty JSON list of stages")
-    stages = []
-    for i, stage in enumerate(aapa.stages):
-        try:
-            stages.append(Stage(**stage))
-        except (TypeError, ValueError) as e:
-            raise AapaConfigError(f"--aapa.stages[{i}] {stage!r}: {e}") from e
-    if any(s.objective == "chord" for s in stages):
-        if not isinstance(aapa.chord, dict) or set(aapa.chord) != CHORD_KEYS:
-            raise AapaConfigError(f"a chord stage needs --aapa.chord with exactly the keys "
-                                  f"{sorted(CHORD_KEYS)}, got {aapa.chord!r}")
+    given = {k.removeprefix("aapa."): v for k, v in vars(flat).items()}
+    score_on = given.pop("score_on", "actors")
     try:
-        adaptive = None if aapa.adaptive is None else AdaptiveLambda(**aapa.adaptive)
-        return StageSchedule(stages, adaptive)
-    except (TypeError, ValueError) as e:
-        raise AapaConfigError(f"--aapa.stages / --aapa.adaptive: {e}") from e
+        settings = build(AapaSettings, given, "--aapa")
+    except ConfigError as e:
+        raise AapaConfigError(str(e)) from None
+    if settings.discriminator is None:
+        raise AapaConfigError("--aapa.discriminator is required: the directory of a trained discriminator")
+    return settings, score_on, rest
 
 
-def check_files(aapa: SimpleNamespace) -> list[str]:
+def check_files(aapa: AapaSettings) -> list[str]:
     """Problems with the files AAPA reads (empty when none): checked on the launching machine."""
     from aapa_rl.anchor.discriminator import quality_problem
 

@@ -1,4 +1,5 @@
-"""Policy ranks: AAPA's expert terms join OpenRLHF's actor loss inside its single backward per micro-step.
+"""Extends OpenRLHF's ppo_actor (the policy ranks): AAPA's expert terms join the actor loss inside its single
+backward per micro-step.
 
 Per micro-step the loss handed to `strategy.backward` becomes
     grpo:  L_host + lam * L_anchor
@@ -11,6 +12,10 @@ dp_size), so DeepSpeed's 1/gas scaling and DP averaging leave exactly the token 
 
 from __future__ import annotations
 
+from . import pinned  # noqa: F401  (refuses another OpenRLHF version before using its internals)
+
+# isort: split
+
 import ray
 import torch
 import torch.distributed as dist
@@ -18,9 +23,10 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
+from aapa_rl.anchor import CriticScores
 from aapa_rl.objectives import anchor_loss, sft_loss
 
-from .scoring import build_critic, score_groups
+from .scoring import build_critic
 
 # Until the driver pushes a step's values: no expert term.
 IDLE_STATE = {"step": 0, "objective": "grpo", "lam": 0.0, "mu": 0.0}
@@ -145,7 +151,8 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
         # The objectives return local token means; times the local count gives the sums the window normalises.
         anchor_mean = anchor_loss(log_probs, anchor_mask, batch["anchor_w"], phi=self.args.aapa.anchor_phi)
         anchor_sum = anchor_mean * anchor_mask.sum().clamp(min=1)
-        sft_mean = sft_loss(log_probs, sft_mask, phi=state["objective"] == "chord")
+        chord_phi = state["objective"] == "chord" and self.args.aapa.chord.phi
+        sft_mean = sft_loss(log_probs, sft_mask, phi=chord_phi)
         sft_sum = sft_mean * sft_mask.sum().clamp(min=1)
         anchor_term = anchor_sum / batch["anchor_norm"].to(anchor_sum.device) * dp_size
         sft_term = sft_sum / batch["sft_norm"].to(sft_sum.device) * dp_size
@@ -198,8 +205,8 @@ class AapaPolicyModelActor(PolicyModelActor.__ray_actor_class__):
             self.trainer.aapa_state = self.aapa_state
         return self.aapa_state
 
-    def aapa_score(self, aapa, prompts, experts, rollouts, rewards, alpha) -> dict:
+    def aapa_score(self, aapa, prompts, experts, rollouts) -> CriticScores:
         """Score a chunk of whole rollout groups with the frozen discriminator on this rank's GPU."""
         if getattr(self, "aapa_critic", None) is None:
             self.aapa_critic = build_critic(aapa, device="cuda" if torch.cuda.is_available() else None)
-        return score_groups(self.aapa_critic, prompts, experts, rollouts, rewards, alpha)
+        return self.aapa_critic.score(prompts, experts, rollouts)

@@ -1,7 +1,12 @@
-"""Driver side (the PPOTrainer Ray actor): discriminator shaping, anchor gaps and the hard set H per rollout
-batch; the stage schedule pushed to the policy ranks; plugin state in OpenRLHF's checkpoints."""
+"""Extends OpenRLHF's PPOTrainer (the driver Ray actor): per rollout batch, the critic's scores and the core's
+anchor step (shaping, the hard set H, metrics); the stage schedule pushed to the policy ranks; plugin state in
+OpenRLHF's checkpoints."""
 
 from __future__ import annotations
+
+from . import pinned  # noqa: F401  (refuses another OpenRLHF version before using its internals)
+
+# isort: split
 
 import math
 from operator import itemgetter
@@ -13,16 +18,15 @@ from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from openrlhf.utils.logging_utils import init_logger
 
-from aapa_rl.anchor import ExpertBank
-from aapa_rl.objectives import chord_mu, select_hard_set
+from aapa_rl.anchor import CriticScores, ExpertBank, anchor_step, label_expert
+from aapa_rl.objectives import stage_estimator
 from aapa_rl.schedule import ScheduleValues
 
-from .scoring import build_critic, score_groups
-from .settings import build_schedule
+from .scoring import build_critic
+from .settings import GROUP_ESTIMATORS
 
 logger = init_logger(__name__)
 
-GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 # Metrics the policy ranks report as sums (weighted alike), made ratios here: name -> (numerator, denom).
 ACTOR_RATIOS = {
     "aapa/anchor_loss": ("aapa/anchor_nll_sum", "aapa/anchor_tokens"),
@@ -31,25 +35,10 @@ ACTOR_RATIOS = {
 }
 
 
-def _label_expert(label, prompt: str, bank: ExpertBank | None) -> tuple[str, str | None]:
-    """(the prompt the discriminator sees, the expert) for one sample's label.
-
-    The expert comes from the label dict's `expert`, else the expert bank by the label's `id`, else by prompt.
-    A label's `prompt` (the raw prompt, before any chat template) is what the discriminator was trained on.
-    """
-    if not isinstance(label, dict):
-        return prompt, None if bank is None else bank.expert_for(prompt=prompt)
-    disc_prompt = label.get("prompt") or prompt
-    expert = label.get("expert")
-    if expert is None and bank is not None:
-        has_id = label.get("id") is not None
-        expert = bank.expert_for(id=label["id"]) if has_id else bank.expert_for(prompt=disc_prompt)
-    return disc_prompt, expert
-
-
 class AapaExperienceMaker(RemoteExperienceMaker):
     """After rewards, before advantages: score rollouts with the frozen discriminator, shape the rewards,
-    choose H over the rollout batch and mark its anchors in `info` for the policy ranks."""
+    choose H over the whole rollout batch (aapa_rl.anchor.anchor_step) and mark its anchors in `info` for the
+    policy ranks."""
 
     values: ScheduleValues | None = None  # this step's schedule values, set by AapaPPOTrainer.train_step
     _critic = None
@@ -75,7 +64,7 @@ class AapaExperienceMaker(RemoteExperienceMaker):
             _, exp0, row0 = group[0]
             if any(exp.prompts[row] != exp0.prompts[row0] for _, exp, row in group):
                 raise RuntimeError(f"group {p} mixes prompts: samples {[s[0] for s in group]} must share one")
-            disc_prompt, expert = _label_expert(exp0.labels[row0], exp0.prompts[row0], self._bank)
+            disc_prompt, expert = label_expert(exp0.labels[row0], exp0.prompts[row0], self._bank)
             prompts.append(disc_prompt)
             experts.append(expert)
             rollouts.append([self._response_text(exp, row) for _, exp, row in group])
@@ -91,18 +80,15 @@ class AapaExperienceMaker(RemoteExperienceMaker):
             exp.info["aapa_w"] = torch.zeros(len(exp.index))
             exp.info["aapa_sft"] = torch.zeros(len(exp.index))
         rewards = torch.stack([torch.stack([exp.rewards[row] for _, exp, row in group]) for group in groups])
-        # The SFT stage has no rollout reward: its policy-gradient term is shaping alone (spec, signal 1).
-        base = torch.zeros_like(rewards) if values.objective == "sft" else rewards
-        scored = self._score(prompts, experts, rollouts, base, values.alpha)
-        gaps = scored["gaps"].nan_to_num(nan=-math.inf)  # a prompt without an expert is never anchored
-        hard, weights = select_hard_set(gaps, values.rho, aapa.temperature)
+        scored = self._score(prompts, experts, rollouts)
+        anchor = anchor_step(values, aapa, scored, rewards.cpu())
         anchor_w = torch.zeros(len(groups))
-        anchor_w[hard] = weights.float()
+        anchor_w[anchor.hard_set] = anchor.hard_weights.float()
 
         expert_term = values.objective in ("sft", "chord")
         for p, group in enumerate(groups):
             for j, (_, exp, row) in enumerate(group):
-                exp.rewards[row] = scored["shaped_rewards"][p, j]
+                exp.rewards[row] = anchor.shaped_rewards[p, j]
             # One sample per prompt carries its expert to the actor: one anchor / SFT forward per prompt.
             _, exp, row = group[0]
             exp.info["aapa_w"][row] = anchor_w[p]
@@ -112,15 +98,20 @@ class AapaExperienceMaker(RemoteExperienceMaker):
                 exp.labels[row] = {**label, "expert": experts[p]} if isinstance(label, dict) else \
                     {"answer": label, "expert": experts[p]}
 
-        self.last_metrics = self._metrics(experiences, rewards, scored, hard)
-        valid = ~scored["scores"].isnan()
-        self.last_scores = {"rollouts": scored["scores"][valid],
-                            "experts": scored["expert_scores"][~scored["expert_scores"].isnan()]}
+        logp = sum((e.action_log_probs.float() * e.action_mask).sum() for e in experiences)
+        tokens = sum(e.action_mask.sum() for e in experiences)
+        self.last_metrics = {
+            "aapa/stage": values.stage, "aapa/lambda": values.lam, "aapa/alpha": values.alpha,
+            "aapa/rho": values.rho, **{f"aapa/{k}": v for k, v in anchor.metrics.items()},
+            "aapa/rollout_logp_mean": (logp / max(tokens, 1)).item(),
+        }
+        self.last_scores = {"rollouts": scored.scores[~scored.scores.isnan()],
+                            "experts": scored.expert_scores[~scored.expert_scores.isnan()]}
 
         estimator = args.algo.advantage.estimator
-        if values.objective == "sft" and estimator in GROUP_ESTIMATORS:
-            # alpha must scale the SFT stage's shaping term: a plain group-mean baseline (no std division).
-            args.algo.advantage.estimator = self.advantage_estimator = "dr_grpo"
+        if estimator in GROUP_ESTIMATORS:  # the core's rule for the SFT stage (GAE has no group baseline)
+            estimator_now = stage_estimator(values.objective, estimator)
+            args.algo.advantage.estimator = self.advantage_estimator = estimator_now
         try:
             return super().compute_advantages_and_returns(experiences)
         finally:
@@ -132,48 +123,21 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         tokens = exp.sequences[row, -mask.numel():][mask]
         return self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
 
-    def _score(self, prompts, experts, rollouts, rewards, alpha) -> dict[str, torch.Tensor]:
-        aapa = self.args.aapa
-        if aapa.score_on == "driver" or self.actor_model_group is None:
+    def _score(self, prompts, experts, rollouts) -> CriticScores:
+        if self.args.aapa_score_on == "driver" or self.actor_model_group is None:
             if self._critic is None:
-                self._critic = build_critic(aapa)
-            return score_groups(self._critic, prompts, experts, rollouts, rewards, alpha)
+                self._critic = build_critic(self.args.aapa)
+            return self._critic.score(prompts, experts, rollouts)
         # On the policy GPUs: contiguous chunks of whole groups, one per rank, gathered in order.
         handles = self.actor_model_group._actor_handlers
         size = math.ceil(len(prompts) / len(handles))
-        refs = [handle.aapa_score.remote(aapa, prompts[a : a + size], experts[a : a + size],
-                                         rollouts[a : a + size], rewards[a : a + size], alpha)
+        refs = [handle.aapa_score.remote(self.args.aapa, prompts[a : a + size], experts[a : a + size],
+                                         rollouts[a : a + size])
                 for handle, a in zip(handles, range(0, len(prompts), size), strict=False)]
         parts = ray.get(refs)
-        return {k: torch.cat([p[k] for p in parts]) if parts[0][k].dim() else sum(p[k] for p in parts)
-                for k in parts[0]}
-
-    def _metrics(self, experiences, rewards, scored, hard) -> dict[str, float]:
-        values = self.values
-        s, valid = scored["scores"], ~scored["scores"].isnan()
-        d_expert = scored["expert_scores"][~scored["expert_scores"].isnan()]
-        gaps = scored["gaps"][~scored["gaps"].isnan()]
-        shaping = scored["shaping"][valid]
-        logp = sum((e.action_log_probs.float() * e.action_mask).sum() for e in experiences)
-        tokens = sum(e.action_mask.sum() for e in experiences)
-        metrics = {
-            "aapa/stage": values.stage, "aapa/lambda": values.lam, "aapa/alpha": values.alpha,
-            "aapa/rho": values.rho,
-            "aapa/reward_raw_mean": rewards.mean().item(),
-            "aapa/reward_shaped_mean": scored["shaped_rewards"].mean().item(),
-            "aapa/shaping_mean": shaping.mean().item(),
-            "aapa/shaping_std": shaping.std(unbiased=False).item(),
-            "aapa/d_rollout_mean": s[valid].mean().item(),
-            "aapa/d_rollout_std": s[valid].std(unbiased=False).item(),
-            "aapa/d_expert_mean": d_expert.mean().item(),
-            "aapa/d_expert_std": d_expert.std(unbiased=False).item(),
-            "aapa/gap_mean": gaps.mean().item(), "aapa/gap_max": gaps.max().item() if len(gaps) else math.nan,
-            "aapa/hard_set_size": float(len(hard)),
-            "aapa/missing_experts": scored["missing_experts"].item(),
-            "aapa/encoder_truncations": scored["truncations"].item(),
-            "aapa/rollout_logp_mean": (logp / max(tokens, 1)).item(),
-        }
-        return metrics
+        return CriticScores(torch.cat([p.scores for p in parts]), torch.cat([p.expert_scores for p in parts]),
+                            torch.cat([p.gaps for p in parts]), sum(p.truncations for p in parts),
+                            sum(p.missing_experts for p in parts))
 
 
 @ray.remote
@@ -188,15 +152,15 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
         self.experience_maker = AapaExperienceMaker(
             self.actor_model_group, self.critic_model_group, self.reward_model_group,
             self.reference_model_group, self.kl_ctl, self.strategy, self.tokenizer)
-        self.aapa_schedule = build_schedule(self.args.aapa)
+        self.aapa_schedule = self.args.aapa.schedule()
         self.aapa_counters = {"anchors": 0, "prompts_scored": 0, "missing_experts": 0}
 
     def train_step(self, rollout_samples, global_step: int):
         values = self.aapa_schedule.at(global_step)
-        mu = chord_mu(values.stage_step, **self.args.aapa.chord) if values.objective == "chord" else 0.0
         self.experience_maker.values = values
         ray.get(self.actor_model_group.async_run_method(method_name="aapa_set_state", step=global_step,
-                                                        objective=values.objective, lam=values.lam, mu=mu))
+                                                        objective=values.objective, lam=values.lam,
+                                                        mu=values.mu))
 
         status, next_step = super().train_step(rollout_samples, global_step)
 
@@ -207,7 +171,7 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
         self.aapa_counters["prompts_scored"] += len(rollout_samples) // self.args.rollout.n_samples_per_prompt
         self.aapa_counters["missing_experts"] += int(aapa_metrics["aapa/missing_experts"])
         status.update(aapa_metrics)
-        status["aapa/mu"] = mu
+        status["aapa/mu"] = values.mu
         status["aapa/anchors_total"] = self.aapa_counters["anchors"]
         for name, (numerator, denominator) in ACTOR_RATIOS.items():
             if numerator in status:

@@ -1,0 +1,127 @@
+"""A local run's directory: starting or resuming it, its logs, and its checkpoints.
+
+It holds config.yaml, metrics.jsonl (one row per step, eval rows prefixed `eval/`), scores.jsonl (per-step
+D and log-prob samples), tb/ (TensorBoard), eval/ (per-sample eval records), checkpoints/step_N/
+(save_pretrained + trainer_state.pt), final (a link to the last checkpoint), plots/*.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+
+from aapa_rl.local import plots
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
+
+
+class RunDirError(RuntimeError):
+    """The run directory already holds a run (or holds none to resume)."""
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories, newest first (a write cut short leaves only a step_N.tmp)."""
+    return sorted((run_dir / "checkpoints").glob("step_*[0-9]"), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return next((d for d in checkpoints(run_dir) if (d / "trainer_state.pt").exists()), None)
+
+
+def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[Path]:
+    """Make `run_dir` ready: for a resume, the checkpoints to try (newest first); else an empty list, after
+    refusing to replace a run unless `overwrite` and writing config.yaml."""
+    holds_run = run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    if resume:
+        found = checkpoints(run_dir)
+        if not found:
+            raise RunDirError(f"{run_dir}: no checkpoint to resume from; start over with --overwrite")
+        return found
+    if holds_run and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if holds_run or (run_dir / "config.yaml").exists():  # or a start that failed before training (a bad row)
+        shutil.rmtree(run_dir)
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunDirError(
+            f"{run_dir} exists and is not an empty directory or a run directory; choose another out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return []
+
+
+def read_checkpoint(run_dir: Path, candidates: list[Path], load_policy: Callable[[str], torch.nn.Module]):
+    """(checkpoint, policy, trainer state) of the newest checkpoint that loads. One that does not (a copy cut
+    short, a bad disk) is named and the one before it tried; its steps are trained again and it is
+    overwritten on the way."""
+    problems = []
+    for checkpoint in candidates:
+        try:
+            policy = load_policy(str(checkpoint))
+            state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        except Exception as exc:  # whatever a damaged file raises: safetensors, pickle, OS errors
+            problems.append(f"{checkpoint} cannot be loaded: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"warning: {problems[-1]}; trying the checkpoint before it", file=sys.stderr)
+            continue
+        return checkpoint, policy, state
+    raise RunDirError(
+        f"{run_dir}: no checkpoint can be loaded ({'; '.join(problems)}); start over with --overwrite"
+    )
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, tokenizer, state: dict) -> Path:
+    """checkpoints/step_N with the model, tokenizer and trainer state; it exists only once complete."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+class RunLog:
+    """metrics.jsonl, scores.jsonl and TensorBoard; a resumed run drops what was logged after `step`."""
+
+    def __init__(self, run_dir: Path, step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        for name in ("metrics.jsonl", "scores.jsonl"):
+            path = run_dir / name
+            if path.exists():
+                keep = [row for row in plots.read_log(path) if row["step"] < step]
+                path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.scores_file = open(run_dir / "scores.jsonl", "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
+
+    def write(self, metrics: dict, scores: dict | None) -> None:
+        self.metrics_file.write(json.dumps(metrics) + "\n")
+        self.metrics_file.flush()
+        step = metrics["step"]
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        if scores:
+            self.scores_file.write(json.dumps({"step": step, **scores}) + "\n")
+            self.scores_file.flush()
+            for key in ("d_rollout", "d_expert"):
+                if scores.get(key):
+                    self.tb.add_histogram(f"aapa/{key}", torch.tensor(scores[key]), step)
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        self.scores_file.close()
+        self.tb.close()

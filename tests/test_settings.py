@@ -1,0 +1,39 @@
+"""The AAPA settings are one schema: every backend spells the same keys with the same defaults, and the docs
+list them all."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+
+from aapa_rl.local.recipe import Recipe, load_recipe
+from aapa_rl.openrlhf_adapter.settings import parser, split_argv
+from aapa_rl.schedule import Stage
+from aapa_rl.settings import AapaSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = [f.name for f in dataclasses.fields(AapaSettings)]
+
+
+def test_every_backend_spells_the_same_settings(tmp_path):
+    assert typing.get_type_hints(Recipe)["aapa"] is AapaSettings  # the local recipe's `aapa:` section
+    flags = [a.dest.removeprefix("aapa.") for a in parser()._actions]
+    assert flags == [*FIELDS, "score_on"]  # OpenRLHF: one --aapa.<key> per field, plus its own score_on
+
+    stages = [{"end_step": 5, "objective": "grpo", "alpha": 0.5}]
+    from_flags, score_on, _ = split_argv(["--aapa.discriminator", str(tmp_path), "--aapa.stages",
+                                          json.dumps(stages)])
+    recipe = {"out": str(tmp_path / "run"), "steps": 5, "task": {},
+              "aapa": {"stages": stages, "discriminator": str(tmp_path)}}
+    from_recipe = load_recipe(None, base=recipe).aapa
+    expected = AapaSettings(stages=[Stage(5, "grpo", alpha=0.5)], discriminator=str(tmp_path))
+    assert from_flags == from_recipe == expected and score_on == "actors"
+
+
+def test_the_docs_list_every_setting():
+    text = (ROOT / "docs" / "settings.md").read_text()
+    table = text[text.index("| key | default | meaning |") : text.index("Backend-only settings")]
+    assert re.findall(r"^\| `(\w+)` \|", table, re.M) == FIELDS
