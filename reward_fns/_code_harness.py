@@ -42,6 +42,7 @@ ORDER = EQUALITY + ("__lt__", "__le__", "__gt__", "__ge__")
 MEMBERSHIP = ("__contains__", "__iter__")
 TRUTH = ("__bool__", "__len__")
 ORDERING = ("Lt", "LtE", "Gt", "GtE")
+HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (in Python), as opposed to one in C
 COMPARISONS = {
     "Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
     "GtE": operator.ge, "In": lambda a, b, contains=operator.contains: contains(b, a),
@@ -68,12 +69,14 @@ def make_guards(refused: list) -> dict:
     """The guards the rewritten tests call. Every name they use at call time is a local of this function,
     bound before the program runs, so replacing a builtin or a module attribute later changes nothing.
     A refusal sets refused[0] (the harness reads it after the statement, whatever the program caught)."""
-    type_, id_, getattr_, bool_, enumerate_, list_, tuple_, dict_, set_, frozenset_ = (
-        type, id, getattr, bool, enumerate, list, tuple, dict, set, frozenset
+    type_, id_, getattr_, bool_, enumerate_, len_, list_, tuple_, dict_, set_, frozenset_ = (
+        type, id, getattr, bool, enumerate, len, list, tuple, dict, set, frozenset
     )
     ValueError_, equality, order, membership, truth_dunders = ValueError, EQUALITY, ORDER, MEMBERSHIP, TRUTH
     ordering = ORDERING
     mro_of, dict_of = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__
+    flags_of, module_of = type.__dict__["__flags__"].__get__, type.__dict__["__module__"].__get__
+    heap_type = HEAP_TYPE
     instancecheck, abc_meta, union = _abc._abc_instancecheck, __import__("abc").ABCMeta, types.UnionType
     trusted, atoms = {id(c) for c in TRUSTED}, {id(c) for c in ATOMS}
     comparisons, arithmetic = dict(COMPARISONS), dict(ARITHMETIC)
@@ -97,11 +100,21 @@ def make_guards(refused: list) -> dict:
                 return cls
         return None
 
+    def numpy_type(t):
+        # numpy's arrays and scalars are C types (not heap types): no program can patch or imitate them.
+        return not flags_of(t) & heap_type and module_of(t) == "numpy"
+
     def check(t, mro, dunders):
         for name in dunders:
             cls = owner(mro, name)
-            if cls is not None and id_(cls) not in trusted:
+            if cls is not None and id_(cls) not in trusted and not numpy_type(cls):
                 raise refuse(name, t)
+
+    def numpy_value(value, t):
+        """A numpy array or scalar as it is (its own operators judge it), unless it holds Python objects."""
+        if getattr_(getattr_(value, "dtype", None), "hasobject", False):
+            raise refuse("an object array", t)
+        return value
 
     def plain(value, dunders):
         """The value as exact built-ins, or a marker compared by identity; refuses program-defined
@@ -115,6 +128,8 @@ def make_guards(refused: list) -> dict:
             return {plain(k, dunders): plain(v, dunders) for k, v in dict_.items(value)}
         if t is set_ or t is frozenset_:
             return t([plain(item, dunders) for item in value])
+        if numpy_type(t):
+            return numpy_value(value, t)
         mro = mro_of(t)
         fields = owner(mro, "__dataclass_fields__")
         params = dict_of(fields).get("__dataclass_params__") if fields is not None else None
@@ -137,16 +152,19 @@ def make_guards(refused: list) -> dict:
         for op in ops:  # the methods that would decide these operators must not be the program's
             dunders = dunders + (order if op in ordering else membership if op in ("In", "NotIn") else ())
         values = [plain(v, dunders) for v in operands]
-        for k, op in enumerate_(ops):
+        for k, op in enumerate_(ops):  # Python's result: the operator's, or a chain's first false one
             left, right = (operands[k], operands[k + 1]) if op in ("Is", "IsNot") else values[k : k + 2]
-            if not bool_(comparisons[op](left, right)):
-                return False
-        return True
+            result = comparisons[op](left, right)
+            if k + 1 < len_(ops) and not bool_(result):
+                return result
+        return result
 
     def truth(value):
         t = type_(value)
         if id_(t) in atoms or t is list_ or t is tuple_ or t is dict_ or t is set_ or t is frozenset_:
             return bool_(value)
+        if numpy_type(t):
+            return bool_(numpy_value(value, t))
         mro = mro_of(t)
         check(t, mro, truth_dunders)
         for cls in mro:
@@ -235,6 +253,25 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
     except BaseException:
         return
     refused = [False]
+    protected = set()  # ids of the library functions the tests import, filled below
+    id_, import_error, value_error = id, ImportError, ValueError
+
+    def refuse(event, args):
+        # Ways to look into this interpreter, where the tokens and the tests are: frames, the object graph,
+        # tracing, audit hooks of its own (they see each test's source), hand-made bytecode, ctypes and
+        # CPython's test modules; and new code or defaults for the library functions the tests import.
+        frame = event == "object.__getattr__" and args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame")
+        native = event == "import" and args[0].startswith(("ctypes", "_ctypes", "_test"))
+        patch = event in ("object.__setattr__", "object.__delattr__") and id_(args[0]) in protected
+        if frame or native or patch or event in (
+            "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
+            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
+        ):
+            # An ImportError for ctypes: libraries that can do without it (numpy) then import without it.
+            raise (import_error if native else value_error)(event + " is not allowed in the code sandbox")
+
+    # From here on, nothing this process imports gets ctypes: not the tests' modules, not the program.
+    sys.addaudithook(refuse)
     copies = snapshot(task["imports"])
     real_import = __import__
 
@@ -256,13 +293,13 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
         classes.update((id(value), value) for value in vars(copy).values() if isinstance(value, type))
     dicts = [vars(sys.modules[name]) for name in copies if name not in ("sys", "builtins")]
     watched = [(d, dict(d)) for d in dicts + [vars(c) for c in classes.values()]]
-    protected = {
+    protected.update(
         id(value)
         for copy in copies.values()
         for value in vars(copy).values()
         if isinstance(value, types.FunctionType)
-    }
-    module_type, id_, len_, type_ = types.ModuleType, id, len, type
+    )
+    module_type, len_, type_ = types.ModuleType, len, type
 
     def intact():
         for current, before in watched:
@@ -275,21 +312,7 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
                         return False
         return True
 
-    def refuse(event, args):
-        # Ways to look into this interpreter, where the tokens and the tests are: frames, the object graph,
-        # tracing, audit hooks of its own (they see each test's source), hand-made bytecode, ctypes and
-        # CPython's test modules; and new code or defaults for the library functions the tests import.
-        frame = event == "object.__getattr__" and args[1] in ("tb_frame", "gi_frame", "cr_frame", "ag_frame")
-        native = event == "import" and args[0].startswith(("ctypes", "_ctypes", "_test"))
-        patch = event in ("object.__setattr__", "object.__delattr__") and id_(args[0]) in protected
-        if frame or native or patch or event in (
-            "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
-            "gc.get_objects", "gc.get_referrers", "gc.get_referents", "code.__new__",
-        ):
-            raise ValueError(event + " is not allowed in the code sandbox")
-
     threads = count_threads()
-    sys.addaudithook(refuse)
     namespace = {"__name__": "solution"}
     try:
         exec(program, namespace)

@@ -96,6 +96,21 @@ EXPLOITS = {
     ),
     "subtraction_to_zero": (ALWAYS_EQUAL + "def half(x): return Anything()\n", HALF),
     "all_any_truthiness": (ALWAYS_EQUAL + "def flags(n): return [Anything(), Anything(), Anything()]\n", ALL),
+    "numpy_subclass": (
+        "import numpy as np\nclass A(np.ndarray):\n    def __eq__(s, o): return True\n"
+        "def absolute(x): return np.zeros(1).view(A)\n",
+        ABS,
+    ),
+    "numpy_object_array": (
+        ALWAYS_EQUAL + "import numpy as np\ndef evens_upto(n):\n    a = np.empty(3, dtype=object)\n"
+        "    a[:] = [Anything(), Anything(), Anything()]\n    return a\n",
+        "import numpy as np\nassert (evens_upto(4) == np.array([0, 2, 4])).all()\n",
+    ),
+    "ctypes_through_numpy": (  # with ctypes, memmove reads the interpreter's memory (tokens, tests)
+        "import sys, numpy\nc = getattr(numpy._core._internal, 'ctypes', None) or sys.modules.get('ctypes')\n"
+        "def absolute(x): return abs(x) if c is not None else None\n",
+        "import numpy\n" + ABS,
+    ),
     # Patching what the tests call.
     "patch_builtins": (
         "import builtins\nbuiltins.isinstance = lambda *a: True\nbuiltins.abs = lambda x: 0\n"
@@ -257,6 +272,12 @@ HONEST = {
         "def squares(xs):\n    with ThreadPoolExecutor(2) as pool:\n"
         "        return list(pool.map(lambda x: x * x, xs))\n",
         "assert squares([1, 2, 3]) == [1, 4, 9]\nassert squares([]) == []\n",
+    ),
+    "numpy": (
+        "import numpy as np\ndef total(xs): return np.sum(xs)\ndef squares(n): return np.arange(n) ** 2\n",
+        "import numpy as np\nassert total([1, 2, 3]) == 6\nassert total([]) == 0.0\n"
+        "assert (squares(3) == np.array([0, 1, 4])).all()\nassert np.array_equal(squares(2), [0, 1])\n"
+        "assert abs(total([0.5, 0.25]) - 0.75) < 1e-9\nassert isinstance(squares(1), np.ndarray)\n",
     ),
     "prints_and_patches_its_own_things": (
         "import builtins, sys\nbuiltins.print = lambda *a, **k: None\nsys.setrecursionlimit(5000)\n"
