@@ -36,7 +36,8 @@ test-e2e: $(STAMP)
 	$(VENV)/bin/pytest tests/e2e -s
 
 # The main job: SFT-warm a tiny model, train the discriminator, run GRPO and GRPO+AAPA, compare.
-# A finished run only reprints its summary; pass DEMO_ARGS=--overwrite to run it again.
+# A finished run only reprints its summary; pass DEMO_ARGS=--overwrite to run it again. Output goes to
+# runs/demo only; the summary says "not evidence" when plain GRPO did not drift in this run.
 demo: $(STAMP)
 	$(PY) -m aapa_rl.local.demo --out runs/demo $(DEMO_ARGS)
 

@@ -1,14 +1,15 @@
-# Benchmarks (issue 8). The Makefile includes this file after it defines PY and STAMP:
+# Benchmarks (issues 8 and 17). The Makefile includes this file after it defines PY and STAMP:
 #   include bench/bench.mk
-# Both targets print a summary table; results (JSON + PNG) go to bench/results/, runs to runs/bench/.
+# Both targets print a summary table. Runs and results go to runs/bench/ (results: runs/bench/results/);
+# BENCH_ARGS=--publish writes the results to the committed bench/results/ instead.
 .PHONY: bench bench-quick
 
-# Drift (10 arms x 3 seeds from one SFT start, 2 runs side by side) and per-phase step overhead.
+# Drift (8 arms x 3 SFT starts x 2 RL seeds, 2 runs side by side) and per-phase step overhead.
 bench: $(STAMP)
-	$(PY) bench/drift.py
-	$(PY) bench/overhead.py
+	$(PY) bench/drift.py $(BENCH_ARGS)
+	$(PY) bench/overhead.py $(BENCH_ARGS)
 
-# One seed of GRPO, GRPO + AAPA, anchor only and random anchor; a short overhead run.
+# GRPO and GRPO + AAPA from the 3 SFT starts, one RL seed; a short overhead run.
 bench-quick: $(STAMP)
-	$(PY) bench/drift.py --quick
-	$(PY) bench/overhead.py --quick
+	$(PY) bench/drift.py --quick $(BENCH_ARGS)
+	$(PY) bench/overhead.py --quick $(BENCH_ARGS)

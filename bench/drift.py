@@ -1,22 +1,30 @@
 """Drift benchmark: GRPO, CHORD and their AAPA variants on the embedded arithmetic task with a flawed reward.
 
-    .venv/bin/python bench/drift.py [--config bench/drift.yaml] [--quick] [--seeds 1 2] [--out runs/bench]
+    .venv/bin/python bench/drift.py [--config bench/drift.yaml] [--quick] [--arms A B] [--out runs/bench]
+                                    [--publish]
 
-1. SFT-warm the tiny Qwen3 once (a fraction of its demonstrations carry the reward's flaw) and train the
-   frozen discriminator on its rollouts; both are kept in OUT/start and reused while the config's task,
-   sft and discriminator sections are unchanged.
-2. Run every arm x seed of the config from that start (`workers` processes side by side, one torch thread
+1. SFT-warm the tiny Qwen3 once per SFT seed in `starts` (a fraction of its demonstrations carry the
+   reward's flaw) and train a frozen discriminator on each start's rollouts; both are kept in
+   OUT/start/sftN and reused while the config's task, sft and discriminator sections are unchanged.
+2. Run every arm x start x RL seed of the config (`workers` processes side by side, one torch thread
    each), through `aapa-rl train`; run directories go to OUT/runs. A finished run whose recipe is unchanged
-   is reused (runs are deterministic on CPU), so --quick after the full bench, or a bench run again after
-   an interruption, only trains what is missing.
-3. Write one JSON per run (final held-out metrics, eval curve, training curve) and summary.json to
-   bench/results/drift[-quick]/, PNG curves beside them, and print the table (mean +- std over seeds) and
-   the targets of issue 8, met or not.
+   is reused, so --quick after the full bench, or a bench run again after an interruption, only trains
+   what is missing.
+3. Judge every run by the config's `verdict` (drifted: final greedy format below `drift_below`; held: at
+   least `hold_at_least`); a comparison with the baseline counts only in the (start, seed) pairs where the
+   baseline drifted, and is marked "not evidence" elsewhere.
+4. Write one JSON per run, summary.json, table.md and PNG curves to OUT/results/drift[-quick] (with
+   --publish: to the committed bench/results/drift[-quick] instead), and print the table (mean +- std over
+   all runs of an arm), the drift and hold counts and the targets of issues 8 and 17, met or not.
+
+Runs are bit-for-bit repeatable on one machine, not across CPUs: see docs/benchmarks.md, "What reproduces
+where". The entry point pins torch's CPU kernels to AVX2 where the CPU has it (aapa_rl.local.demo).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -62,15 +70,18 @@ def load_config(path: Path, quick: bool) -> dict:
     if "base" in cfg:
         cfg = {**yaml.safe_load((path.parent / cfg["base"]).read_text()), **cfg}
         del cfg["base"]
-    for key in ("task", "sft", "discriminator", "rl", "seeds", "workers", "arms"):
+    for key in ("task", "sft", "discriminator", "rl", "starts", "seeds", "workers", "arms", "verdict"):
         if key not in cfg:
             raise SystemExit(f"{path}: missing key {key!r}")
+    if cfg["verdict"]["baseline"] not in cfg["arms"]:
+        raise SystemExit(f"{path}: verdict.baseline names no arm of the config")
     if quick:
         q = cfg.get("quick") or {}
         unknown = [a for a in q.get("arms", []) if a not in cfg["arms"]]
         if unknown:
             raise SystemExit(f"{path}: quick.arms names unknown arms {unknown}")
         cfg["arms"] = {a: cfg["arms"][a] for a in q.get("arms", cfg["arms"])}
+        cfg["starts"] = q.get("starts", cfg["starts"])
         cfg["seeds"] = q.get("seeds", cfg["seeds"][:1])
     return cfg
 
@@ -85,10 +96,11 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def prepare_start(cfg: dict, start: Path) -> dict:
-    """The SFT model (start/sft/final), the discriminator (start/discriminator) and the SFT start's eval;
-    rebuilt only when the config's task, sft or discriminator section changed."""
-    key = {k: cfg[k] for k in ("task", "sft", "discriminator")}
+def prepare_start(cfg: dict, start: Path, sft_seed: int) -> dict:
+    """The SFT model of seed `sft_seed` (start/sft/final), its discriminator (start/discriminator), the
+    start's eval and a fingerprint of its weights (equal fingerprints: bit-identical starts); rebuilt only
+    when the config's task, sft or discriminator section or the seed changed."""
+    key = {**{k: cfg[k] for k in ("task", "sft", "discriminator")}, "sft_seed": sft_seed}
     marker = start / "start.json"
     if marker.exists():
         done = json.loads(marker.read_text())
@@ -110,10 +122,13 @@ def prepare_start(cfg: dict, start: Path) -> dict:
     torch.set_num_threads(cfg["sft"].get("threads", 1) or 1)
     seconds = {}
     t0 = time.perf_counter()
-    recipe = load_recipe(None, base={**cfg["sft"], "out": str(start / "sft"), "task": cfg["task"]})
+    recipe = load_recipe(
+        None, base={**cfg["sft"], "seed": sft_seed, "out": str(start / "sft"), "task": cfg["task"]}
+    )
     sft = Trainer(recipe)
     sft.fit()
     seconds["sft"] = time.perf_counter() - t0
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in sft.policy.parameters()))
 
     t0 = time.perf_counter()
     d, data = cfg["discriminator"], start / "sft" / "data"
@@ -133,7 +148,13 @@ def prepare_start(cfg: dict, start: Path) -> dict:
         max_new_tokens=recipe.rollout.max_new_tokens,
         discriminator=load_discriminator(start / "discriminator", force=force),
     )
-    done = {"key": key, "eval": summary, "discriminator": report["heldout"], "seconds": seconds}
+    done = {
+        "key": key,
+        "eval": summary,
+        "discriminator": report["heldout"],
+        "fingerprint": weights.hexdigest()[:16],
+        "seconds": seconds,
+    }
     marker.write_text(json.dumps(done, indent=2) + "\n")
     return {**done, "rebuilt": True}
 
@@ -168,7 +189,9 @@ def _round(v):
     return round(v, 4) if isinstance(v, float) and math.isfinite(v) else v
 
 
-def run_record(cfg: dict, name: str, seed: int, run_dir: Path, start_eval: dict, wall: float) -> dict:
+def run_record(
+    cfg: dict, name: str, start: int, seed: int, run_dir: Path, start_eval: dict, wall: float
+) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
     curve = [{"step": 0, **{k: _round(start_eval[k]) for k, _ in COLUMNS if k in start_eval}}]
@@ -180,6 +203,7 @@ def run_record(cfg: dict, name: str, seed: int, run_dir: Path, start_eval: dict,
     return {
         "arm": name,
         "label": cfg["arms"][name]["label"],
+        "start": start,  # the SFT seed
         "seed": seed,
         "arm_config": {k: v for k, v in cfg["arms"][name].items() if k != "label"},
         "steps": summary["steps"],
@@ -198,70 +222,131 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def table(start_eval: dict, records: list[dict], cfg: dict) -> tuple[dict, str]:
-    """Mean and std over seeds per arm; and a markdown table (the SFT start first)."""
+def judge(records: list[dict], cfg: dict) -> None:
+    """Mark every run `drifted` and `held` by the config's verdict, and `evidence`: whether the baseline
+    drifted in the same (start, seed) pair (None for the baseline's own runs)."""
+    v = cfg["verdict"]
+    base_drifted = {
+        (r["start"], r["seed"]): r["final"][v["metric"]] < v["drift_below"]
+        for r in records
+        if r["arm"] == v["baseline"]
+    }
+    for r in records:
+        value = r["final"][v["metric"]]
+        r["drifted"] = value < v["drift_below"]
+        r["held"] = value >= v["hold_at_least"]
+        r["evidence"] = (
+            None if r["arm"] == v["baseline"] else base_drifted.get((r["start"], r["seed"]), False)
+        )
+
+
+def table(start_evals: dict[int, dict], records: list[dict], cfg: dict) -> tuple[dict, str]:
+    """Per arm over all its (start, seed) runs: mean and std of every column, how many runs drifted and
+    held, and how many held where the baseline drifted; and a markdown table (the SFT starts first)."""
+    base = cfg["arms"][cfg["verdict"]["baseline"]]["label"]
     stats: dict = {}
     for name in cfg["arms"]:
         runs = [r for r in records if r["arm"] == name]
         if runs:
+            evidence = [r for r in runs if r["evidence"]]
             stats[name] = {
                 "label": runs[0]["label"],
-                "seeds": [r["seed"] for r in runs],
+                "runs": [[r["start"], r["seed"]] for r in runs],
+                "drifted": sum(r["drifted"] for r in runs),
+                "held": sum(r["held"] for r in runs),
+                # None for the baseline; else runs whose baseline drifted, and how many of those held
+                "evidence": None if runs[0]["evidence"] is None else len(evidence),
+                "held_where_baseline_drifted": sum(r["held"] for r in evidence),
                 **{k: mean_std([r["final"][k] for r in runs]) for k, _ in COLUMNS if k in runs[0]["final"]},
             }
-    lines = ["| arm | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
-    lines.append(
-        "| SFT start | - | " + " | ".join(f"{start_eval.get(k, math.nan):.3f}" for k, _ in COLUMNS) + " |"
-    )
+    headers = ["arm", "runs", "drifted", "held", f"held where {base} drifted"] + [h for _, h in COLUMNS]
+    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    starts = list(start_evals.values())
+    cells = [
+        f"{mean_std([e[k] for e in starts])[0]:.3f} +- {mean_std([e[k] for e in starts])[1]:.3f}"
+        if all(k in e for e in starts)
+        else "-"
+        for k, _ in COLUMNS
+    ]
+    lines.append(f"| SFT starts | {len(starts)} | - | - | - | " + " | ".join(cells) + " |")
     for s in stats.values():
+        n = len(s["runs"])
+        if s["evidence"] is None:
+            evidence = "-"
+        else:
+            evidence = f"{s['held_where_baseline_drifted']}/{s['evidence']}"
+            if s["evidence"] < n:
+                evidence += f" ({n - s['evidence']} not evidence)"
         cells = [f"{s[k][0]:.3f} +- {s[k][1]:.3f}" if k in s else "-" for k, _ in COLUMNS]
-        lines.append(f"| {s['label']} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {s['label']} | {n} | {s['drifted']}/{n} | {s['held']}/{n} | {evidence} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return stats, "\n".join(lines)
 
 
-def check_targets(start_eval: dict, stats: dict, cfg: dict) -> list[dict]:
-    """Issue 8's targets, on means over seeds: met or not, with the numbers."""
+def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict], cfg: dict) -> list[dict]:
+    """The targets of issues 17 and 8, met or not, with the numbers. Comparisons between arms use only the
+    (start, seed) pairs where the baseline drifted."""
     out = []
-
-    def fmt(name: str) -> float:
-        return stats[name]["reward/format"][0]
-
+    base = cfg["verdict"]["baseline"]
+    if base in stats:
+        s = stats[base]
+        rate = s["drifted"] / len(s["runs"])
+        out.append(
+            {
+                "target": f"plain {s['label']} drifts in >= 90% of (start, seed) runs",
+                "value": f"{s['drifted']}/{len(s['runs'])}",
+                "met": rate >= 0.9,
+            }
+        )
+        out.append(
+            {
+                "target": f"plain {s['label']} ends below 0.3 format (mean; issue 8)",
+                "value": s["reward/format"][0],
+                "met": s["reward/format"][0] < 0.3,
+            }
+        )
     if "aapa" in stats:
-        acc, start_acc = stats["aapa"]["accuracy"][0], start_eval["accuracy"]
+        s = stats["aapa"]
+        start_acc = mean_std([e["accuracy"] for e in start_evals.values()])[0]
         out.append(
             {
-                "target": "full AAPA keeps greedy format >= 0.9",
-                "value": fmt("aapa"),
-                "met": fmt("aapa") >= 0.9,
+                "target": "GRPO + AAPA holds greedy format >= 0.9 in >= 90% of runs",
+                "value": f"{s['held']}/{len(s['runs'])}",
+                "met": s["held"] / len(s["runs"]) >= 0.9,
             }
         )
         out.append(
             {
-                "target": f"full AAPA accuracy within 3 points of the SFT start ({start_acc:.3f})",
-                "value": acc,
-                "met": acc >= start_acc - 0.03,
+                "target": f"GRPO + AAPA mean accuracy within 3 points of the starts' ({start_acc:.3f})",
+                "value": s["accuracy"][0],
+                "met": s["accuracy"][0] >= start_acc - 0.03,
             }
-        )
-    if "grpo" in stats:
-        out.append(
-            {"target": "plain GRPO ends below 0.3 format", "value": fmt("grpo"), "met": fmt("grpo") < 0.3}
         )
     for anchor, random_anchor in (("anchor", "random_anchor"), ("anchor_weak", "random_anchor_weak")):
         if anchor in stats and random_anchor in stats:
             stage = cfg["arms"][anchor]["stages"][-1]
-            out.append(
-                {
-                    "target": f"discriminator-chosen anchor beats the random anchor on format at "
-                    f"rho = {stage['rho']}, lam = {stage['lam']}",
-                    "value": [fmt(anchor), fmt(random_anchor)],
-                    "met": fmt(anchor) > fmt(random_anchor),
-                }
+            target = (
+                f"discriminator-chosen anchor beats the random anchor on format at rho = {stage['rho']}, "
+                f"lam = {stage['lam']} (runs whose baseline drifted)"
             )
+            formats = {
+                arm: [r["final"]["reward/format"] for r in records if r["arm"] == arm and r["evidence"]]
+                for arm in (anchor, random_anchor)
+            }
+            if not formats[anchor] or not formats[random_anchor]:
+                out.append({"target": target, "value": "no drift in these runs: not evidence", "met": False})
+                continue
+            means = [mean_std(formats[a])[0] for a in (anchor, random_anchor)]
+            out.append({"target": target, "value": means, "met": means[0] > means[1]})
     return out
 
 
-def plot(records: list[dict], start_eval: dict, cfg: dict, out: Path) -> list[Path]:
-    """Held-out metrics against steps (mean over seeds, band = +- std) and training curves."""
+def plot(records: list[dict], start_evals: dict[int, dict], cfg: dict, out: Path) -> list[Path]:
+    """Held-out metrics against steps (mean over an arm's runs, band = +- std; each curve starts at its own
+    SFT start) and training curves; the dotted line is the starts' mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +380,7 @@ def plot(records: list[dict], start_eval: dict, cfg: dict, out: Path) -> list[Pa
             style = "o-" if i < 10 else "s--"  # tab10 has ten colours; later arms repeat them dashed
             ax.plot(steps, m, style, color=colors(i % 10), markersize=3, label=runs[0]["label"])
             ax.fill_between(steps, m - sd, m + sd, color=colors(i % 10), alpha=0.12)
-        ax.axhline(start_eval.get(key, np.nan), color="grey", ls=":", lw=1)
+        ax.axhline(np.mean([e.get(key, np.nan) for e in start_evals.values()]), color="grey", ls=":", lw=1)
         ax.set_title(f"held-out {title}")
         ax.set_xlabel("RL step (staged AAPA: incl. its SFT stage)")
     axes.flat[0].legend(fontsize=8)
@@ -326,7 +411,7 @@ def plot(records: list[dict], start_eval: dict, cfg: dict, out: Path) -> list[Pa
             y = np.convolve(np.pad(y, (w - 1, 0), mode="edge"), np.ones(w) / w, mode="valid")
             x = runs[0]["train_curve"]["step"][:n]
             ax.plot(x, y, color=colors(i % 10), ls="-" if i < 10 else "--", label=runs[0]["label"])
-        ax.set_title(f"{title}, mean over seeds")
+        ax.set_title(f"{title}, mean over runs")
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
@@ -341,66 +426,89 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", type=Path, default=ROOT / "bench" / "drift.yaml")
-    parser.add_argument("--quick", action="store_true", help="the config's `quick` subset (one seed)")
+    parser.add_argument("--quick", action="store_true", help="the config's `quick` subset (one RL seed)")
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/bench"), help="run directories (not committed)"
+        "--out", type=Path, default=Path("runs/bench"), help="run directories and results (not committed)"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", help="these seeds instead of the config's")
-    parser.add_argument("--results", type=Path, help="JSON and PNG (default bench/results/drift[-quick])")
+    parser.add_argument("--starts", type=int, nargs="+", help="these SFT seeds instead of the config's")
+    parser.add_argument("--seeds", type=int, nargs="+", help="these RL seeds instead of the config's")
+    parser.add_argument("--arms", nargs="+", help="only these arms of the config")
+    parser.add_argument("--results", type=Path, help="JSON and PNG (default OUT/results/drift[-quick])")
+    parser.add_argument(
+        "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
+    )
     args = parser.parse_args(argv)
+    from aapa_rl.local.demo import machine, pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch loads, in this process and the `aapa-rl train` ones it starts
     cfg = load_config(args.config, args.quick)
+    cfg["starts"] = args.starts or cfg["starts"]
     cfg["seeds"] = args.seeds or cfg["seeds"]
-    results = args.results or ROOT / "bench" / "results" / ("drift-quick" if args.quick else "drift")
+    if args.arms:
+        unknown = [a for a in args.arms if a not in cfg["arms"]]
+        if unknown:
+            raise SystemExit(f"--arms: unknown arms {unknown}")
+        cfg["arms"] = {a: cfg["arms"][a] for a in cfg["arms"] if a in args.arms}
+    name = "drift-quick" if args.quick else "drift"
+    results = args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
 
-    start = args.out / "start"
-    done = prepare_start(cfg, start)
-    start_eval = done["eval"]
-    print(
-        f"SFT start: accuracy {start_eval['accuracy']:.3f}, format {start_eval['reward/format']:.3f}; "
-        f"discriminator held-out AUROC {done['discriminator']['auroc']:.3f}",
-        flush=True,
-    )
+    starts: dict[int, dict] = {}
+    for sft_seed in cfg["starts"]:
+        starts[sft_seed] = done = prepare_start(cfg, args.out / "start" / f"sft{sft_seed}", sft_seed)
+        print(
+            f"SFT start {sft_seed}: accuracy {done['eval']['accuracy']:.3f}, "
+            f"format {done['eval']['reward/format']:.3f}; discriminator held-out AUROC "
+            f"{done['discriminator']['auroc']:.3f}; weights {done['fingerprint']}",
+            flush=True,
+        )
+    start_evals = {k: v["eval"] for k, v in starts.items()}
 
     from tqdm import tqdm
 
     from aapa_rl.local.recipe import load_recipe
 
-    # Runs are shared by --quick and the full bench: a finished run with the same recipe (deterministic on
-    # CPU) is reused, so an interrupted bench picks up where it stopped.
+    # Runs are shared by --quick and the full bench: a finished run with the same recipe from an unchanged
+    # start is reused (bit-identical on the same machine), so an interrupted bench picks up where it stopped.
     runs_dir = args.out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     jobs, records, failed = [], [], []
-    for seed in cfg["seeds"]:
-        for name in cfg["arms"]:
-            run_dir = runs_dir / f"{name}-seed{seed}"
-            config_path = runs_dir / f"{name}-seed{seed}.yaml"
-            recipe = arm_recipe(cfg, name, seed, run_dir, start)
-            if (
-                not done["rebuilt"]
-                and (run_dir / "summary.json").exists()
-                and config_path.exists()
-                and yaml.safe_load(config_path.read_text()) == recipe
-            ):
-                records.append(run_record(cfg, name, seed, run_dir, start_eval, math.nan))
-                continue
-            config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            load_recipe(config_path)  # a bad arm fails here, before anything runs
-            jobs.append((name, seed, config_path, run_dir))
+    # Arm by arm, in the config's order: a bench cut short still has whole arms.
+    for arm in cfg["arms"]:
+        for sft_seed in cfg["starts"]:
+            start = args.out / "start" / f"sft{sft_seed}"
+            for seed in cfg["seeds"]:
+                run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
+                config_path = run_dir.with_suffix(".yaml")
+                recipe = arm_recipe(cfg, arm, seed, run_dir, start)
+                if (
+                    not starts[sft_seed]["rebuilt"]
+                    and (run_dir / "summary.json").exists()
+                    and config_path.exists()
+                    and yaml.safe_load(config_path.read_text()) == recipe
+                ):
+                    records.append(
+                        run_record(cfg, arm, sft_seed, seed, run_dir, start_evals[sft_seed], math.nan)
+                    )
+                    continue
+                config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+                load_recipe(config_path)  # a bad arm fails here, before anything runs
+                jobs.append((arm, sft_seed, seed, config_path, run_dir))
     print(
-        f"{len(jobs) + len(records)} runs ({len(cfg['arms'])} arms x {len(cfg['seeds'])} seeds), "
-        f"{len(records)} finished earlier; {cfg['workers']} at a time; logs in {runs_dir}/*.log",
+        f"{len(jobs) + len(records)} runs ({len(cfg['arms'])} arms x {len(cfg['starts'])} starts x "
+        f"{len(cfg['seeds'])} seeds), {len(records)} finished earlier; {cfg['workers']} at a time; "
+        f"logs in {runs_dir}/*.log",
         flush=True,
     )
     with ThreadPoolExecutor(cfg["workers"]) as pool:
-        futures = {pool.submit(train, c, d): (n, s, d) for n, s, c, d in jobs}
+        futures = {pool.submit(train, c, d): (a, st, s, d) for a, st, s, c, d in jobs}
         for future in tqdm(as_completed(futures), total=len(futures), desc="drift runs", dynamic_ncols=True):
-            name, seed, run_dir = futures[future]
+            arm, sft_seed, seed, run_dir = futures[future]
             code, wall = future.result()
             if code != 0:
                 failed.append(f"{run_dir.name} (exit {code}, see {run_dir}.log)")
                 continue
-            records.append(run_record(cfg, name, seed, run_dir, start_eval, wall))
+            records.append(run_record(cfg, arm, sft_seed, seed, run_dir, start_evals[sft_seed], wall))
             tqdm.write(
                 f"{run_dir.name}: format {records[-1]['final']['reward/format']:.3f}, "
                 f"accuracy {records[-1]['final']['accuracy']:.3f} ({wall:.0f}s)"
@@ -408,33 +516,46 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    order = {name: i for i, name in enumerate(cfg["arms"])}
-    records.sort(key=lambda r: (order[r["arm"]], r["seed"]))
+    order = {arm: i for i, arm in enumerate(cfg["arms"])}
+    records.sort(key=lambda r: (order[r["arm"]], r["start"], r["seed"]))
+    judge(records, cfg)
     for rec in records:
-        (results / f"{rec['arm']}-seed{rec['seed']}.json").write_text(
+        (results / f"{rec['arm']}-sft{rec['start']}-seed{rec['seed']}.json").write_text(
             json.dumps(rec, separators=(",", ":")) + "\n"
         )
-    stats, text = table(start_eval, records, cfg)
-    targets = check_targets(start_eval, stats, cfg)
-    plots = plot(records, start_eval, cfg, results) if records else []
+    stats, text = table(start_evals, records, cfg)
+    targets = check_targets(start_evals, stats, records, cfg)
+    plots = plot(records, start_evals, cfg, results) if records else []
     wall = time.perf_counter() - started
     command = " ".join(["python bench/drift.py"] + (argv if argv is not None else sys.argv[1:]))
     summary = {
         "command": command,
+        "machine": machine(),
         "config": cfg,
-        "start": done,
+        "starts": starts,
         "arms": stats,
         "targets": targets,
         "failed": failed,
         "wall_seconds": round(wall, 1),  # this invocation, reused runs not included
-        "reused_runs": [f"{r['arm']}-seed{r['seed']}" for r in records if r["wall_seconds"] is None],
+        "reused_runs": [
+            f"{r['arm']}-sft{r['start']}-seed{r['seed']}" for r in records if r["wall_seconds"] is None
+        ],
         "plots": [p.name for p in plots],
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (results / "table.md").write_text(text + "\n")
+    v = cfg["verdict"]
     print()
-    print(f"Held-out greedy metrics after RL (mean +- std over seeds), {command}:")
+    print(
+        f"Held-out greedy metrics after RL (mean +- std over {len(cfg['starts'])} SFT starts x "
+        f"{len(cfg['seeds'])} RL seeds), {command}:"
+    )
     print(text)
+    print(
+        f"drifted: final greedy format < {v['drift_below']}; held: >= {v['hold_at_least']}. A run whose "
+        f"baseline ({v['baseline']}, same start and seed) did not drift is not evidence for or against "
+        "an arm."
+    )
     for t in targets:
         print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}")
     print(f"wall time {wall / 60:.1f} min; results in {results}")

@@ -8,8 +8,8 @@ alike. Reported: the median time of each phase of a step (rollout, reward, discr
 gradient forward/backward, CHORD's expert SFT term, anchor forward/backward, optimizer, the rest), the
 ratio of median step times, the discriminator's share of the AAPA step, and the anchor's cost per anchor
 token at rho = 2/8, 4/8 and 8/8 (cost proportional to tokens: about the same per token). The SFT start and
-the discriminator come from bench/drift.py's OUT/start (built here if missing). Results:
-bench/results/overhead[-quick].json.
+the discriminator are bench/drift.py's first start, OUT/start/sftN (built here if missing). Results:
+OUT/results/overhead[-quick].json, or with --publish the committed bench/results/overhead[-quick].json.
 """
 
 from __future__ import annotations
@@ -96,14 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--results", type=Path)
+    parser.add_argument("--results", type=Path, help="default OUT/results/overhead[-quick].json")
+    parser.add_argument(
+        "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
+    )
     args = parser.parse_args(argv)
     steps = args.steps or (6 if args.quick else 20)
-    results = args.results or ROOT / "bench" / "results" / f"overhead{'-quick' if args.quick else ''}.json"
+    name = f"overhead{'-quick' if args.quick else ''}.json"
+    results = args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
+    from aapa_rl.local.demo import machine, pin_cpu_kernels
+
+    pin_cpu_kernels()  # before torch loads
     cfg = load_config(args.config, quick=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    start = args.out / "start"
-    prepare_start(cfg, start)
+    sft_seed = cfg["starts"][0]
+    start = args.out / "start" / f"sft{sft_seed}"
+    prepare_start(cfg, start, sft_seed)
     import torch
 
     torch.set_num_threads(1)
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "command": command,
+                "machine": machine(),
                 "steps": steps,
                 "warmup": args.warmup,
                 "threads": 1,

@@ -24,20 +24,20 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
     cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
     cfg["rl"]["aapa"] = {"force": True}  # a 3-step SFT model's discriminator is near chance
-    cfg["seeds"], cfg["workers"] = [1], 2
+    cfg["starts"], cfg["seeds"], cfg["workers"] = [0], [1], 2
     cfg["arms"] = {name: cfg["arms"][name] for name in ("grpo", "aapa")}
     for arm in cfg["arms"].values():
         arm["stages"][-1]["end_step"] = 2
     config = tmp_path / "drift.yaml"
     config.write_text(yaml.safe_dump(cfg))
 
-    results = tmp_path / "results"
-    assert (
-        drift.main(["--config", str(config), "--out", str(tmp_path / "runs"), "--results", str(results)]) == 0
-    )
+    # Results go under --out by default: running the bench never rewrites the committed bench/results/.
+    assert drift.main(["--config", str(config), "--out", str(tmp_path / "runs")]) == 0
+    results = tmp_path / "runs" / "results" / "drift"
     printed = capsys.readouterr().out
-    assert "| GRPO + AAPA | 1 |" in printed and "plain GRPO ends below 0.3 format" in printed
-    run = json.loads((results / "aapa-seed1.json").read_text())
+    assert "| GRPO + AAPA | 1 |" in printed and "plain GRPO drifts in >= 90%" in printed
+    run = json.loads((results / "aapa-sft0-seed1.json").read_text())
+    assert run["start"] == 0 and run["seed"] == 1 and isinstance(run["evidence"], bool)
     assert run["steps"] == 2 and [p["step"] for p in run["eval_curve"]] == [0, 1, 2]
     assert {"accuracy", "reward/format", "expert_nll_seq", "p_end_after_expert", "d_response"} <= set(
         run["final"]
@@ -45,6 +45,7 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     assert run["train_curve"]["lambda"] == [0.5, 0.5]
     summary = json.loads((results / "summary.json").read_text())
     assert set(summary["arms"]) == {"grpo", "aapa"} and not summary["failed"]
+    assert summary["starts"]["0"]["fingerprint"] and summary["machine"]["torch_cpu_capability"]
     assert {"eval_curves.png", "train_curves.png"} <= {p.name for p in results.iterdir()}
 
     out = tmp_path / "overhead.json"
@@ -61,7 +62,33 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
 def test_threshold_config_takes_everything_but_seeds_and_arms_from_its_base():
     base = drift.load_config(BENCH / "drift.yaml", quick=False)
     variant = drift.load_config(BENCH / "drift-threshold.yaml", quick=False)
-    assert "base" not in variant and variant["seeds"] == [1] and len(variant["arms"]) == 4
+    assert "base" not in variant and variant["seeds"] == [1] and len(variant["arms"]) == 5
+    assert variant["arms"]["grpo"] == base["arms"]["grpo"]  # the same runs as the bench's baseline
     assert {k: v for k, v in variant.items() if k not in ("seeds", "arms")} == {
         k: v for k, v in base.items() if k not in ("seeds", "arms")
+    }
+    variants = drift.load_config(BENCH / "drift-variants.yaml", quick=False)
+    assert variants["arms"]["grpo"] == base["arms"]["grpo"] and variants["starts"] == base["starts"]
+
+
+def test_a_comparison_counts_only_where_the_baseline_drifted():
+    cfg = drift.load_config(BENCH / "drift.yaml", quick=True)
+
+    def run(arm: str, start: int, fmt: float) -> dict:
+        final = {k: 0.9 for k, _ in drift.COLUMNS} | {"reward/format": fmt}
+        return {"arm": arm, "label": cfg["arms"][arm]["label"], "start": start, "seed": 1, "final": final}
+
+    # start 0: GRPO drifted, AAPA held; start 1: GRPO kept the format, so AAPA's 1.0 there is not evidence
+    records = [run("grpo", 0, 0.2), run("grpo", 1, 0.95), run("aapa", 0, 1.0), run("aapa", 1, 1.0)]
+    drift.judge(records, cfg)
+    assert [r["evidence"] for r in records] == [None, None, True, False]
+    starts = {0: {k: 0.95 for k, _ in drift.COLUMNS}, 1: {k: 0.95 for k, _ in drift.COLUMNS}}
+    stats, text = drift.table(starts, records, cfg)
+    assert stats["grpo"]["drifted"] == 1 and stats["aapa"]["held_where_baseline_drifted"] == 1
+    assert "| GRPO + AAPA | 2 | 0/2 | 2/2 | 1/1 (1 not evidence) |" in text
+    targets = {t["target"]: t for t in drift.check_targets(starts, stats, records, cfg)}
+    assert targets["plain GRPO drifts in >= 90% of (start, seed) runs"] == {
+        "target": "plain GRPO drifts in >= 90% of (start, seed) runs",
+        "value": "1/2",
+        "met": False,
     }

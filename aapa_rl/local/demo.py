@@ -5,6 +5,8 @@
 3. Train the frozen discriminator (pairwise, hashing encoder) on experts vs rollouts and generic negatives.
 4. Run GRPO (configs/demo-grpo.yaml) and GRPO + AAPA (configs/demo-grpo-aapa.yaml) from the same start.
 5. Evaluate the SFT start and both runs on held-out prompts; write plots and print a summary table.
+   When plain GRPO did not leave the expert format, the summary says so ("no drift in this run: not
+   evidence") above the table instead of reading it as AAPA's win.
 
 Usage: python -m aapa_rl.local.demo --out runs/demo [--overwrite] [--threads 2]
 """
@@ -13,14 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import platform
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 MARKER = "demo.json"
+# The drift bench's verdict (bench/drift.yaml, `verdict`): GRPO drifted when its final greedy format is
+# below DRIFT_BELOW; AAPA held when its format is at least HOLD_AT_LEAST.
+DRIFT_BELOW, HOLD_AT_LEAST = 0.5, 0.9
 ARMS = {"grpo": ("GRPO", "demo-grpo.yaml"), "grpo_aapa": ("GRPO + AAPA", "demo-grpo-aapa.yaml")}
 COLUMNS = [
     ("accuracy", "accuracy"),
@@ -46,6 +54,59 @@ def _prepare(out: Path, overwrite: bool) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     return True
+
+
+def pin_cpu_kernels() -> None:
+    """Make torch take its AVX2 kernels on every x86 CPU that has AVX2: on an AVX-512 CPU it would take
+    others, which round differently, and RL amplifies such differences into other outcomes. Free here
+    (AVX2 is this machine type's default). Acts only before torch is imported; a value already set wins."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and re.search(r"\bavx2\b", cpuinfo.read_text()):
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+
+def machine() -> dict:
+    """What decides the numerics of a run: CPU, torch's kernel choice, MKL's branch, library versions."""
+    import torch
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flag_line = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    flags = set(flag_line.group(1).split()) if flag_line else set()
+    return {
+        "cpu": model.group(1) if model else platform.processor(),
+        # "model name" can be as vague as "AMD EPYC"; family/model tell the generation (25/1: Zen 3)
+        "cpu_family_model": "/".join(re.findall(r"^(?:cpu family|model)\s*:\s*(\d+)$", text, re.M)[:2]),
+        "cpus": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512f": "avx512f" in flags,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")},
+    }
+
+
+def verdict(grpo_format: float, aapa_format: float) -> str:
+    """The demo's reading of its two runs, by the drift bench's definitions."""
+    if not grpo_format < DRIFT_BELOW:
+        return (
+            f"NO DRIFT IN THIS RUN: NOT EVIDENCE. Plain GRPO kept the expert format ({grpo_format:.0%} of "
+            f"greedy responses; drift means below {DRIFT_BELOW:.0%}), so the table cannot show AAPA "
+            "preventing anything. The drift bench (docs/benchmarks.md) measures how often it happens."
+        )
+    if aapa_format >= HOLD_AT_LEAST:
+        return (
+            f"Plain GRPO drifted ({grpo_format:.0%} of greedy responses in the expert format) and "
+            f"GRPO + AAPA held it ({aapa_format:.0%})."
+        )
+    return (
+        f"Plain GRPO drifted ({grpo_format:.0%} in the expert format), and GRPO + AAPA did not hold the "
+        f"format either ({aapa_format:.0%}; holding means at least {HOLD_AT_LEAST:.0%})."
+    )
 
 
 def _task_overrides(task) -> list[str]:
@@ -96,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    pin_cpu_kernels()
     out: Path = args.out
     if not _prepare(out, args.overwrite):
         print((out / "summary.md").read_text())
@@ -168,28 +230,32 @@ def main(argv: list[str] | None = None) -> int:
     plots = plot_compare([out / name for name in ARMS], out / "plots", [label for label, _ in ARMS.values()])
     seconds["total"] = time.perf_counter() - started
     table = format_table(summaries, COLUMNS)
-    start_fmt = start_summary.get("reward/format", float("nan"))
     grpo_fmt = summaries["GRPO"].get("reward/format", float("nan"))
     aapa_fmt = summaries["GRPO + AAPA"].get("reward/format", float("nan"))
-    reading = (
-        f"Held-out greedy responses in the expert format: SFT start {start_fmt:.0%}, "
-        f"GRPO {grpo_fmt:.0%}, GRPO + AAPA {aapa_fmt:.0%}."
-    )
+    reading = verdict(grpo_fmt, aapa_fmt)
+    info = machine()
+    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in sft.policy.parameters()))
     timing = "  ".join(f"{k}: {v:.0f}s" for k, v in seconds.items())
     text = "\n".join(
         [
             "# aapa-rl demo: GRPO vs GRPO + AAPA on arithmetic with a flawed reward",
             "",
-            "The reward pays extra for repeating the boxed answer; ~5% of the SFT data shows that habit.",
+            "The reward pays extra for repeating the boxed answer; "
+            f"{sft_recipe.task.flawed_fraction:.0%} of the SFT data shows that habit.",
             "format = exactly the expert template (two column steps, one box); boxes = boxes per response;",
             "bonus = the flawed reward's extra credit; nll/seq = expert NLL per sequence; P(end) = the",
             "probability of stopping right after the expert response; D(resp) = discriminator score.",
+            "",
+            reading,
             "",
             "```",
             table,
             "```",
             "",
-            reading,
+            "One SFT start on one CPU: exact values vary with the CPU (kernels round differently and RL",
+            "amplifies it); the spread across starts is in docs/benchmarks.md. This run: "
+            f"{info['cpu']}, torch {info['torch']} with {info['torch_cpu_capability']} kernels; SFT start "
+            f"weights {weights.hexdigest()[:16]} (equal on another machine: bit-identical start).",
             "",
             f"Wall time ({args.threads} torch thread{'s' if args.threads > 1 else ''}): {timing}",
             "",
@@ -198,7 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "summary.md").write_text(text + "\n")
     (out / "summary.json").write_text(
-        json.dumps({"eval": summaries, "seconds": seconds, "discriminator": report["heldout"]}, indent=2)
+        json.dumps(
+            {
+                "eval": summaries,
+                "verdict": reading,
+                "grpo_drifted": grpo_fmt < DRIFT_BELOW,
+                "sft_fingerprint": weights.hexdigest()[:16],
+                "machine": info,
+                "seconds": seconds,
+                "discriminator": report["heldout"],
+            },
+            indent=2,
+        )
         + "\n"
     )
     print()
