@@ -32,8 +32,9 @@ RewardFn = Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tenso
 
 def load_reward(spec: str | dict | list) -> RewardFn:
     """A batched reward `(responses, labels) -> (rewards, metrics)` from a reward_fns module name, a path to a
-    .py file that defines `batch_reward`, or a weighted-sum config (build_reward). Errors are ValueErrors
-    that name the spec."""
+    .py file, or a weighted-sum config (build_reward). A file defines `batch_reward(responses, labels)`, or
+    OpenRLHF's `reward_func(queries, prompts, labels)` exactly as for `--reward.remote_url`; call the result
+    with `call_reward`, which gives the latter its prompts. Errors are ValueErrors that name the spec."""
     if isinstance(spec, dict | list):
         return build_reward(spec)
     if spec.endswith(".py"):
@@ -44,9 +45,39 @@ def load_reward(spec: str | dict | list) -> RewardFn:
         loader.loader.exec_module(module)
     else:
         module = _module(spec)
-    if not callable(getattr(module, "batch_reward", None)):
-        raise ValueError(f"reward {spec!r} defines no batch_reward(responses, labels)")
-    return module.batch_reward
+    if callable(getattr(module, "batch_reward", None)):
+        return module.batch_reward
+    if callable(getattr(module, "reward_func", None)):
+        return _from_reward_func(module.reward_func, spec)
+    raise ValueError(f"reward {spec!r} defines neither batch_reward(responses, labels) nor "
+                     "reward_func(queries, prompts, labels)")
+
+
+def call_reward(reward: RewardFn, responses: list[str], labels: list, prompts: list[str]):
+    """(rewards, metrics) of a loaded reward; one adapted from a `reward_func` also gets the prompts."""
+    if getattr(reward, "takes_prompts", False):
+        return reward(responses, labels, prompts=prompts)
+    return reward(responses, labels)
+
+
+def _from_reward_func(reward_func: Callable, name: str) -> RewardFn:
+    """OpenRLHF's `reward_func(queries, prompts, labels)` as a batched reward (a query: prompt + response)."""
+
+    def batched(responses: list[str], labels: list, *, prompts: list[str]):
+        queries = [p + r for p, r in zip(prompts, responses, strict=True)]
+        out = reward_func(queries, list(prompts), list(labels))
+        rewards, logs = out, {}
+        if isinstance(out, dict):  # OpenRLHF's format: {"rewards", "scores", "extra_logs"}
+            rewards, logs = out.get("rewards"), out.get("extra_logs") or {}
+        if rewards is None:
+            raise ValueError(f"reward {name!r}: reward_func returned a dict without 'rewards'")
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+        if len(rewards) != len(responses):
+            raise ValueError(f"reward {name!r}: {len(rewards)} rewards for {len(responses)} responses")
+        return rewards, {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1) for k, v in logs.items()}
+
+    batched.takes_prompts = True
+    return batched
 
 
 def _module(name: str):

@@ -17,7 +17,7 @@ import yaml
 from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
 
 from aapa_rl.local.policy import load_policy
-from aapa_rl.local.recipe import load_recipe
+from aapa_rl.local.recipe import RecipeError, load_recipe
 from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -486,3 +486,42 @@ def test_nonfinite_steps_are_counted_and_a_run_without_final_fails(tmp_path):
     summary = json.loads((tmp_path / "all" / "summary.json").read_text())
     assert summary["nonfinite_skipped"] == 3 and summary["final"] is None
     assert not (tmp_path / "all" / "final").exists()
+
+
+def test_reward_from_the_users_own_file(tmp_path):
+    """`reward:` takes a .py file defining batch_reward(responses, labels), or OpenRLHF's
+    reward_func(queries, prompts, labels) as `--reward.remote_url` calls it (query = prompt + response)."""
+    user = tmp_path / "user_reward.py"
+    user.write_text(
+        "import torch\n"
+        "def reward_func(queries, prompts, labels, **kwargs):\n"
+        "    starts = [float(q.startswith(p) and len(q) > len(p)) for q, p in zip(queries, prompts)]\n"
+        "    triples = zip(queries, prompts, labels)\n"
+        "    r = torch.tensor([float(str(lab) in q[len(p):]) for q, p, lab in triples])\n"
+        "    return {'rewards': r, 'scores': r, 'extra_logs': {'query_has_prompt': torch.tensor(starts)}}\n"
+    )
+    batched = tmp_path / "batched_reward.py"
+    batched.write_text(
+        "import torch\n"
+        "def batch_reward(responses, labels):\n"
+        "    return torch.full((len(responses),), 0.25), {'n': torch.ones(len(responses))}\n"
+    )
+    for path, check in [(user, "reward/query_has_prompt"), (batched, "reward/n")]:
+        recipe = base_recipe(
+            tmp_path / path.stem,
+            data={"train": str(warm_run() / "data" / "train.jsonl")},
+            reward=str(path),
+            model={"path": str(warm_run() / "final")},
+            steps=1,
+            stages=[{"end_step": 1, "objective": "grpo"}],
+        )
+        del recipe["task"]
+        Trainer(load_recipe(None, base=recipe), progress=False).fit()
+        row = metrics(tmp_path / path.stem)[0]
+        assert row[check] == 1.0, row
+        assert path is user or row["reward/raw"] == 0.25
+
+    bad = tmp_path / "no_reward.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(RecipeError, match=r"reward: reward '.*no_reward.py' defines neither batch_reward"):
+        load_recipe(None, base={**recipe, "reward": str(bad)})

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aapa_rl.data.rows import BadRows, DataError, PromptRow, RowError, read_records, text
-from reward_fns.combine import RewardFn
+from reward_fns.combine import RewardFn, call_reward
 from reward_fns.combine import load_reward as load_any_reward
 
 
@@ -49,14 +49,14 @@ def label_problems(reward_fn: RewardFn, labels: list) -> dict[int, str]:
     scoring and raise ValueError ("labels[i]: ..."), and empty responses cost nothing to score: one call
     checks all labels, and only when it fails is each one checked on its own."""
     try:
-        reward_fn([""] * len(labels), labels)
+        call_reward(reward_fn, [""] * len(labels), labels, [""] * len(labels))
         return {}
     except ValueError:
         pass
     problems = {}
     for i, label in enumerate(labels):
         try:
-            reward_fn([""], [label])
+            call_reward(reward_fn, [""], [label], [""])
         except ValueError as e:
             problems[i] = str(e).removeprefix("labels[0]: ")
     return problems
@@ -88,7 +88,8 @@ def build_experts(prompts: list[PromptRow], responses: dict[str, list[str]], rew
     rewards: list[float] = []
     for start in tqdm(range(0, len(flat), chunk_size), desc="reward", unit="chunk"):
         chunk = flat[start:start + chunk_size]
-        values, _ = reward_fn([r for _, r in chunk], [by_id[pid].label for pid, _ in chunk])
+        values, _ = call_reward(reward_fn, [r for _, r in chunk], [by_id[pid].label for pid, _ in chunk],
+                                [by_id[pid].prompt for pid, _ in chunk])
         rewards.extend(float(v) for v in values)
     if len(rewards) != len(flat):
         raise DataError(f"the reward function returned {len(rewards)} rewards for {len(flat)} responses")

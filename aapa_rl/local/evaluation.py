@@ -7,7 +7,7 @@ import math
 import torch
 
 from aapa_rl.local.policy import autocast, generate, pack, response_log_probs, truncated
-from reward_fns.combine import RewardFn
+from reward_fns.combine import RewardFn, call_reward
 from reward_fns.combine import load_reward as load_any_reward
 
 
@@ -53,7 +53,7 @@ def evaluate(
         chunk = rows[start : start + batch_size]
         prompts, labels = [r["prompt"] for r in chunk], [r["label"] for r in chunk]
         batch = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True, dtype=dtype)
-        rewards, extras = reward_fn(batch.texts, labels)
+        rewards, extras = call_reward(reward_fn, batch.texts, labels, prompts)
         correct = correctness(rewards, extras)
         cut = truncated(batch, tokenizer.eos_token_id)
         recs = [
@@ -79,7 +79,12 @@ def evaluate(
                 temperature=temperature,
                 dtype=dtype,
             )
-            s_rewards, s_extras = reward_fn(sampled.texts, [lab for lab in labels for _ in range(k)])
+            s_rewards, s_extras = call_reward(
+                reward_fn,
+                sampled.texts,
+                [lab for lab in labels for _ in range(k)],
+                [p for p in prompts for _ in range(k)],
+            )
             hits = correctness(s_rewards, s_extras).view(len(chunk), k)
             for i, rec in enumerate(recs):
                 rec[f"pass@{k}"] = float(hits[i].max())

@@ -52,6 +52,7 @@ from aapa_rl.objectives import (
     sft_loss,
     stage_estimator,
 )
+from reward_fns.combine import call_reward
 
 if TYPE_CHECKING:
     from aapa_rl.anchor import ExpertBank
@@ -284,7 +285,7 @@ class Trainer:
                 rows = [self.train_rows[i] for i in self.train_stream.take(P)]
                 batch, t = self.rollout([x["prompt"] for x in rows])
                 m["time/rollout"] = t
-                rewards, extras, t = self.reward(values, batch.texts, [x["label"] for x in rows])
+                rewards, extras, t = self.reward(values, batch.texts, rows)
                 if t is not None:
                     m["time/reward"] = t
                 m.update(
@@ -347,14 +348,17 @@ class Trainer:
         )
         return batch, time.perf_counter() - t0
 
-    def reward(self, values: ScheduleValues, texts: list[str], labels: list):
+    def reward(self, values: ScheduleValues, texts: list[str], rows: list[dict]):
         """(rewards (P*G,) on the CPU, each extra metric's mean, seconds or None): none in an SFT stage,
         where the rollouts carry only the shaping term."""
         if values.objective == "sft":
             return torch.zeros(len(texts)), {}, None
         t0 = time.perf_counter()
         group = self.recipe.rollout.group_size
-        rewards, extras = self.reward_fn(texts, [label for label in labels for _ in range(group)])
+        labels = [x["label"] for x in rows for _ in range(group)]
+        rewards, extras = call_reward(
+            self.reward_fn, texts, labels, [x["prompt"] for x in rows for _ in range(group)]
+        )
         elapsed = time.perf_counter() - t0
         return rewards.float().cpu(), {k: float(v.float().mean()) for k, v in extras.items()}, elapsed
 
