@@ -24,7 +24,6 @@ where". The entry point pins torch's CPU kernels to AVX2 where the CPU has it (a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -112,48 +111,30 @@ def prepare_start(cfg: dict, start: Path, sft_seed: int) -> dict:
     import torch
     import transformers
 
-    from aapa_rl.anchor import load_discriminator
-    from aapa_rl.local.demo import train_reference_discriminator
-    from aapa_rl.local.evaluation import evaluate
     from aapa_rl.local.recipe import load_recipe
-    from aapa_rl.local.trainer import Trainer, load_rows
+    from aapa_rl.local.start import build_start
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(cfg["sft"].get("threads", 1) or 1)
-    seconds = {}
-    t0 = time.perf_counter()
     recipe = load_recipe(
         None, base={**cfg["sft"], "seed": sft_seed, "out": str(start / "sft"), "task": cfg["task"]}
     )
-    sft = Trainer(recipe)
-    sft.fit()
-    seconds["sft"] = time.perf_counter() - t0
-    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in sft.policy.parameters()))
-
-    t0 = time.perf_counter()
-    d, data = cfg["discriminator"], start / "sft" / "data"
-    rows = load_rows(data / "train.jsonl", ("prompt",), ("label",))[: d["rollout_prompts"]]
-    _, report = train_reference_discriminator(
-        sft, rows, d["samples"], start, d["variant"], d["encoder"], steps=d["steps"]
-    )
-    seconds["discriminator"] = time.perf_counter() - t0
-
-    eval_rows = load_rows(data / "eval.jsonl", ("prompt",), ("label",))[: recipe.log.eval_samples]
-    force = cfg["rl"].get("aapa", {}).get("force", False)
-    summary, _ = evaluate(
-        sft.policy,
-        sft.tokenizer,
-        eval_rows,
-        recipe.task.reward,
-        max_new_tokens=recipe.rollout.max_new_tokens,
-        discriminator=load_discriminator(start / "discriminator", force=force),
+    d = cfg["discriminator"]
+    built = build_start(
+        recipe,
+        start,
+        rollout_prompts=d["rollout_prompts"],
+        samples=d["samples"],
+        variant=d["variant"],
+        encoder=d["encoder"],
+        steps=d["steps"],
     )
     done = {
         "key": key,
-        "eval": summary,
-        "discriminator": report["heldout"],
-        "fingerprint": weights.hexdigest()[:16],
-        "seconds": seconds,
+        "eval": built.eval,
+        "discriminator": built.report["heldout"],
+        "fingerprint": built.fingerprint,
+        "seconds": built.seconds,
     }
     marker.write_text(json.dumps(done, indent=2) + "\n")
     return {**done, "rebuilt": True}
@@ -166,7 +147,7 @@ def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> d
     recipe.update(
         out=str(run_dir),
         seed=seed,
-        steps=arm["stages"][-1]["end_step"],
+        steps=arm["aapa"]["stages"][-1]["end_step"],
         task=cfg["task"],
         model={"path": str(start / "sft" / "final")},
     )
@@ -327,7 +308,7 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
         )
     for anchor, random_anchor in (("anchor", "random_anchor"), ("anchor_weak", "random_anchor_weak")):
         if anchor in stats and random_anchor in stats:
-            stage = cfg["arms"][anchor]["stages"][-1]
+            stage = cfg["arms"][anchor]["aapa"]["stages"][-1]
             target = (
                 f"discriminator-chosen anchor beats the random anchor on format at rho = {stage['rho']}, "
                 f"lam = {stage['lam']} (runs whose baseline drifted)"

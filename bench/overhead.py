@@ -58,9 +58,11 @@ def build(cfg: dict, start: Path, out: Path, name: str, stage: dict, steps: int)
             "task": cfg["task"],
             "model": {"path": str(start / "sft" / "final")},
             # The baselines run without a discriminator: plain GRPO / CHORD pay nothing for AAPA.
-            "aapa": {"discriminator": str(start / "discriminator") if aapa else None},
-            "loss": {"chord_decay_steps": steps},
-            "stages": [{"end_step": steps, **stage}],
+            "aapa": {
+                "discriminator": str(start / "discriminator") if aapa else None,
+                "chord": {"decay_steps": steps},
+                "stages": [{"end_step": steps, **stage}],
+            },
         },
     )
     return Trainer(load_recipe(None, base=recipe), overwrite=True, progress=False)

@@ -18,16 +18,16 @@ import overhead  # noqa: E402
 def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     cfg = yaml.safe_load((BENCH / "drift.yaml").read_text())
     cfg["task"].update(n_sft=200, n_train=64, n_eval=8)
-    cfg["sft"].update(steps=3, stages=[{"end_step": 3, "objective": "sft"}])
+    cfg["sft"].update(steps=3, aapa={"stages": [{"end_step": 3, "objective": "sft"}]})
     cfg["sft"]["log"]["eval_samples"] = 8
     cfg["discriminator"].update(rollout_prompts=8, steps=20)
     cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
     cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
-    cfg["rl"]["aapa"] = {"force": True}  # a 3-step SFT model's discriminator is near chance
+    cfg["rl"]["aapa"] = {"force_discriminator": True}  # a 3-step SFT model's discriminator is near chance
     cfg["starts"], cfg["seeds"], cfg["workers"] = [0], [1], 2
     cfg["arms"] = {name: cfg["arms"][name] for name in ("grpo", "aapa")}
     for arm in cfg["arms"].values():
-        arm["stages"][-1]["end_step"] = 2
+        arm["aapa"]["stages"][-1]["end_step"] = 2
     config = tmp_path / "drift.yaml"
     config.write_text(yaml.safe_dump(cfg))
 

@@ -3,6 +3,7 @@
 1. SFT-warm the tiny Qwen3 (configs/demo-sft.yaml); ~5% of its demonstrations carry the reward's flaw.
 2. Sample reference rollouts from the SFT model.
 3. Train the frozen discriminator (pairwise, hashing encoder) on experts vs rollouts and generic negatives.
+   (Steps 1-3 are aapa_rl.local.start.build_start, which the drift bench calls too.)
 4. Run GRPO (configs/demo-grpo.yaml) and GRPO + AAPA (configs/demo-grpo-aapa.yaml) from the same start.
 5. Evaluate the SFT start and both runs on held-out prompts; write plots and print a summary table.
    When plain GRPO did not leave the expert format, the summary says so ("no drift in this run: not
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -113,33 +113,6 @@ def _task_overrides(task) -> list[str]:
     return [f"task.{k}={json.dumps(v)}" for k, v in dataclasses.asdict(task).items()]
 
 
-def train_reference_discriminator(
-    sft, rows: list[dict], samples: int, out: Path, variant: str, encoder: str, *, steps: int
-) -> tuple:
-    """Sample `samples` reference rollouts per prompt from the SFT trainer's policy (written to
-    out/reference_rollouts.jsonl) and train the frozen discriminator in out/discriminator.
-
-    It learns from the experts of the sampled prompts (positives and generic negatives) and the rollouts;
-    its report holds out 20% of those prompts. Fewer experts keep the features small. Returns (disc, report).
-    """
-    from aapa_rl.anchor import ExpertBank, build_discriminator, train_discriminator
-    from aapa_rl.local.policy import generate
-
-    prompts = [r["prompt"] for r in rows]
-    max_new_tokens = sft.recipe.rollout.max_new_tokens
-    batch = generate(sft.policy, sft.tokenizer, prompts, n=samples, max_new_tokens=max_new_tokens)
-    pairs = [(prompts[i // samples], text) for i, text in enumerate(batch.texts)]
-    with open(out / "reference_rollouts.jsonl", "w") as f:
-        for prompt, response in pairs:
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
-    full_bank = ExpertBank.load(Path(sft.recipe.out) / "data" / "experts.jsonl")
-    sampled = set(prompts)
-    bank = ExpertBank([x for x in full_bank.records if x.prompt in sampled], source=full_bank.source)
-    disc_dir = out / "discriminator"
-    disc = build_discriminator(variant, encoder, cache_dir=disc_dir / "embedding_cache")
-    return disc, train_discriminator(disc, bank, pairs, disc_dir, steps=steps, seed=0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -167,52 +140,39 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from aapa_rl.local.evaluation import evaluate, format_table
+    from aapa_rl.local.evaluation import format_table
     from aapa_rl.local.plots import plot_compare
     from aapa_rl.local.recipe import load_recipe
-    from aapa_rl.local.trainer import Trainer, load_rows
+    from aapa_rl.local.start import build_start
+    from aapa_rl.local.trainer import Trainer
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
 
-    print(f"[1/5] SFT warm-up of the tiny Qwen3 -> {out / 'sft'}", flush=True)
-    t0 = time.perf_counter()
+    print(f"[1/3] SFT start -> {out / 'sft'}: warm-up, reference rollouts, discriminator, eval", flush=True)
     sft_recipe = load_recipe(
         args.configs / "demo-sft.yaml", [f"out={out / 'sft'}", f"threads={args.threads}"]
     )
-    sft = Trainer(sft_recipe)
-    sft.fit()
-    seconds["sft"] = time.perf_counter() - t0
-
-    print("[2/5] reference rollouts and the discriminator", flush=True)
-    t0 = time.perf_counter()
-    rows = load_rows(out / "sft" / "data" / "train.jsonl", ("prompt",), ("label",))[: args.rollout_prompts]
-    disc, report = train_reference_discriminator(sft, rows, 2, out, "pairwise", "hash", steps=300)
+    start = build_start(
+        sft_recipe,
+        out,
+        rollout_prompts=args.rollout_prompts,
+        samples=2,
+        variant="pairwise",
+        encoder="hash",
+        steps=300,
+    )
+    seconds.update(start.seconds)
     print(
-        f"discriminator: held-out AUROC {report['heldout']['auroc']:.3f} "
-        f"({report['examples']['heldout']} examples); report in {out / 'discriminator' / 'report.txt'}"
+        f"discriminator: held-out AUROC {start.report['heldout']['auroc']:.3f} "
+        f"({start.report['examples']['heldout']} examples); report in {out / 'discriminator' / 'report.txt'}"
     )
-    seconds["reference rollouts + discriminator"] = time.perf_counter() - t0
 
-    print("[3/5] held-out evaluation of the SFT start", flush=True)
-    t0 = time.perf_counter()
-    eval_rows = load_rows(out / "sft" / "data" / "eval.jsonl", ("prompt",), ("label",))
-    eval_rows = eval_rows[: sft_recipe.log.eval_samples]
-    start_summary, _ = evaluate(
-        sft.policy,
-        sft.tokenizer,
-        eval_rows,
-        sft_recipe.task.reward,
-        max_new_tokens=sft_recipe.rollout.max_new_tokens,
-        discriminator=disc,
-    )
-    seconds["eval of the SFT start"] = time.perf_counter() - t0
-
-    summaries = {"SFT start": start_summary}
-    for step, (name, (label, config)) in enumerate(ARMS.items(), 4):
-        print(f"[{step}/5] {label} from the SFT start -> {out / name}", flush=True)
+    summaries = {"SFT start": start.eval}
+    for step, (name, (label, config)) in enumerate(ARMS.items(), 2):
+        print(f"[{step}/3] {label} from the SFT start -> {out / name}", flush=True)
         t0 = time.perf_counter()
         recipe = load_recipe(
             args.configs / config,
@@ -234,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     aapa_fmt = summaries["GRPO + AAPA"].get("reward/format", float("nan"))
     reading = verdict(grpo_fmt, aapa_fmt)
     info = machine()
-    weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in sft.policy.parameters()))
     timing = "  ".join(f"{k}: {v:.0f}s" for k, v in seconds.items())
     text = "\n".join(
         [
@@ -255,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "One SFT start on one CPU: exact values vary with the CPU (kernels round differently and RL",
             "amplifies it); the spread across starts is in docs/benchmarks.md. This run: "
             f"{info['cpu']}, torch {info['torch']} with {info['torch_cpu_capability']} kernels; SFT start "
-            f"weights {weights.hexdigest()[:16]} (equal on another machine: bit-identical start).",
+            f"weights {start.fingerprint} (equal on another machine: bit-identical start).",
             "",
             f"Wall time ({args.threads} torch thread{'s' if args.threads > 1 else ''}): {timing}",
             "",
@@ -269,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 "eval": summaries,
                 "verdict": reading,
                 "grpo_drifted": grpo_fmt < DRIFT_BELOW,
-                "sft_fingerprint": weights.hexdigest()[:16],
+                "sft_fingerprint": start.fingerprint,
                 "machine": info,
                 "seconds": seconds,
-                "discriminator": report["heldout"],
+                "discriminator": start.report["heldout"],
             },
             indent=2,
         )
