@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	  reqs = p['dependencies'] + p['optional-dependencies']['dev']; \
+	  reqs = p['dependencies'] + p['optional-dependencies']['dev'] + p['optional-dependencies']['trl']; \
 	  print('\n'.join(r for r in reqs if not r.startswith('openrlhf')))" > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt
 	$(PY) -m pip install -q --no-deps openrlhf==0.11.2

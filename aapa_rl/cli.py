@@ -11,7 +11,7 @@ from aapa_rl.data.rows import DataError
 # Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES: list[str] = [
     "aapa_rl.data.cli", "aapa_rl.anchor.cli", "aapa_rl.openrlhf_adapter.cli", "aapa_rl.local.cli",
-    "aapa_rl.models",
+    "aapa_rl.models", "aapa_rl.trl_backend.cli",
 ]
 
 

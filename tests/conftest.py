@@ -6,6 +6,7 @@ suite runs unchanged. Never stand in for openrlhf, torch, deepspeed or ray.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -27,6 +28,7 @@ def _stand_in(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__spec__ = ModuleSpec(name, None)
     module.__path__ = []
+    module.__stand_in__ = True
     module.__getattr__ = lambda attr: MagicMock(name=f"{name}.{attr}")
     return module
 
@@ -35,3 +37,17 @@ for package, names in GPU_ONLY_MODULES.items():
     if importlib.util.find_spec(package) is None:
         for name in names:
             sys.modules.setdefault(name, _stand_in(name))
+
+
+@contextlib.contextmanager
+def gpu_stand_ins_hidden():
+    """Hide the stand-ins while a library that probes for vLLM or flash-attn as it loads (TRL) is imported:
+    it must find them absent, as on a CPU machine, not half-present."""
+    hidden = {
+        name: sys.modules.pop(name)
+        for name in [n for n, m in sys.modules.items() if getattr(m, "__dict__", {}).get("__stand_in__")]
+    }
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)

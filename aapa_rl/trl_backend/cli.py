@@ -1,0 +1,311 @@
+"""`aapa-rl trl --config configs/trl-*.yaml [--dry-run] [--resume]`: GRPO (+ AAPA) through TRL.
+
+One YAML file describes one run:
+
+    model: a Hugging Face directory or hub id (the tokenizer comes from the same place)
+    data: {train: rows of {prompt, label}, eval: null, chat_template: false}   (JSONL, parquet, datasets dir)
+    task: the embedded arithmetic task instead of data (writes it into <trl.output_dir>/data)
+    reward: a reward_fns module, a .py file or a weighted sum (docs/rewards.md); `arithmetic` with `task`
+    aapa: the AAPA settings, the same keys as every backend's (docs/settings.md)
+    trl: GRPOConfig's own fields (output_dir, learning_rate, num_generations, max_steps, use_vllm, ...)
+    threads: torch CPU threads (0: torch's default)
+
+Several GPUs: `accelerate launch --config_file configs/accelerate/zero2.yaml -m aapa_rl.cli trl --config X`.
+The checks of the dry run also run before every training, before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from aapa_rl.settings import AapaSettings, ConfigError, build
+
+SECTIONS = ("model", "data", "task", "reward", "aapa", "trl", "threads")
+
+
+@dataclass
+class TrlRun:
+    path: Path  # the YAML file
+    model: str
+    train: str
+    eval: str | None
+    chat_template: bool
+    reward: str | dict | list
+    task: object | None  # aapa_rl.local.task.ArithmeticTask
+    aapa: AapaSettings
+    config: object  # trl.GRPOConfig
+    threads: int
+    bank: str | None  # the expert bank: aapa.expert_bank, or the task's
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trl",
+        help="GRPO (+ AAPA) with Hugging Face TRL from one YAML (trl==1.16.0; `accelerate launch` for GPUs)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML, e.g. configs/trl-tiny.yaml")
+    p.add_argument("--dry-run", action="store_true", help="check config, data, experts, discriminator; stop")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p.set_defaults(func=run_command)
+
+
+def load(path: str | Path, *, for_dry_run: bool = False) -> TrlRun:
+    """The run described by `path`; a bad key is a ConfigError naming the file and the key. `for_dry_run`:
+    a GPU recipe is read on a machine without one (its bf16/fp16 are left unchecked)."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    where = f"{path}:"
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where} unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
+    for key in ("model", "aapa", "trl"):
+        if key not in raw:
+            raise ConfigError(f"{where} missing section {key!r}")
+    try:
+        aapa = build(AapaSettings, raw["aapa"], "aapa")
+    except ConfigError as e:
+        raise ConfigError(f"{where} {e}") from e
+    import torch
+    from trl import GRPOConfig
+
+    fields = dict(raw["trl"])
+    if for_dry_run and not torch.cuda.is_available() and not fields.get("use_cpu"):
+        fields.update(bf16=False, fp16=False)  # TrainingArguments refuses them without a GPU
+    try:
+        config = GRPOConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} trl: {e}") from e
+    data = raw.get("data") or {}
+    unknown = sorted(set(data) - {"train", "eval", "chat_template"})
+    if unknown:
+        raise ConfigError(f"{where} data: unknown key(s) {unknown}; allowed: train, eval, chat_template")
+    task, bank = None, aapa.expert_bank
+    if raw.get("task") is not None:
+        from aapa_rl.local.task import ArithmeticTask
+
+        try:
+            task = build(ArithmeticTask, raw["task"], "task")
+        except ConfigError as e:
+            raise ConfigError(f"{where} {e}") from e
+        if data.get("train") or bank:
+            raise ConfigError(
+                f"{where} task: the arithmetic task writes its own data and expert bank; "
+                "remove data.train and aapa.expert_bank, or the task"
+            )
+        written = Path(config.output_dir) / "data"
+        data = {**data, "train": str(written / "train.jsonl"), "eval": data.get("eval")}
+        bank = str(written / "experts.jsonl")
+    if not data.get("train"):
+        raise ConfigError(f"{where} data.train: required (or a task section)")
+    reward = raw.get("reward", "arithmetic" if task else None)
+    if reward is None:
+        raise ConfigError(f"{where} reward: required (a reward_fns name, a .py file or a weighted sum)")
+    if reward == "arithmetic" and task is None:
+        raise ConfigError(f"{where} reward: 'arithmetic' needs the task section")
+    return TrlRun(
+        path,
+        str(raw["model"]),
+        data["train"],
+        data.get("eval"),
+        bool(data.get("chat_template")),
+        reward,
+        task,
+        aapa,
+        config,
+        int(raw.get("threads", 0)),
+        bank,
+    )
+
+
+def load_reward_fn(run: TrlRun):
+    from aapa_rl.local.evaluation import load_reward
+
+    try:
+        return load_reward(run.reward, run.task)
+    except ValueError as e:
+        raise ConfigError(f"{run.path}: reward: {e}") from e
+
+
+def read_data(run: TrlRun, path: str, reward_fn) -> list[dict]:
+    """Rows {prompt, label} of `path`, each checked: a bad row is a DataError naming file, row and field."""
+    from aapa_rl.data.experts import label_problems
+    from aapa_rl.data.rows import DataError, check_row, read_rows
+
+    rows, numbers = [], []
+    for number, record in read_rows(path):
+        rows.append(check_row(path, number, record, ("prompt",), present=("label",)))
+        numbers.append(number)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    for i, problem in label_problems(reward_fn, [r["label"] for r in rows]).items():
+        raise DataError(f"{path}: row {numbers[i]}: field 'label': {problem}")
+    return rows
+
+
+def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
+    """(ok lines, problems, loaded pieces) of everything that can be checked before a model loads."""
+    from aapa_rl.anchor import ExpertBank, label_expert
+    from aapa_rl.anchor.discriminator import heldout_auroc, quality_problem
+    from aapa_rl.data.rows import DataError
+
+    from .trainer import check_trainer_config
+
+    ok, bad, loaded = [], [], {}
+    c = run.config
+    if run.task is not None:
+        written = run.task.write(Path(c.output_dir) / "data")
+        ok.append(f"task: arithmetic data written to {Path(written['train']).parent}")
+    reward_fn = loaded["reward"] = load_reward_fn(run)
+    ok.append(f"reward: {run.reward}")
+    bank = loaded["bank"] = None
+    if run.bank:
+        try:
+            bank = loaded["bank"] = ExpertBank.load(run.bank)
+            ok.append(f"aapa.expert_bank {run.bank}: {len(bank)} experts")
+        except (DataError, OSError) as e:
+            bad.append(f"aapa.expert_bank: {e}")
+    for split, path in (("train", run.train), ("eval", run.eval)):
+        if path is None:
+            continue
+        try:
+            rows = loaded[split] = read_data(run, path, reward_fn)
+        except (DataError, OSError) as e:
+            bad.append(str(e))
+            continue
+        missing = sum(label_expert(r["label"], r["prompt"], bank)[1] is None for r in rows)
+        if split == "train" and missing and run.aapa.missing_expert == "error" and _needs_experts(run.aapa):
+            bad.append(
+                f"data.train {path}: {missing} of {len(rows)} rows have no expert (in the label or the "
+                "expert bank by id or prompt); add them or set aapa.missing_expert: skip"
+            )
+        else:
+            ok.append(f"data.{split} {path}: {len(rows)} rows, {len(rows) - missing} with an expert")
+    if run.aapa.discriminator:
+        problem = (
+            quality_problem(run.aapa.discriminator)
+            if Path(run.aapa.discriminator).exists()
+            else "does not exist"
+        )
+        if problem and not run.aapa.force_discriminator:
+            bad.append(f"aapa.discriminator {run.aapa.discriminator} {problem}")
+        else:
+            ok.append(
+                f"aapa.discriminator {run.aapa.discriminator}: held-out AUROC "
+                f"{heldout_auroc(run.aapa.discriminator)}"
+            )
+    bad += check_trainer_config(run.aapa, c, run.aapa.discriminator is not None)
+    generation = c.generation_batch_size
+    if generation % c.num_generations:
+        bad.append(
+            f"trl: generation batch {generation} is not a multiple of num_generations {c.num_generations}"
+        )
+    else:
+        ok.append(
+            f"batches: {generation // c.num_generations} prompts x {c.num_generations} completions per "
+            f"step, {c.steps_per_generation} micro-step(s) of {c.per_device_train_batch_size} per process, "
+            f"with {c.world_size} process(es) (accelerate launch sets how many)"
+        )
+    return ok, bad, loaded
+
+
+def _needs_experts(aapa: AapaSettings) -> bool:
+    return aapa.uses_critic or any(s.objective in ("sft", "chord") for s in aapa.stages)
+
+
+def train(run: TrlRun, *, resume: bool = False) -> dict:
+    """Check, then train with TRL; returns the final logged metrics. Writes <output_dir>/final and
+    <output_dir>/metrics.jsonl (TRL's log history)."""
+    ok, bad, loaded = check(run)
+    if bad:
+        raise ConfigError(f"{run.path}: " + "; ".join(bad))
+    out = Path(run.config.output_dir)
+    if any(out.glob("checkpoint-*")) and not resume:
+        raise ConfigError(
+            f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
+            "another trl.output_dir"
+        )
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from aapa_rl.anchor import AnchorCritic, load_discriminator
+
+    from .trainer import AapaGRPOTrainer, trl_reward
+
+    if run.threads:
+        torch.set_num_threads(run.threads)
+
+    def dataset(rows: list[dict]) -> Dataset:
+        # Labels as JSON text: one Arrow type for any mix of label shapes.
+        return Dataset.from_list(
+            [
+                {
+                    "prompt": [{"role": "user", "content": r["prompt"]}]
+                    if run.chat_template
+                    else r["prompt"],
+                    "label_json": json.dumps(r["label"]),
+                }
+                for r in rows
+            ]
+        )
+
+    tokenizer = AutoTokenizer.from_pretrained(run.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    critic = None
+    if run.aapa.discriminator and run.aapa.uses_critic:
+        disc = load_discriminator(run.aapa.discriminator, force=run.aapa.force_discriminator)
+        critic = AnchorCritic(disc, eps=run.aapa.eps, missing_expert=run.aapa.missing_expert)
+    name = run.reward if isinstance(run.reward, str) else "reward"
+    trainer = AapaGRPOTrainer(
+        model=run.model,
+        reward_funcs=[trl_reward(loaded["reward"], Path(name).stem)],
+        args=run.config,
+        train_dataset=dataset(loaded["train"]),
+        eval_dataset=dataset(loaded["eval"]) if "eval" in loaded else None,
+        processing_class=tokenizer,
+        aapa=run.aapa,
+        critic=critic,
+        bank=loaded["bank"],
+    )
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(str(out / "final"))
+    if trainer.accelerator.is_main_process:
+        with open(out / "metrics.jsonl", "w") as f:
+            for row in trainer.state.log_history:
+                f.write(json.dumps(row) + "\n")
+    return trainer.state.log_history[-1] if trainer.state.log_history else {}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        from . import trainer  # noqa: F401  (TRL present, at the pinned version)
+    except ImportError as e:
+        print(f"aapa-rl trl: {e}; pip install 'aapa-rl[trl]' (trl==1.16.0, Python >= 3.11)")
+        return 2
+    try:
+        run = load(args.config, for_dry_run=args.dry_run)
+        if args.dry_run:
+            ok, bad, _ = check(run)
+            for line in ok:
+                print(f"  ok    {line}")
+            for line in bad:
+                print(f"  FAIL  {line}")
+            print(
+                f"dry run: {len(bad)} problem(s); nothing was trained"
+                if bad
+                else "dry run: the config is consistent; nothing was trained"
+            )
+            return 1 if bad else 0
+        train(run, resume=args.resume)
+    except (ConfigError, OSError, yaml.YAMLError) as e:
+        print(f"aapa-rl trl: {e}")
+        return 2
+    return 0

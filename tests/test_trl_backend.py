@@ -1,0 +1,427 @@
+"""The TRL backend for real: TRL 1.16.0's GRPOTrainer with AAPA on the SFT-warmed tiny model, on CPU.
+
+`aapa-rl trl` end to end (anchor loss, shaped rewards, hard set, weights updated, checkpoint + resume with the
+schedule's state), the anchor term's gradient under gradient accumulation 1 and 4, and the same AAPA terms as
+the local trainer for the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import gpu_stand_ins_hidden
+from local_helpers import TASK, base_recipe, discriminator_dir, warm_run
+
+with gpu_stand_ins_hidden():  # TRL looks for vLLM as it loads: it must find it absent, as on this machine
+    import trl.trainer.grpo_trainer  # noqa: F401
+
+from aapa_rl.cli import main as cli_main  # noqa: E402
+from aapa_rl.trl_backend.cli import check, load  # noqa: E402
+
+STAGE = {"end_step": 100, "objective": "grpo", "alpha": 0.5, "lam": 1.0, "rho": 0.5}
+
+
+def write_config(tmp_path: Path, *, aapa: dict | None = None, **trl) -> Path:
+    config = {
+        "model": str(warm_run() / "final"),
+        "task": dict(TASK),
+        "reward": "arithmetic",
+        "threads": 1,
+        "aapa": {"stages": [STAGE], "discriminator": str(discriminator_dir()), **(aapa or {})},
+        "trl": {
+            "output_dir": str(tmp_path / "out"),
+            "use_cpu": True,
+            "bf16": False,
+            "seed": 1,
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "per_device_train_batch_size": 16,  # 4 prompts x 4 completions
+            "num_generations": 4,
+            "max_completion_length": 40,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "report_to": [],
+            "disable_tqdm": True,
+            **trl,
+        },
+    }
+    path = tmp_path / "trl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_aapa_rl_trl_trains_checkpoints_and_resumes_with_the_schedule_state(tmp_path):
+    # Adaptive lambda: its state lives only in the plugin's checkpoint state, so resuming must restore it.
+    aapa = {"adaptive": {"target_gap": 0.01, "rate": 0.5, "lam_min": 0.0, "lam_max": 100.0}}
+    config = write_config(tmp_path, aapa=aapa)
+    assert cli_main(["trl", "--config", str(config)]) == 0
+    out = tmp_path / "out"
+    steps = [row for row in history(out) if "aapa/lambda" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    for row in steps:
+        assert row["aapa/hard_set_size"] == 2  # ceil(0.5 x 4 prompts)
+        assert row["aapa/anchor_loss"] > 0 and row["aapa/anchor_tokens"] > 0
+        assert row["rewards/aapa_shaping/mean"] < 0  # alpha * log D with D < 1
+        # TRL's reward is the shaped one: r + alpha * s, as the core computes it
+        assert row["reward"] == pytest.approx(row["aapa/reward_shaped_mean"], abs=1e-5)
+        assert "reward/format" in row and "aapa/gap_mean" in row
+    lams = [row["aapa/lambda"] for row in steps]
+    assert lams[0] == 1.0 and lams[1] == pytest.approx(1.5) and lams[2] == pytest.approx(2.25)  # gap > target
+
+    start, final = weights(warm_run() / "final"), weights(out / "final")
+    assert any(not torch.equal(start[k], final[k]) for k in start)  # the policy moved
+    state = json.loads((out / "checkpoint-2" / "aapa_state.json").read_text())
+    assert state["schedule"]["adaptive_lam"] == pytest.approx(2.25) and state["anchors_total"] == 4
+
+    # Resume from the last checkpoint (step 3) for 2 more steps: the schedule continues, lambda included.
+    resumed = yaml.safe_load(config.read_text())
+    resumed["trl"]["max_steps"] = 5
+    config.write_text(yaml.safe_dump(resumed))
+    assert cli_main(["trl", "--config", str(config)]) == 2  # refuses to start afresh over checkpoints
+    assert cli_main(["trl", "--config", str(config), "--resume"]) == 0
+    later = [row for row in history(out) if "aapa/lambda" in row]
+    assert [row["step"] for row in later] == [1, 2, 3, 4, 5]  # the checkpoint's history, then steps 4 and 5
+    assert later[3]["aapa/lambda"] == pytest.approx(1.5**3)  # raised after each of steps 1-3
+    assert later[-1]["aapa/anchors_total"] == 10
+
+
+def test_a_changed_stage_schedule_is_refused_on_resume(tmp_path, capsys):
+    config = write_config(tmp_path, max_steps=2, save_steps=2)
+    assert cli_main(["trl", "--config", str(config)]) == 0
+    changed = yaml.safe_load(config.read_text())
+    changed["aapa"]["stages"][0]["lam"] = 2.0
+    changed["trl"]["max_steps"] = 3
+    config.write_text(yaml.safe_dump(changed))
+    assert cli_main(["trl", "--config", str(config), "--resume"]) == 2
+    printed = capsys.readouterr().out
+    assert "aapa_state.json: checkpoint was written with a different stage schedule" in printed
+
+
+def _trainer(tmp_path: Path, aapa: dict | None = None, reward: str | None = None, **trl):
+    """An AapaGRPOTrainer built as `aapa-rl trl` builds it, without training."""
+    from transformers import AutoTokenizer
+
+    from aapa_rl.anchor import AnchorCritic, ExpertBank, load_discriminator
+    from aapa_rl.trl_backend.cli import read_data
+    from aapa_rl.trl_backend.trainer import AapaGRPOTrainer, trl_reward
+
+    config = write_config(tmp_path, aapa=aapa, **trl)
+    if reward is not None:
+        config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "reward": reward}))
+    run = load(config)
+    ok, bad, loaded = check(run)
+    assert not bad, bad
+    from datasets import Dataset
+
+    rows = read_data(run, run.train, loaded["reward"])
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "label_json": json.dumps(r["label"])} for r in rows])
+    critic = AnchorCritic(load_discriminator(run.aapa.discriminator)) if run.aapa.discriminator else None
+    trainer = AapaGRPOTrainer(
+        model=run.model,
+        reward_funcs=[trl_reward(loaded["reward"], "task")],
+        args=run.config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(run.model),
+        aapa=run.aapa,
+        critic=critic,
+        bank=ExpertBank.load(run.bank),
+    )
+    # What TRL's training loop sets before its micro-steps; these tests call them one by one.
+    trainer.current_gradient_accumulation_steps = run.config.gradient_accumulation_steps
+    return trainer
+
+
+def _accumulated_grads(trainer, lam: float) -> dict[str, torch.Tensor]:
+    """The gradient of one optimizer step's micro-steps over the buffered generation batch, at this lambda."""
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._aapa_values.lam = lam
+    for j, inputs in enumerate(trainer._buffered_inputs):
+        trainer._step = j
+        trainer.compute_loss(trainer.model, inputs).backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_the_anchor_gradient_is_lam_times_the_gradient_of_l_anchor(tmp_path, accumulation):
+    from aapa_rl.local.policy import pack, response_log_probs
+    from aapa_rl.objectives import anchor_loss
+
+    torch.manual_seed(0)
+    trainer = _trainer(
+        tmp_path, gradient_accumulation_steps=accumulation, per_device_train_batch_size=16 // accumulation
+    )
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer._prepare_inputs(batch)  # rollout, reward, critic, H: this step's generation batch
+    assert len(trainer._buffered_inputs) == accumulation
+    batch = trainer.aapa_batch
+    anchor, experts = batch["anchor"], batch["experts"]
+    assert len(anchor.hard_set) == 2
+
+    lam = 0.7
+    with_anchor = _accumulated_grads(trainer, lam)
+    without = _accumulated_grads(trainer, 0.0)
+
+    # L_anchor over H computed independently: the local trainer's packing and log-probs, the core's loss.
+    prompts = [batch["prompts"][i] for i in anchor.hard_set.tolist()]
+    hard_experts = [experts[i] for i in anchor.hard_set.tolist()]
+    trainer.model.zero_grad(set_to_none=True)
+    rows = pack(trainer.processing_class, prompts, hard_experts, torch.device("cpu"))
+    log_probs = response_log_probs(trainer.model, rows)
+    anchor_loss(log_probs, rows.response_mask, anchor.hard_weights).backward()
+    direct = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    for name, grad in direct.items():
+        torch.testing.assert_close(with_anchor[name] - without[name], lam * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_chord_stage_mixes_trls_loss_with_the_phi_weighted_expert_nll_and_the_anchor(tmp_path):
+    """chord: grad = (1 - mu) grad L_trl + mu grad L_sft_phi(the batch's experts) + lam grad L_anchor(H),
+    under gradient accumulation 2; mu is CHORD's, counted from the stage's start."""
+    from trl import GRPOTrainer
+
+    from aapa_rl.local.policy import pack, response_log_probs
+    from aapa_rl.objectives import anchor_loss, sft_loss
+
+    stages = [{"end_step": 100, "objective": "chord", "alpha": 0.5, "lam": 0.8, "rho": 0.5}]
+    chord = {"warmup_steps": 0, "decay_steps": 10, "peak": 0.9, "valley": 0.1, "phi": True}
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, aapa={"stages": stages, "chord": chord}, gradient_accumulation_steps=2,
+                       per_device_train_batch_size=8)
+    trainer.model.train()
+    trainer.state.global_step = 3  # mu(3) on the cosine from 0.9 to 0.1 over 10 steps
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    values, batch = trainer._aapa_values, trainer.aapa_batch
+    assert values.objective == "chord" and 0.1 < values.mu < 0.9
+
+    def grads(loss_of) -> dict[str, torch.Tensor]:
+        trainer.model.zero_grad(set_to_none=True)
+        for j, inputs in enumerate(trainer._buffered_inputs):
+            trainer._step = j
+            loss_of(inputs).backward()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    total = grads(lambda inputs: trainer.compute_loss(trainer.model, inputs))
+    host = grads(lambda inputs: GRPOTrainer.compute_loss(trainer, trainer.model, inputs))
+
+    def direct(rows: list[int], loss_of) -> dict[str, torch.Tensor]:
+        trainer.model.zero_grad(set_to_none=True)
+        packed = pack(trainer.processing_class, [batch["prompts"][i] for i in rows],
+                      [batch["experts"][i] for i in rows], torch.device("cpu"))
+        loss_of(response_log_probs(trainer.model, packed), packed.response_mask).backward()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    anchor = batch["anchor"]
+    expert_nll = direct(list(range(len(batch["experts"]))), lambda lp, m: sft_loss(lp, m, phi=True))
+    anchored = direct(anchor.hard_set.tolist(), lambda lp, m: anchor_loss(lp, m, anchor.hard_weights))
+    for name, grad in total.items():
+        expected = (1 - values.mu) * host[name] + values.mu * expert_nll[name] + values.lam * anchored[name]
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_an_sft_stage_shapes_alone_with_the_group_mean_and_trains_on_the_experts(tmp_path):
+    stages = [{"end_step": 1, "objective": "sft", "alpha": 0.5, "lam": 0.5, "rho": 0.5},
+              {"end_step": 100, "objective": "grpo", "alpha": 0.5, "lam": 0.5, "rho": 0.5}]
+    config = write_config(tmp_path, aapa={"stages": stages}, max_steps=2)
+    assert cli_main(["trl", "--config", str(config)]) == 0
+    first, second = [row for row in history(tmp_path / "out") if "aapa/lambda" in row]
+    assert first["aapa/stage"] == 0 and first["rewards/arithmetic/mean"] == 0
+    assert "reward/format" not in first  # the task reward is not even computed in an SFT stage
+    assert first["aapa/sft_loss"] > 0 and first["aapa/anchor_loss"] > 0
+    assert first["reward"] == pytest.approx(first["rewards/aapa_shaping/mean"], abs=1e-6)
+    assert second["aapa/stage"] == 1 and "reward/format" in second and "aapa/sft_loss" not in second
+
+
+def test_lam_zero_leaves_trls_own_loss(tmp_path):
+    from trl import GRPOTrainer
+
+    trainer = _trainer(tmp_path, aapa={"stages": [{**STAGE, "lam": 0.0, "rho": 0.5}]})
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert trainer._aapa_chunks == []  # lam = 0 in a GRPO stage: no expert rows, no forward
+    inputs = trainer._buffered_inputs[0]
+    torch.testing.assert_close(
+        trainer.compute_loss(trainer.model, inputs), GRPOTrainer.compute_loss(trainer, trainer.model, inputs)
+    )
+
+
+def test_the_trl_backend_and_the_local_trainer_compute_the_same_aapa_terms(tmp_path):
+    """The same batch (prompts, completions, task rewards) through both backends: equal schedule values,
+    shaped rewards, hard set and weights, and L_anchor."""
+    from aapa_rl.local.recipe import load_recipe
+    from aapa_rl.local.trainer import Trainer
+
+    trainer = _trainer(tmp_path, aapa={"temperature": 0.5})
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = trainer.aapa_batch
+    anchor, experts, prompts = batch["anchor"], batch["experts"], batch["prompts"]
+    values = trainer._aapa_values
+    trl_loss = _trl_anchor_loss(trainer)
+
+    recipe = base_recipe(
+        tmp_path / "local",
+        model={"path": str(warm_run() / "final")},
+        stages=[STAGE],
+        aapa={"discriminator": str(discriminator_dir()), "temperature": 0.5},
+        rollout={"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 40},
+    )
+    local = Trainer(load_recipe(None, base=recipe), progress=False)
+    assert local.schedule.at(0) == values
+    local_anchor, _, _ = local.score(values, prompts, experts, batch["texts"], batch["rewards"].reshape(-1))
+    torch.testing.assert_close(local_anchor.shaped_rewards, anchor.shaped_rewards)
+    assert local_anchor.hard_set.tolist() == anchor.hard_set.tolist()
+    torch.testing.assert_close(local_anchor.hard_weights, anchor.hard_weights)
+    # TRL's reward columns sum to the shaped reward that the core computes
+    summed = (batch["columns"] * trainer.reward_weights).nansum(1).view(-1, trainer.num_generations)
+    torch.testing.assert_close(summed, anchor.shaped_rewards)
+    _, local_loss, _ = local.anchor_term(values, prompts, experts, local_anchor)
+    assert local_loss == pytest.approx(trl_loss, rel=1e-5)
+    local.close()
+
+
+def test_trls_grpo_step_and_the_local_trainers_give_the_same_gradient_for_the_same_batch(tmp_path):
+    """The base objective too: TRL's loss (dapo: token mean over the batch, on-policy) and the core's
+    clipped surrogate with token-mean, on TRL's batch and advantages, move the weights alike."""
+    from trl import GRPOTrainer
+
+    from aapa_rl.local.policy import Batch, response_log_probs
+    from aapa_rl.objectives import policy_loss
+
+    plain = {"stages": [{"end_step": 10, "objective": "grpo"}], "discriminator": None}
+    by_length = tmp_path / "by_length.py"  # the warm tiny model is rarely right: a reward that always varies
+    by_length.write_text("import torch\n\ndef batch_reward(responses, labels):\n"
+                         "    return torch.tensor([len(r) / 40 for r in responses]), {}\n")
+    trainer = _trainer(tmp_path, aapa=plain, reward=str(by_length))
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert (inputs["advantages"] != 0).any()
+
+    def grads(loss) -> dict[str, torch.Tensor]:
+        trainer.model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    trl_grads = grads(GRPOTrainer.compute_loss(trainer, trainer.model, inputs))
+    batch = Batch(
+        torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+        inputs["prompt_ids"].shape[1],
+        inputs["completion_mask"].float(),
+        [],
+    )
+    log_probs = response_log_probs(trainer.model, batch)
+    core_grads = grads(policy_loss(log_probs, log_probs.detach(), inputs["advantages"], batch.response_mask))
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(grad, core_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def _trl_anchor_loss(trainer) -> float:
+    for j, inputs in enumerate(trainer._buffered_inputs):
+        trainer._step = j
+        trainer.compute_loss(trainer.model, inputs)
+    return trainer._metrics["train"]["aapa/anchor_loss"][-1]  # logged after the window's last micro-step
+
+
+def test_reward_fns_serve_as_trl_reward_functions(tmp_path):
+    from aapa_rl.trl_backend.trainer import trl_reward
+    from reward_fns.combine import load_reward
+
+    logged = {}
+    math_reward = trl_reward(load_reward("math"), "math")
+    out = math_reward(
+        prompts=["What is 2+2?", "What is 3+3?"],
+        completions=["The answer is \\boxed{4}", [{"role": "assistant", "content": "\\boxed{7}"}]],
+        label_json=[json.dumps("4"), json.dumps("6")],
+        log_metric=lambda name, value: logged.setdefault(name, value),
+    )
+    assert out == [1.0, 0.0] and math_reward.__name__ == "math"
+    assert any(name.startswith("reward/") for name in logged)
+
+    own = tmp_path / "my_reward.py"  # OpenRLHF's reward_func(queries, prompts, labels): queries = p + r
+    own.write_text("def reward_func(queries, prompts, labels):\n"
+                   "    return [float(q.endswith(l)) for q, l in zip(queries, labels)]\n")
+    mine = trl_reward(load_reward(str(own)), "mine")
+    assert mine(prompts=["a", "b"], completions=["xy", "z"], label=["y", "q"]) == [1.0, 0.0]
+
+
+def test_the_dry_run_names_each_problem(tmp_path, capsys):
+    config = write_config(
+        tmp_path,
+        aapa={"discriminator": str(tmp_path / "nowhere")},
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        per_device_train_batch_size=8,
+    )
+    assert cli_main(["trl", "--config", str(config), "--dry-run"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL  aapa.discriminator" in printed and "does not exist" in printed
+    assert "trl.steps_per_generation (4) must equal gradient_accumulation_steps (2)" in printed
+    assert "nothing was trained" in printed
+
+    bad = yaml.safe_load(config.read_text())
+    bad["aapa"]["stages"][0]["rho"] = 2
+    config.write_text(yaml.safe_dump(bad))
+    assert cli_main(["trl", "--config", str(config), "--dry-run"]) == 2
+    assert "trl.yaml: aapa.stages[0]: stage rho must be in [0, 1], got 2.0" in capsys.readouterr().out
+
+    good = write_config(tmp_path)
+    assert cli_main(["trl", "--config", str(good), "--dry-run"]) == 0
+    assert "dry run: the config is consistent" in capsys.readouterr().out
+
+
+def test_the_trl_config_spells_the_same_aapa_settings(tmp_path):
+    from aapa_rl.local.recipe import load_recipe
+
+    run = load(write_config(tmp_path))
+    recipe = base_recipe(tmp_path / "local", stages=[STAGE], aapa={"discriminator": str(discriminator_dir())})
+    assert run.aapa == load_recipe(None, base=recipe).aapa
+    assert math.isclose(run.config.learning_rate, 1e-3)
+
+
+def test_two_processes_share_one_hard_set_and_normalise_the_anchor_over_both(tmp_path):
+    """torchrun with 2 CPU processes (gloo): 3 prompts x 8 completions, 12 per process, so one group spans
+    both. The whole batch is scored on each, H is process 0's, the expert rows are split between them."""
+    import os
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, per_device_train_batch_size=12, num_generations=8, max_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "aapa_rl.cli", "trl", "--config", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [row for row in history(tmp_path / "out") if "aapa/lambda" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    for row in steps:
+        assert row["aapa/hard_set_size"] <= 2  # ceil(0.5 x 3 prompts), fewer when gaps are not positive
+        assert row["reward"] == pytest.approx(row["aapa/reward_shaped_mean"], abs=1e-5)
+    assert steps[-1]["aapa/anchors_total"] == sum(row["aapa/hard_set_size"] for row in steps)
+    assert any(row.get("aapa/anchor_tokens", 0) > 0 for row in steps)
+
+
+def test_every_trl_recipe_passes_its_own_checks_up_to_the_files_it_needs(tmp_path):
+    """Each configs/trl-*.yaml loads (GPU recipes as for a dry run here); what fails is only the data,
+    experts and discriminator that this machine does not have."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("trl-*.yaml")):
+        run = load(path, for_dry_run=True)
+        assert run.aapa.stages and run.config.num_generations > 1, path
+        from aapa_rl.trl_backend.trainer import check_trainer_config
+
+        assert check_trainer_config(run.aapa, run.config, has_critic=True) == [], path
