@@ -2,7 +2,7 @@
 #   include bench/bench.mk
 # Both targets print a summary table. Runs and results go to runs/bench/ (results: runs/bench/results/);
 # BENCH_ARGS=--publish writes the results to the committed bench/results/ instead.
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-trl
 
 # Drift (8 arms x 3 SFT starts x 2 RL seeds, 2 runs side by side) and per-phase step overhead.
 bench: $(STAMP)
@@ -13,3 +13,7 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) bench/drift.py --quick $(BENCH_ARGS)
 	$(PY) bench/overhead.py --quick $(BENCH_ARGS)
+
+# The drift bench's GRPO and GRPO + AAPA arms through TRL (3 SFT starts x RL seed 1) and their overhead.
+bench-trl: $(STAMP)
+	$(PY) bench/trl_drift.py $(BENCH_ARGS)

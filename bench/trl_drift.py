@@ -45,7 +45,7 @@ def trl_config(cfg: dict, arm: str, seed: int, start: Path, out: Path) -> dict:
     """The `aapa-rl trl` YAML of an arm: bench/drift.yaml's rl section and arm, in TRL's words."""
     rl, stage = cfg["rl"], cfg["arms"][arm]["aapa"]["stages"][-1]
     steps, r = stage["end_step"], rl["rollout"]
-    aapa = {"stages": [stage]}
+    aapa = {**rl.get("aapa", {}), "stages": [stage]}
     if arm != "grpo":
         aapa["discriminator"] = str(start / "discriminator")
     assert rl["loss"] == {"estimator": "group_norm", "clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"}
@@ -107,7 +107,9 @@ def evaluate_checkpoints(run: Path, cfg: dict, start: Path) -> list[dict]:
     torch.set_num_threads(1)
     reward = load_reward("arithmetic", build(ArithmeticTask, cfg["task"], "task"))
     rows = load_rows(run / "data" / "eval.jsonl", ("prompt",), ("label",))[: cfg["rl"]["log"]["eval_samples"]]
-    disc = load_discriminator(start / "discriminator")
+    disc = load_discriminator(
+        start / "discriminator", force=cfg["rl"].get("aapa", {}).get("force_discriminator", False)
+    )
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
     points = []
     for ckpt in sorted(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):

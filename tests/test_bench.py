@@ -92,3 +92,30 @@ def test_a_comparison_counts_only_where_the_baseline_drifted():
         "value": "1/2",
         "met": False,
     }
+
+
+def test_trl_drift_runs_both_arms_through_trl_and_writes_results(tmp_path, capsys):
+    import trl_drift
+
+    cfg = yaml.safe_load((BENCH / "drift.yaml").read_text())
+    cfg["task"].update(n_sft=200, n_train=64, n_eval=8)
+    cfg["sft"].update(steps=3, aapa={"stages": [{"end_step": 3, "objective": "sft"}]})
+    cfg["sft"]["log"]["eval_samples"] = 8
+    cfg["discriminator"].update(rollout_prompts=8, steps=20)
+    cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
+    cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
+    cfg["rl"]["aapa"] = {"force_discriminator": True}  # a 3-step SFT model's discriminator is near chance
+    for arm in cfg["arms"].values():
+        arm["aapa"]["stages"][-1]["end_step"] = 7  # TRL's median step time drops the first 5 steps
+    config = tmp_path / "drift.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    assert trl_drift.main(["--config", str(config), "--out", str(tmp_path / "runs"), "--starts", "0"]) == 0
+    results = tmp_path / "runs" / "results" / "trl-drift"
+    summary = json.loads((results / "summary.json").read_text())
+    assert set(summary["runs"]) == {"grpo-sft0-seed1", "aapa-sft0-seed1"}
+    aapa = summary["runs"]["aapa-sft0-seed1"]
+    assert [p["step"] for p in aapa["eval_curve"]] == list(range(8)) and aapa["median_aapa_seconds"] > 0
+    assert summary["runs"]["grpo-sft0-seed1"]["median_aapa_seconds"] == 0
+    assert len(summary["step_time_ratio_aapa_over_grpo"]) == 1 and (results / "curves.png").exists()
+    assert "| TRL GRPO + AAPA | 0 | 1 |" in capsys.readouterr().out
