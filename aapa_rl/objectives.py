@@ -135,11 +135,19 @@ def shaping_signal(scores: torch.Tensor, transform: str = "log", eps: float = 1e
 
 
 def shape_rewards(
-    rewards: torch.Tensor, scores: torch.Tensor, alpha: float, transform: str = "log", eps: float = 1e-6
+    rewards: torch.Tensor,
+    scores: torch.Tensor,
+    alpha: float,
+    transform: str = "log",
+    eps: float = 1e-6,
+    floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r + alpha * s, s) with s = g(D); s = 0 where D is NaN (a prompt the discriminator could not score)."""
-    scored = ~scores.isnan()
-    shaping = torch.where(scored, shaping_signal(scores, transform, eps), 0.0)
+    """(r + alpha * s, s) with s = g(D), clamped from below at `floor` when given; s = 0 where D is NaN (a
+    prompt the discriminator could not score)."""
+    signal = shaping_signal(scores, transform, eps)
+    if floor is not None:
+        signal = signal.clamp(min=floor)
+    shaping = torch.where(~scores.isnan(), signal, 0.0)
     return rewards.detach().float() + alpha * shaping, shaping
 
 
@@ -202,3 +210,31 @@ def anchor_loss(
         nll = nll * phi_weight(log_probs)
     per_row = nll.sum(-1)
     return (weights.to(per_row.dtype) * per_row).sum() / mask.sum().clamp(min=1)
+
+
+def selection_diagnostics(
+    gaps: torch.Tensor, hard_set: torch.Tensor, exploiting: torch.Tensor
+) -> dict[str, float]:
+    """How well the critic finds the prompts whose rollouts exploit a flaw, when the reward knows them.
+
+    gaps (P,) anchor gaps (NaN: no expert), hard_set (k,) the chosen prompt indices, exploiting (P,) bool.
+    hard_precision: the fraction of H that exploits; hard_recall: the fraction of exploiting prompts in H;
+    gap_auroc: the probability that an exploiting prompt's gap exceeds a non-exploiting one's (ties count
+    half), among prompts with a finite gap. Each is NaN where undefined.
+    """
+    exploiting = exploiting.bool()
+    hits = exploiting[hard_set]
+    count = int(exploiting.sum())
+    finite = gaps.isfinite()
+    pos, neg = gaps[finite & exploiting].double(), gaps[finite & ~exploiting].double()
+    auroc = math.nan
+    if len(pos) and len(neg):
+        # Every (exploiting, other) pair: the Mann-Whitney U statistic, normalised.
+        wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+        auroc = float(wins.mean())
+    return {
+        "hard_precision": float(hits.double().mean()) if len(hits) else math.nan,
+        "hard_recall": float(hits.sum()) / count if count else math.nan,
+        "gap_auroc": auroc,
+        "exploiting_prompts": float(count),
+    }

@@ -85,6 +85,7 @@ class AapaSettings:
     temperature: float | None = _setting(help="softmax temperature of the hard-set weights (null: uniform)")
     transform: str = _setting("log", help=f"shaping s = g(D), one of {SHAPING_TRANSFORMS}")
     eps: float = _setting(1e-6, help="floor on D inside logs")
+    shaping_floor: float | None = _setting(help="lower bound on the shaping signal s = g(D); null: none")
     anchor_phi: bool = _setting(False, help="weight anchor tokens by p(1-p) (CHORD-style)")
     missing_expert: str = _setting(
         "error", help="a prompt without an expert: stop (error), or leave it out of H and count it (skip)"
@@ -103,6 +104,10 @@ class AapaSettings:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {allowed}")
         if not 0 < self.eps < 0.5 or (self.temperature is not None and self.temperature <= 0):
             raise ValueError("eps must be in (0, 0.5) and temperature > 0 (or null)")
+        # The floor bounds the negative tail (log and logit reach log(eps)); at or above 0 it would turn every
+        # `log` signal (s <= 0) into one constant.
+        if self.shaping_floor is not None and self.shaping_floor >= 0:
+            raise ValueError(f"shaping_floor must be < 0 (or null), got {self.shaping_floor}")
         for i, stage in enumerate(self.stages):
             if stage.lam > 0 and stage.rho == 0:
                 raise ValueError(f"stages[{i}] has lam {stage.lam} but rho 0: no prompt can be anchored")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch
 import yaml
 from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
 
+from aapa_rl import objectives as obj
 from aapa_rl.local.policy import load_policy
 from aapa_rl.local.recipe import RecipeError, load_recipe
 from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer, checkpoints
@@ -268,7 +270,7 @@ def test_resume_after_sigkill_continues_identically(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert b[key] == (
-                a[key] if isinstance(a[key], str) else pytest.approx(a[key], rel=1e-5, abs=1e-6)
+                a[key] if isinstance(a[key], str) else pytest.approx(a[key], rel=1e-5, abs=1e-6, nan_ok=True)
             ), (a["step"], key)
     ref_state = torch.load(tmp_path / "ref" / "final" / "trainer_state.pt", weights_only=False)
     got_state = torch.load(run / "final" / "trainer_state.pt", weights_only=False)
@@ -366,6 +368,37 @@ def test_random_anchor_control_uses_the_same_budget(tmp_path):
         runs[selection] = metrics(tmp_path / selection)
     assert all(r["aapa/anchor_rows"] == r["aapa/hard_set_size"] for r in runs["gap"])
     assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs["random"])  # ceil(0.5 * 4)
+
+
+def test_critic_diagnostics_against_the_prompts_that_exploit_the_flaw(tmp_path):
+    """With a per-sample `flaw_bonus` from the reward, each step logs the hard set's precision and recall and
+    the gap's AUROC against the prompts with an exploiting rollout: the values selection_diagnostics gives
+    for the logged D scores."""
+    recipe = _recipe(tmp_path / "run", [{"end_step": 2, "objective": "grpo"}], True)
+    trainer = Trainer(recipe, progress=False)
+    task_reward, flags = trainer.reward_fn, []
+
+    def flagged(texts, labels):
+        # The warmed model rarely repeats its box: mark a length-based subset of rollouts as exploiting.
+        rewards, logs = task_reward(texts, labels)
+        logs["flaw_bonus"] = torch.tensor([0.5 if len(t) % 5 == 0 else 0.0 for t in texts])
+        flags.append(logs["flaw_bonus"])
+        return rewards + logs["flaw_bonus"], logs
+
+    trainer.reward_fn = flagged
+    trainer.fit()
+    P, G = recipe.rollout.prompts_per_step, recipe.rollout.group_size
+    steps = [json.loads(line) for line in (tmp_path / "run" / "scores.jsonl").read_text().splitlines()]
+    flags = flags[: recipe.steps]  # the training steps' calls; the final eval calls the reward too
+    for row, step, flaw_bonus in zip(metrics(tmp_path / "run"), steps, flags, strict=True):
+        gaps = obj.anchor_gaps(torch.tensor(step["d_rollout"]).view(P, G), torch.tensor(step["d_expert"]))
+        hard, _ = obj.choose_hard_set(gaps, AAPA["rho"])
+        expected = obj.selection_diagnostics(gaps, hard, (flaw_bonus.view(P, G) > 0).any(-1))
+        logged = {k: row[f"aapa/{k}"] for k in expected}
+        assert logged == pytest.approx(expected, nan_ok=True)
+        assert 0 <= logged["exploiting_prompts"] <= P
+        for key in ("hard_precision", "hard_recall", "gap_auroc"):
+            assert math.isnan(logged[key]) or 0 <= logged[key] <= 1, (key, logged)
 
 
 def _data_recipe(tmp_path: Path, data: dict, *, stages: list | None = None, aapa: dict | None = None):

@@ -138,6 +138,18 @@ def test_shaping_transforms():
         obj.shaping_signal(d, "exp")
 
 
+def test_shaping_floor_clamps_from_below_and_keeps_nan_at_zero():
+    scores = torch.tensor([1e-9, 0.01, 0.5, float("nan")])
+    rewards = torch.ones(4)
+    _, free = obj.shape_rewards(rewards, scores, alpha=0.5)
+    assert free[0].item() == pytest.approx(math.log(1e-6))  # log eps: about -14 without a floor
+    shaped, s = obj.shape_rewards(rewards, scores, alpha=0.5, floor=-2.0)
+    assert s.tolist() == pytest.approx([-2.0, -2.0, math.log(0.5), 0.0])
+    assert shaped.tolist() == pytest.approx([0.0, 0.0, 1 + 0.5 * math.log(0.5), 1.0])
+    _, logit = obj.shape_rewards(rewards, scores, alpha=1.0, transform="logit", floor=-3.0)
+    assert logit.tolist() == pytest.approx([-3.0, -3.0, 0.0, 0.0], abs=1e-6)
+
+
 def test_anchor_gaps():
     rollouts = torch.tensor([[0.5, 0.25], [0.9, 0.9]])
     experts = torch.tensor([0.8, 0.9])
@@ -174,6 +186,29 @@ def test_select_hard_set_edge_cases():
     assert idx.tolist() == [0] and w.tolist() == pytest.approx([1.0])
     with pytest.raises(ValueError, match="rho"):
         obj.select_hard_set(gaps, 1.5)
+
+
+def test_selection_diagnostics_hand_computed():
+    gaps = torch.tensor([2.0, 1.0, 1.0, float("nan"), 0.5, -1.0])
+    exploiting = torch.tensor([True, False, True, True, False, False])
+    d = obj.selection_diagnostics(gaps, torch.tensor([0, 1]), exploiting)
+    assert d["hard_precision"] == 0.5 and d["hard_recall"] == pytest.approx(1 / 3)
+    # Finite gaps: exploiting {2, 1}, the rest {1, 0.5, -1}; pairs won 3 + (2 + 0.5 for the tie) of 6.
+    assert d["gap_auroc"] == pytest.approx(5.5 / 6) and d["exploiting_prompts"] == 3.0
+    perfect = obj.selection_diagnostics(gaps, torch.tensor([0]), torch.tensor([1, 0, 0, 0, 0, 0]) > 0)
+    assert (perfect["hard_precision"], perfect["hard_recall"], perfect["gap_auroc"]) == (1.0, 1.0, 1.0)
+
+
+def test_selection_diagnostics_undefined_values_are_nan():
+    gaps = torch.tensor([1.0, float("nan"), 0.5])
+    empty = torch.tensor([], dtype=torch.long)
+    none = obj.selection_diagnostics(gaps, empty, torch.zeros(3, dtype=torch.bool))
+    assert math.isnan(none["hard_precision"]) and math.isnan(none["hard_recall"])
+    assert math.isnan(none["gap_auroc"]) and none["exploiting_prompts"] == 0.0
+    # The only exploiting prompt has no gap: one class among the finite gaps, so no AUROC.
+    only_nan = obj.selection_diagnostics(gaps, torch.tensor([0]), torch.tensor([False, True, False]))
+    assert only_nan["hard_precision"] == 0.0 and only_nan["hard_recall"] == 0.0
+    assert math.isnan(only_nan["gap_auroc"])
 
 
 def test_anchor_loss_hand_computed():

@@ -9,6 +9,8 @@ import re
 import typing
 from pathlib import Path
 
+import pytest
+
 from aapa_rl.local.recipe import Recipe, load_recipe
 from aapa_rl.openrlhf_adapter.settings import parser, split_argv
 from aapa_rl.schedule import Stage
@@ -37,3 +39,11 @@ def test_the_docs_list_every_setting():
     text = (ROOT / "docs" / "settings.md").read_text()
     table = text[text.index("| key | default | meaning |") : text.index("Backend-only settings")]
     assert re.findall(r"^\| `(\w+)` \|", table, re.M) == FIELDS
+
+
+def test_shaping_floor_must_be_negative():
+    stages = [Stage(5, "grpo", alpha=0.5)]
+    assert AapaSettings(stages=stages, shaping_floor=-2.0).shaping_floor == -2.0
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="shaping_floor must be < 0"):
+            AapaSettings(stages=stages, shaping_floor=bad)

@@ -92,7 +92,9 @@ def anchor_step(values, settings, scored: CriticScores, rewards: torch.Tensor) -
     """Shaping, hard set and metrics for one step's batch: `values` from the stage schedule, `settings` an
     AapaSettings, `rewards` (P, G) the task rewards. In an SFT stage the rollouts carry the shaping alone."""
     base = torch.zeros_like(rewards, dtype=torch.float32) if values.objective == "sft" else rewards.float()
-    shaped, shaping = shape_rewards(base.cpu(), scored.scores, values.alpha, settings.transform, settings.eps)
+    shaped, shaping = shape_rewards(
+        base.cpu(), scored.scores, values.alpha, settings.transform, settings.eps, settings.shaping_floor
+    )
     hard, weights = choose_hard_set(scored.gaps, values.rho, settings.temperature, settings.selection)
     # In numpy: a few microseconds each, where torch's small-tensor ops cost more than the rest.
     ok, d, e, g = (

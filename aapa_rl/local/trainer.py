@@ -49,6 +49,7 @@ from aapa_rl.objectives import (
     group_advantages,
     masked_mean,
     policy_loss,
+    selection_diagnostics,
     sft_loss,
     stage_estimator,
 )
@@ -288,13 +289,14 @@ class Trainer:
                 rewards, extras, t = self.reward(values, batch.texts, rows)
                 if t is not None:
                     m["time/reward"] = t
-                m.update(
-                    {"reward/raw": float(rewards.mean()), **{f"reward/{k}": v for k, v in extras.items()}}
-                )
+                m["reward/raw"] = float(rewards.mean())
+                m.update({f"reward/{k}": float(v.float().mean()) for k, v in extras.items()})
                 prompts, experts = self.experts(rows)
                 shaped = rewards
                 if self.critic is not None:
-                    anchor, d_scores, t = self.score(values, prompts, experts, batch.texts, rewards)
+                    anchor, d_scores, t = self.score(
+                        values, prompts, experts, batch.texts, rewards, extras.get("flaw_bonus")
+                    )
                     shaped = anchor.shaped_rewards.reshape(-1).float().cpu()
                     m.update({"time/critic": t, **{f"aapa/{k}": v for k, v in anchor.metrics.items()}})
                     scores.update(d_scores)
@@ -349,8 +351,8 @@ class Trainer:
         return batch, time.perf_counter() - t0
 
     def reward(self, values: ScheduleValues, texts: list[str], rows: list[dict]):
-        """(rewards (P*G,) on the CPU, each extra metric's mean, seconds or None): none in an SFT stage,
-        where the rollouts carry only the shaping term."""
+        """(rewards (P*G,) on the CPU, the reward's extra metrics as it returned them, seconds or None): none
+        in an SFT stage, where the rollouts carry only the shaping term."""
         if values.objective == "sft":
             return torch.zeros(len(texts)), {}, None
         t0 = time.perf_counter()
@@ -360,7 +362,7 @@ class Trainer:
             self.reward_fn, texts, labels, [x["prompt"] for x in rows for _ in range(group)]
         )
         elapsed = time.perf_counter() - t0
-        return rewards.float().cpu(), {k: float(v.float().mean()) for k, v in extras.items()}, elapsed
+        return rewards.float().cpu(), extras, elapsed
 
     def experts(self, rows: list[dict]) -> tuple[list[str], list[str | None]]:
         """The prompts the discriminator sees and their experts (aapa_rl.anchor.label_expert's rule)."""
@@ -369,14 +371,27 @@ class Trainer:
         pairs = [label_expert(x["label"], x["prompt"], self.bank) for x in rows]
         return [p for p, _ in pairs], [e for _, e in pairs]
 
-    def score(self, values: ScheduleValues, prompts: list[str], experts: list, texts: list[str], rewards):
-        """The critic's AnchorStep (shaped rewards, hard set, metrics), the D samples logged, and seconds."""
+    def score(
+        self,
+        values: ScheduleValues,
+        prompts: list[str],
+        experts: list,
+        texts: list[str],
+        rewards: torch.Tensor,
+        flaw_bonus: torch.Tensor | None = None,
+    ):
+        """The critic's AnchorStep (shaped rewards, hard set, metrics), the D samples logged, and seconds.
+        With the reward's per-sample `flaw_bonus`, the metrics also say how well the hard set and the gaps
+        find the prompts whose rollouts exploit the flaw (selection_diagnostics)."""
         from aapa_rl.anchor import anchor_step
 
         t0, G = time.perf_counter(), self.recipe.rollout.group_size
         rollouts = [texts[i * G : (i + 1) * G] for i in range(len(prompts))]
         scored = self.critic.score(prompts, experts, rollouts)
         anchor = anchor_step(values, self.recipe.aapa, scored, rewards.view(len(prompts), G))
+        if flaw_bonus is not None and flaw_bonus.numel() == len(texts):
+            exploiting = (flaw_bonus.cpu().view(len(prompts), G) > 0).any(-1)
+            anchor.metrics.update(selection_diagnostics(scored.gaps, anchor.hard_set, exploiting))
         d_scores = {
             "d_rollout": scored.scores.reshape(-1).tolist(),
             "d_expert": scored.expert_scores.tolist(),
