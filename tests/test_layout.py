@@ -20,6 +20,7 @@ LOCAL_COMMANDS = (
     "build-experts",
     "prepare-data",
     "launch",
+    "trl",
 )
 
 
@@ -84,9 +85,22 @@ def test_local_commands_work_without_the_pinned_openrlhf(tmp_path, kind):
             cwd=tmp_path,
         )
 
-    for command in (["--help"], *[[name, "--help"] for name in LOCAL_COMMANDS]):
-        result = aapa_rl(*command)
-        assert result.returncode == 0 and "usage:" in result.stdout, (command, result.stderr[-2000:])
+    # Every command's --help in one process (each would pay the imports again).
+    helps = [["--help"], *[[name, "--help"] for name in LOCAL_COMMANDS]]
+    code = (
+        "import contextlib, io\nfrom aapa_rl.cli import main\n"
+        f"for command in {helps!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n            main(command)\n"
+        "        except SystemExit as e:\n            assert e.code == 0, (command, e.code)\n"
+        "    assert 'usage:' in out.getvalue(), command\n"
+        "print('all helps')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0 and "all helps" in result.stdout, result.stderr[-2000:]
     recipe = ROOT / "configs" / "demo-sft.yaml"
     overrides = ["steps=1", "aapa.stages.0.end_step=1", "task.n_sft=64", "task.n_train=8", "task.n_eval=4",
                  "log.eval_samples=4", "log.plots=false"]
