@@ -83,6 +83,7 @@ def test_aapa_rl_trl_trains_checkpoints_and_resumes_with_the_schedule_state(tmp_
     lams = [row["aapa/lambda"] for row in steps]
     assert lams[0] == 1.0 and lams[1] == pytest.approx(1.5) and lams[2] == pytest.approx(2.25)  # gap > target
 
+    assert (out / "curves.png").stat().st_size > 10_000  # the training curves, as a PNG beside the metrics
     start, final = weights(warm_run() / "final"), weights(out / "final")
     assert any(not torch.equal(start[k], final[k]) for k in start)  # the policy moved
     state = json.loads((out / "checkpoint-2" / "aapa_state.json").read_text())

@@ -281,7 +281,43 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
         with open(out / "metrics.jsonl", "w") as f:
             for row in trainer.state.log_history:
                 f.write(json.dumps(row) + "\n")
+        plot_curves(trainer.state.log_history, out / "curves.png")
     return trainer.state.log_history[-1] if trainer.state.log_history else {}
+
+
+CURVES = [  # (panel title, [(metric, label)]): the run at a glance, beside TRL's TensorBoard logs
+    ("reward", [("reward", "shaped (TRL's reward)"), ("aapa/reward_raw_mean", "task reward")]),
+    ("the reward's logs", [("reward/correct", "correct"), ("reward/format", "format"),
+                           ("reward/flaw_bonus", "flaw bonus")]),
+    ("completion length", [("completions/mean_length", "mean"), ("completions/max_length", "max")]),
+    ("anchor gap", [("aapa/gap_mean", "mean"), ("aapa/gap_max", "max")]),
+    ("schedule", [("aapa/lambda", "lambda"), ("aapa/alpha", "alpha"), ("aapa/mu", "CHORD mu")]),
+    ("expert terms", [("aapa/anchor_loss", "L_anchor"), ("aapa/sft_loss", "L_sft")]),
+]
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """The training curves of CURVES that the run logged, smoothed, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from aapa_rl.local.plots import series, smooth
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        for key, label in keys:
+            x, y = series(history, key)
+            if len(x):
+                ax.plot(x, smooth(y), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def run_command(args: argparse.Namespace) -> int:
