@@ -154,16 +154,21 @@ def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> d
     return recipe
 
 
-def train(config_path: Path, run_dir: Path) -> tuple[int, float]:
-    """One `aapa-rl train` process (output in RUN.log); returns its exit code and wall time."""
+def run_cli(args: list[str], log: Path) -> tuple[int, float]:
+    """One `aapa-rl ARGS` process on one torch thread, output in `log`; returns exit code and wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "aapa_rl.cli", "train", "--config", str(config_path), "--overwrite"]
     t0 = time.perf_counter()
-    with open(run_dir.with_suffix(".log"), "w") as log:
+    with open(log, "w") as out:
         code = subprocess.run(
-            cmd + ["--no-progress"], stdout=log, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "aapa_rl.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env
         ).returncode
     return code, time.perf_counter() - t0
+
+
+def train(config_path: Path, run_dir: Path) -> tuple[int, float]:
+    """One `aapa-rl train` process (output in RUN.log); returns its exit code and wall time."""
+    args = ["train", "--config", str(config_path), "--overwrite", "--no-progress"]
+    return run_cli(args, run_dir.with_suffix(".log"))
 
 
 def _round(v):

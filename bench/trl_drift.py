@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,20 +78,12 @@ def trl_config(cfg: dict, arm: str, seed: int, start: Path, out: Path) -> dict:
 
 
 def train(config: Path) -> tuple[int, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    with open(config.with_suffix(".log"), "w") as log:
-        code = subprocess.run(
-            [sys.executable, "-m", "aapa_rl.cli", "trl", "--config", str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        ).returncode
-    return code, time.perf_counter() - t0
+    """One `aapa-rl trl` process (output in CONFIG.log); returns its exit code and wall time."""
+    return drift.run_cli(["trl", "--config", str(config)], config.with_suffix(".log"))
 
 
 def evaluate_checkpoints(run: Path, cfg: dict, start: Path) -> list[dict]:
-    """Greedy held-out metrics of every checkpoint (and the final model), by step."""
+    """Greedy held-out metrics of every checkpoint (the last one is the final step), by step."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -15,7 +15,8 @@ import drift  # noqa: E402
 import overhead  # noqa: E402
 
 
-def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
+def tiny_drift_config() -> dict:
+    """bench/drift.yaml shrunk to a few SFT steps, rows and tokens."""
     cfg = yaml.safe_load((BENCH / "drift.yaml").read_text())
     cfg["task"].update(n_sft=200, n_train=64, n_eval=8)
     cfg["sft"].update(steps=3, aapa={"stages": [{"end_step": 3, "objective": "sft"}]})
@@ -24,6 +25,11 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
     cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
     cfg["rl"]["aapa"] = {"force_discriminator": True}  # a 3-step SFT model's discriminator is near chance
+    return cfg
+
+
+def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
+    cfg = tiny_drift_config()
     cfg["starts"], cfg["seeds"], cfg["workers"] = [0], [1], 2
     cfg["arms"] = {name: cfg["arms"][name] for name in ("grpo", "aapa")}
     for arm in cfg["arms"].values():
@@ -97,14 +103,7 @@ def test_a_comparison_counts_only_where_the_baseline_drifted():
 def test_trl_drift_runs_both_arms_through_trl_and_writes_results(tmp_path, capsys):
     import trl_drift
 
-    cfg = yaml.safe_load((BENCH / "drift.yaml").read_text())
-    cfg["task"].update(n_sft=200, n_train=64, n_eval=8)
-    cfg["sft"].update(steps=3, aapa={"stages": [{"end_step": 3, "objective": "sft"}]})
-    cfg["sft"]["log"]["eval_samples"] = 8
-    cfg["discriminator"].update(rollout_prompts=8, steps=20)
-    cfg["rl"]["rollout"].update(prompts_per_step=2, group_size=2, max_new_tokens=24)
-    cfg["rl"]["log"].update(eval_every=1, eval_samples=8)
-    cfg["rl"]["aapa"] = {"force_discriminator": True}  # a 3-step SFT model's discriminator is near chance
+    cfg = tiny_drift_config()
     for arm in cfg["arms"].values():
         arm["aapa"]["stages"][-1]["end_step"] = 7  # TRL's median step time drops the first 5 steps
     config = tmp_path / "drift.yaml"

@@ -115,11 +115,7 @@ def test_a_changed_stage_schedule_is_refused_on_resume(tmp_path, capsys):
 
 def _trainer(tmp_path: Path, aapa: dict | None = None, reward: str | None = None, **trl):
     """An AapaGRPOTrainer built as `aapa-rl trl` builds it, without training."""
-    from transformers import AutoTokenizer
-
-    from aapa_rl.anchor import AnchorCritic, ExpertBank, load_discriminator
-    from aapa_rl.trl_backend.cli import read_data
-    from aapa_rl.trl_backend.trainer import AapaGRPOTrainer, trl_reward
+    from aapa_rl.trl_backend.cli import build_trainer
 
     config = write_config(tmp_path, aapa=aapa, **trl)
     if reward is not None:
@@ -127,21 +123,7 @@ def _trainer(tmp_path: Path, aapa: dict | None = None, reward: str | None = None
     run = load(config)
     ok, bad, loaded = check(run)
     assert not bad, bad
-    from datasets import Dataset
-
-    rows = read_data(run, run.train, loaded["reward"])
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "label_json": json.dumps(r["label"])} for r in rows])
-    critic = AnchorCritic(load_discriminator(run.aapa.discriminator)) if run.aapa.discriminator else None
-    trainer = AapaGRPOTrainer(
-        model=run.model,
-        reward_funcs=[trl_reward(loaded["reward"], "task")],
-        args=run.config,
-        train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(run.model),
-        aapa=run.aapa,
-        critic=critic,
-        bank=ExpertBank.load(run.bank),
-    )
+    trainer = build_trainer(run, loaded)
     # What TRL's training loop sets before its micro-steps; these tests call them one by one.
     trainer.current_gradient_accumulation_steps = run.config.gradient_accumulation_steps
     return trainer

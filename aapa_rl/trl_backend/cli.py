@@ -124,36 +124,13 @@ def load(path: str | Path, *, for_dry_run: bool = False) -> TrlRun:
     )
 
 
-def load_reward_fn(run: TrlRun):
-    from aapa_rl.local.evaluation import load_reward
-
-    try:
-        return load_reward(run.reward, run.task)
-    except ValueError as e:
-        raise ConfigError(f"{run.path}: reward: {e}") from e
-
-
-def read_data(run: TrlRun, path: str, reward_fn) -> list[dict]:
-    """Rows {prompt, label} of `path`, each checked: a bad row is a DataError naming file, row and field."""
-    from aapa_rl.data.experts import label_problems
-    from aapa_rl.data.rows import DataError, check_row, read_rows
-
-    rows, numbers = [], []
-    for number, record in read_rows(path):
-        rows.append(check_row(path, number, record, ("prompt",), present=("label",)))
-        numbers.append(number)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    for i, problem in label_problems(reward_fn, [r["label"] for r in rows]).items():
-        raise DataError(f"{path}: row {numbers[i]}: field 'label': {problem}")
-    return rows
-
-
 def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
     """(ok lines, problems, loaded pieces) of everything that can be checked before a model loads."""
     from aapa_rl.anchor import ExpertBank, label_expert
     from aapa_rl.anchor.discriminator import heldout_auroc, quality_problem
     from aapa_rl.data.rows import DataError
+    from aapa_rl.local.evaluation import load_reward
+    from aapa_rl.local.trainer import load_rows
 
     from .trainer import check_trainer_config
 
@@ -162,7 +139,10 @@ def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
     if run.task is not None:
         written = run.task.write(Path(c.output_dir) / "data")
         ok.append(f"task: arithmetic data written to {Path(written['train']).parent}")
-    reward_fn = loaded["reward"] = load_reward_fn(run)
+    try:
+        reward_fn = loaded["reward"] = load_reward(run.reward, run.task)
+    except ValueError as e:
+        raise ConfigError(f"{run.path}: reward: {e}") from e
     ok.append(f"reward: {run.reward}")
     bank = loaded["bank"] = None
     if run.bank:
@@ -175,7 +155,7 @@ def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
         if path is None:
             continue
         try:
-            rows = loaded[split] = read_data(run, path, reward_fn)
+            rows = loaded[split] = load_rows(path, ("prompt",), ("label",), reward_fn)
         except (DataError, OSError) as e:
             bad.append(str(e))
             continue
@@ -219,6 +199,53 @@ def _needs_experts(aapa: AapaSettings) -> bool:
     return aapa.uses_critic or any(s.objective in ("sft", "chord") for s in aapa.stages)
 
 
+def dataset(rows: list[dict], chat_template: bool):
+    """Rows {prompt, label} as TRL's dataset; labels as JSON text: one Arrow type for any mix of shapes."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}] if chat_template else r["prompt"],
+                "label_json": json.dumps(r["label"]),
+            }
+            for r in rows
+        ]
+    )
+
+
+def build_trainer(run: TrlRun, loaded: dict):
+    """The AapaGRPOTrainer of a checked run (`loaded`: what `check` loaded), before any training."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from aapa_rl.anchor import AnchorCritic, load_discriminator
+
+    from .trainer import AapaGRPOTrainer, trl_reward
+
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    tokenizer = AutoTokenizer.from_pretrained(run.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    critic = None
+    if run.aapa.discriminator and run.aapa.uses_critic:
+        disc = load_discriminator(run.aapa.discriminator, force=run.aapa.force_discriminator)
+        critic = AnchorCritic(disc, eps=run.aapa.eps, missing_expert=run.aapa.missing_expert)
+    name = run.reward if isinstance(run.reward, str) else "reward"
+    return AapaGRPOTrainer(
+        model=run.model,
+        reward_funcs=[trl_reward(loaded["reward"], Path(name).stem)],
+        args=run.config,
+        train_dataset=dataset(loaded["train"], run.chat_template),
+        eval_dataset=dataset(loaded["eval"], run.chat_template) if "eval" in loaded else None,
+        processing_class=tokenizer,
+        aapa=run.aapa,
+        critic=critic,
+        bank=loaded["bank"],
+    )
+
+
 def train(run: TrlRun, *, resume: bool = False) -> dict:
     """Check, then train with TRL; returns the final logged metrics. Writes <output_dir>/final and
     <output_dir>/metrics.jsonl (TRL's log history)."""
@@ -231,50 +258,7 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
             "another trl.output_dir"
         )
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    from aapa_rl.anchor import AnchorCritic, load_discriminator
-
-    from .trainer import AapaGRPOTrainer, trl_reward
-
-    if run.threads:
-        torch.set_num_threads(run.threads)
-
-    def dataset(rows: list[dict]) -> Dataset:
-        # Labels as JSON text: one Arrow type for any mix of label shapes.
-        return Dataset.from_list(
-            [
-                {
-                    "prompt": [{"role": "user", "content": r["prompt"]}]
-                    if run.chat_template
-                    else r["prompt"],
-                    "label_json": json.dumps(r["label"]),
-                }
-                for r in rows
-            ]
-        )
-
-    tokenizer = AutoTokenizer.from_pretrained(run.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    critic = None
-    if run.aapa.discriminator and run.aapa.uses_critic:
-        disc = load_discriminator(run.aapa.discriminator, force=run.aapa.force_discriminator)
-        critic = AnchorCritic(disc, eps=run.aapa.eps, missing_expert=run.aapa.missing_expert)
-    name = run.reward if isinstance(run.reward, str) else "reward"
-    trainer = AapaGRPOTrainer(
-        model=run.model,
-        reward_funcs=[trl_reward(loaded["reward"], Path(name).stem)],
-        args=run.config,
-        train_dataset=dataset(loaded["train"]),
-        eval_dataset=dataset(loaded["eval"]) if "eval" in loaded else None,
-        processing_class=tokenizer,
-        aapa=run.aapa,
-        critic=critic,
-        bank=loaded["bank"],
-    )
+    trainer = build_trainer(run, loaded)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(str(out / "final"))
     if trainer.accelerator.is_main_process:

@@ -159,7 +159,8 @@ class AapaGRPOTrainer(GRPOTrainer):
         G = self.num_generations
         texts = gather_object([text_of(c) for c in completions])
         prompt_texts = gather_object([text_of(p) for p in prompts])
-        labels = gather_object(labels_of(*_label_columns(inputs), len(inputs)))
+        label_json = [x["label_json"] for x in inputs] if "label_json" in inputs[0] else None
+        labels = gather_object(labels_of(label_json, [x.get("label") for x in inputs], len(inputs)))
         pairs = [label_expert(labels[i], prompt_texts[i], self.bank) for i in range(0, len(texts), G)]
         experts = [e for _, e in pairs]
         task = (rewards[:, :-1] * self.reward_weights[:-1].to(rewards.device)).nansum(1).view(-1, G).cpu()
@@ -302,14 +303,6 @@ class AapaGRPOTrainer(GRPOTrainer):
         except ValueError as e:  # another stage schedule than the checkpoint's
             raise ConfigError(f"{path}: {e}") from e
         self.aapa_anchors_total = state["anchors_total"]
-
-
-def _label_columns(inputs: list[dict]) -> tuple[list | None, list | None]:
-    first = inputs[0]
-    return (
-        [x["label_json"] for x in inputs] if "label_json" in first else None,
-        [x["label"] for x in inputs] if "label" in first else None,
-    )
 
 
 def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str]:
