@@ -183,7 +183,7 @@ def test_train_command_is_reproducible_and_refuses_what_it_cannot_learn(tmp_path
     """The same seed trains the same head; training prompts without negatives, one prompt and a held-out
     fraction outside (0, 1) are named errors (exit 2), not tracebacks."""
     from aapa_rl import cli
-    from aapa_rl.anchor.training import Example, split_heldout
+    from aapa_rl.anchor.training import heldout_prompts
 
     records = make_records(20)
     experts = write_jsonl(tmp_path / "experts.jsonl", records)
@@ -196,9 +196,8 @@ def test_train_command_is_reproducible_and_refuses_what_it_cannot_learn(tmp_path
     capsys.readouterr()
 
     # Rollouts only for the prompts the split holds out: the head would be fit on experts alone.
-    positives = [Example(r["prompt"], r["expert"], r["expert"], "expert") for r in records]
-    _, held = split_heldout(positives, 0.2, 0)
-    rows = [{"prompt": e.prompt, "response": "No idea."} for e in held]
+    held = heldout_prompts(ExpertBank.load(experts), 0.2, 0)
+    rows = [{"prompt": prompt, "response": "No idea."} for prompt in sorted(held)]
     rollouts = write_jsonl(tmp_path / "rollouts.jsonl", rows)
     args = ["--experts", str(experts), "--no-generic", "--rollouts", str(rollouts)]
     assert cli.main([*base, *args, "--out", str(tmp_path / "c")]) == 2
@@ -208,6 +207,29 @@ def test_train_command_is_reproducible_and_refuses_what_it_cannot_learn(tmp_path
     assert "need at least 2 to hold some out" in capsys.readouterr().err
     assert cli.main([*base, "--experts", str(experts), "--out", str(tmp_path / "e"), "--heldout", "0"]) == 2
     assert "--heldout 0.0: the fraction of prompts held out must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_no_expert_crosses_the_heldout_split(tmp_path, encoder, monkeypatch):
+    """The `other_expert` negative of a prompt is drawn from its own side of the split: no held-out expert
+    is a training example's text, and no training expert a held-out one's."""
+    from aapa_rl.anchor import training
+
+    bank = ExpertBank.load(write_jsonl(tmp_path / "experts.jsonl", make_records(40)))
+    seen = []  # the examples featurised: the training set first, then the held-out set
+    compute_features = training.compute_features
+
+    def recording(disc, examples):
+        seen.append(examples)
+        return compute_features(disc, examples)
+
+    monkeypatch.setattr(training, "compute_features", recording)
+    train_discriminator(build_discriminator("pairwise", encoder, hidden=16), bank, [], tmp_path / "d",
+                        heldout=0.25, steps=5)
+    train, held = seen
+    assert any(e.kind == "other_expert" for e in train) and any(e.kind == "other_expert" for e in held)
+    for ours, theirs in ((train, held), (held, train)):
+        their_experts = {e.expert for e in theirs}
+        assert not any(e.response in their_experts or e.expert in their_experts for e in ours)
 
 
 def test_answer_corruption_is_exact_for_numbers_of_any_length():

@@ -10,6 +10,7 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -96,18 +97,20 @@ def read_rollouts(path: str | Path, bank: ExpertBank, *, allow_skips: bool = Fal
 
 
 def build_examples(bank: ExpertBank, rollouts: list[tuple[str, str]], variant: str, *, generic: bool = True,
-                   seed: int = 0) -> tuple[list[Example], Counter]:
+                   seed: int = 0, held: Collection[str] = ()) -> tuple[list[Example], Counter]:
     """Positives, rollout negatives and generic negatives for a discriminator `variant`; the Counter holds
-    what was left out and why."""
+    what was left out and why. A prompt's `other_expert` negative comes from its own side of the split
+    (`held`: the held-out prompts), so no expert is seen on both sides."""
     rng = random.Random(seed)
     left_out: Counter = Counter()
     examples = []
-    experts = [r.expert for r in bank.records]
+    experts = {side: [r.expert for r in bank.records if (r.prompt in held) == side] for side in (False, True)}
     for record in bank.records:
         examples.append(Example(record.prompt, record.expert, record.expert, "expert"))
         if not generic:
             continue
-        others = [e for e in rng.sample(experts, min(len(experts), 4)) if e != record.expert]
+        pool = experts[record.prompt in held]
+        others = [e for e in rng.sample(pool, min(len(pool), 4)) if e != record.expert]
         for kind, text in hard_negatives(record.expert, others[0] if others else None, rng).items():
             if text is None or text.strip() == record.expert.strip():
                 left_out[f"{kind}: not applicable"] += 1
@@ -126,13 +129,13 @@ def build_examples(bank: ExpertBank, rollouts: list[tuple[str, str]], variant: s
     return examples, left_out
 
 
-def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    prompts = sorted({e.prompt for e in examples})
+def heldout_prompts(bank: ExpertBank, fraction: float, seed: int) -> set[str]:
+    """The prompts held out of training: a seeded `fraction` of the bank's, at least one, never all."""
+    prompts = sorted({r.prompt for r in bank.records})
     if len(prompts) < 2:
         raise DataError(f"{len(prompts)} prompt(s) with examples: need at least 2 to hold some out")
     random.Random(seed).shuffle(prompts)
-    held = set(prompts[: min(len(prompts) - 1, max(1, round(fraction * len(prompts))))])
-    return [e for e in examples if e.prompt not in held], [e for e in examples if e.prompt in held]
+    return set(prompts[: min(len(prompts) - 1, max(1, round(fraction * len(prompts))))])
 
 
 def compute_features(disc: Discriminator, examples: list[Example], batch_size: int = 256) -> torch.Tensor:
@@ -260,8 +263,11 @@ def train_discriminator(disc: Discriminator, bank: ExpertBank, rollouts: list[tu
                         out_dir: str | Path, *, heldout: float = 0.2, generic: bool = True, seed: int = 0,
                         steps: int = 600, lr: float = 3e-3, left_out: dict | None = None) -> dict:
     """Fit the head (nothing to fit for cosine), evaluate on held-out prompts, save weights and report."""
-    examples, dropped = build_examples(bank, rollouts, disc.variant, generic=generic, seed=seed)
-    train, held = split_heldout(examples, heldout, seed)
+    held_prompts = heldout_prompts(bank, heldout, seed)
+    examples, dropped = build_examples(bank, rollouts, disc.variant, generic=generic, seed=seed,
+                                       held=held_prompts)
+    train = [e for e in examples if e.prompt not in held_prompts]
+    held = [e for e in examples if e.prompt in held_prompts]
     if not any(e.label == 0 for e in train):  # a head fit on experts alone scores everything alike
         raise DataError(f"no negatives among the {len({e.prompt for e in train})} training prompts: give "
                         "reference rollouts for them, or keep the generic negatives")
