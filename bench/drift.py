@@ -4,7 +4,8 @@
                                     [--publish]
 
 1. SFT-warm the tiny Qwen3 once per SFT seed in `starts` (a fraction of its demonstrations carry the
-   reward's flaw) and train a frozen discriminator on each start's rollouts; both are kept in
+   reward's flaw; `workers` starts side by side) and train a frozen discriminator on each start's
+   rollouts; both are kept in
    OUT/start/sftN and reused while the config's task, sft and discriminator sections are unchanged.
 2. Run every arm x start x RL seed of the config (`workers` processes side by side, one torch thread
    each), through `aapa-rl train`; run directories go to OUT/runs. A finished run whose recipe is unchanged
@@ -31,7 +32,8 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -439,9 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
 
-    starts: dict[int, dict] = {}
-    for sft_seed in cfg["starts"]:
-        starts[sft_seed] = done = prepare_start(cfg, args.out / "start" / f"sft{sft_seed}", sft_seed)
+    # The starts build side by side too, `workers` at a time (one torch thread each; spawned, so that each
+    # process sets its own thread count before torch starts its pools).
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(cfg["workers"], len(cfg["starts"])), mp_context=spawn) as pool:
+        built = {s: pool.submit(prepare_start, cfg, args.out / "start" / f"sft{s}", s) for s in cfg["starts"]}
+        starts = {s: future.result() for s, future in built.items()}
+    for sft_seed, done in starts.items():
         print(
             f"SFT start {sft_seed}: accuracy {done['eval']['accuracy']:.3f}, "
             f"format {done['eval']['reward/format']:.3f}; discriminator held-out AUROC "
