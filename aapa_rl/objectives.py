@@ -14,6 +14,7 @@ ADVANTAGE_ESTIMATORS = ("group_norm", "dr_grpo", "rloo")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SHAPING_TRANSFORMS = ("log", "neg_log_one_minus", "logit")
+SELECTIONS = ("gap", "random", "oracle", "all")  # how the hard set is chosen: choose_hard_set
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -184,18 +185,42 @@ def select_hard_set(
 
 
 def choose_hard_set(
-    gaps: torch.Tensor, rho: float, temperature: float | None = None, selection: str = "gap"
+    gaps: torch.Tensor,
+    rho: float,
+    temperature: float | None = None,
+    selection: str = "gap",
+    exploiting: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hard set H and its weights. NaN gaps (prompts without an expert) are never chosen. "gap": the
-    spec's rule (select_hard_set); "random": ceil(rho * P) prompts with a gap, drawn with torch's global
-    generator and weighted 1, a control that spends the same anchor budget blind to the critic."""
+    """The hard set H and its weights. NaN gaps (prompts without an expert) are never chosen.
+
+    "gap": the spec's rule (select_hard_set). "random": ceil(rho * P) prompts with a gap, drawn with torch's
+    global generator, weights 1: the same budget blind to the critic. "oracle": the ceil(rho * P) prompts
+    with the most exploiting rollouts (`exploiting`, (P,) counts; ties: larger gap first), weights 1: an
+    upper bound that needs the reward to say which rollouts exploit its flaw. "all": every prompt with a
+    gap, weights rho.
+    """
+    if selection == "gap":
+        return select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, temperature)
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTIONS}")
+    have = torch.nonzero(~gaps.isnan()).flatten()
+    budget = math.ceil(rho * gaps.numel() - 1e-9)
+    ones = torch.ones(min(budget, len(have)), dtype=torch.float32, device=gaps.device)
     if selection == "random":
-        have = torch.nonzero(~gaps.isnan()).flatten()
-        chosen = have[torch.randperm(len(have))[: math.ceil(rho * gaps.numel() - 1e-9)]]
-        return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
-    if selection != "gap":
-        raise ValueError(f"unknown selection {selection!r}; choose gap or random")
-    return select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, temperature)
+        return have[torch.randperm(len(have))[:budget]], ones
+    if selection == "oracle":
+        if exploiting is None:
+            raise ValueError(
+                "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus` (the local "
+                "trainer passes it; the TRL and OpenRLHF backends do not)"
+            )
+        by_gap = have[torch.sort(gaps[have], descending=True, stable=True).indices]
+        order = by_gap[torch.sort(exploiting[by_gap], descending=True, stable=True).indices]
+        return order[:budget], ones
+    # "all": anchor_loss is a token mean over H, so weights rho make it rho x the mean expert NLL: sum_i w_i
+    # |y*_i| (aapa/anchor_tokens) equals the top-k's k |y*| on equal-length experts, the same anchor budget
+    # rho x lam spread evenly over all prompts (CHORD-like mixing).
+    return have, torch.full((len(have),), float(rho), device=gaps.device)
 
 
 def anchor_loss(

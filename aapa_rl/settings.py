@@ -14,11 +14,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from aapa_rl.objectives import SHAPING_TRANSFORMS
+from aapa_rl.objectives import SELECTIONS, SHAPING_TRANSFORMS
 from aapa_rl.schedule import AdaptiveLambda, Stage, StageSchedule
 
 FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-SELECTIONS = ("gap", "random")
 MISSING_EXPERT = ("error", "skip")
 
 
@@ -91,7 +90,10 @@ class AapaSettings:
         "error", help="a prompt without an expert: stop (error), or leave it out of H and count it (skip)"
     )
     selection: str = _setting(
-        "gap", help="gap: the spec's hard set; random: as many anchor prompts, blind to the gaps (a control)"
+        "gap",
+        help="gap: the spec's hard set; random: as many anchor prompts, blind to the gaps (a control); "
+        "oracle: the prompts whose rollouts exploit the reward's flaw (needs its per-sample flaw_bonus: "
+        "local trainer only); all: every prompt at weight rho",
     )
     force_discriminator: bool = _setting(False, help="use a discriminator whose held-out AUROC is below 0.6")
 

@@ -64,7 +64,11 @@ def test_minimal_recipe_and_overrides(tmp_path):
             ["aapa.stages.0.lam=1"],
             r"aapa: stages\[0\] has lam 1.0 but rho 0: no prompt can be anchored",
         ),
-        (MINIMAL, ["aapa.selection=best"], r"aapa: selection: 'best' is not one of \('gap', 'random'\)"),
+        (
+            MINIMAL,
+            ["aapa.selection=best"],
+            r"aapa: selection: 'best' is not one of \('gap', 'random', 'oracle', 'all'\)",
+        ),
         (MINIMAL, ["aapa.chord.peak=2"], r"aapa.chord: chord needs 0 <= valley <= peak <= 1"),
         (MINIMAL, ["data.train=/no/such.jsonl"], r"data.train: the arithmetic task generates its own data"),
         (MINIMAL, ["task.flaw=typo"], r"task: task.flaw must be one of"),
@@ -103,6 +107,15 @@ def test_bad_recipes_name_the_key(tmp_path, data, overrides, message):
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(path, overrides)
     assert str(path) in str(err.value)
+
+
+def test_every_selection_and_a_reward_file_on_the_task_are_accepted(tmp_path):
+    for selection in ("gap", "random", "oracle", "all"):
+        recipe = load_recipe(_write(tmp_path, MINIMAL), [f"aapa.selection={selection}"])
+        assert recipe.aapa.selection == selection
+    # The task writes the data; a reward file of one's own replaces the task's reward (bench/flaws).
+    reward = str(REPO / "bench" / "flaws" / "repeat_on_mul.py")
+    assert load_recipe(_write(tmp_path, {**MINIMAL, "reward": reward, "aapa": GRPO})).reward == reward
 
 
 def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):

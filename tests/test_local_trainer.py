@@ -18,9 +18,9 @@ import yaml
 from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
 
 from aapa_rl import objectives as obj
-from aapa_rl.local.policy import load_policy
+from aapa_rl.local.policy import load_policy, pack
 from aapa_rl.local.recipe import RecipeError, load_recipe
-from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer, checkpoints
+from aapa_rl.local.trainer import NonFiniteError, RunDirError, Stream, Trainer, checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 AAPA = {"alpha": 0.5, "lam": 1.0, "rho": 0.5}
@@ -358,16 +358,42 @@ def test_damaged_checkpoint_on_resume_is_named_and_the_one_before_used(tmp_path,
         Trainer(load_recipe(config, [f"out={run}"]), resume=True, progress=False)
 
 
-def test_random_anchor_control_uses_the_same_budget(tmp_path):
-    """The control arm anchors ceil(rho * P) random prompts whatever their gaps; the default follows H."""
-    runs = {}
-    for selection in ("gap", "random"):
-        recipe = _recipe(tmp_path / selection, [{"end_step": 2, "objective": "grpo"}], True)
-        recipe.aapa.selection = selection
-        Trainer(recipe, progress=False).fit()
+def test_every_selection_spends_its_anchor_budget(tmp_path):
+    """gap anchors H; random and oracle ceil(rho * P) prompts, oracle first those with an exploiting rollout;
+    all every prompt at weight rho. aapa/anchor_tokens = lam x the weighted expert tokens of the anchors."""
+    runs, P = {}, 4
+    for selection in obj.SELECTIONS:
+        stages = [{"end_step": 2, "objective": "grpo"}]
+        recipe = _recipe(tmp_path / selection, stages, True, {"selection": selection})
+        trainer = Trainer(recipe, progress=False)
+
+        def flagged(texts, labels, task_reward=trainer.reward_fn):
+            # The warmed model rarely repeats its box: mark a length-based subset of rollouts as exploiting.
+            rewards, logs = task_reward(texts, labels)
+            logs["flaw_bonus"] = torch.tensor([0.5 if len(t) % 5 == 0 else 0.0 for t in texts])
+            return rewards + logs["flaw_bonus"], logs
+
+        trainer.reward_fn = flagged
+        # The expert tokens of step 0's prompts (the train stream does not depend on the selection).
+        rows = [trainer.train_rows[i] for i in Stream(len(trainer.train_rows), recipe.seed + 2).take(P)]
+        prompts, experts = trainer.experts(rows)
+        tokens = pack(trainer.tokenizer, prompts, experts, "cpu").response_mask.sum(-1).tolist()
+        trainer.fit()
         runs[selection] = metrics(tmp_path / selection)
+    lam, rho = AAPA["lam"], AAPA["rho"]
     assert all(r["aapa/anchor_rows"] == r["aapa/hard_set_size"] for r in runs["gap"])
-    assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs["random"])  # ceil(0.5 * 4)
+    for selection in ("random", "oracle"):
+        # ceil(0.5 * 4) anchors, whose expert tokens are two of step 0's
+        assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs[selection])
+        pairs = {lam * (x + y) for i, x in enumerate(tokens) for y in tokens[i + 1 :]}
+        assert runs[selection][0]["aapa/anchor_tokens"] in pairs
+    for r in runs["oracle"]:
+        if r["aapa/exploiting_prompts"] >= 2:
+            assert r["aapa/hard_precision"] == 1.0
+        elif r["aapa/exploiting_prompts"] > 0:
+            assert r["aapa/hard_recall"] == 1.0
+    assert all(r["aapa/anchor_rows"] == P for r in runs["all"])
+    assert runs["all"][0]["aapa/anchor_tokens"] == pytest.approx(lam * rho * sum(tokens))
 
 
 def test_critic_diagnostics_against_the_prompts_that_exploit_the_flaw(tmp_path):

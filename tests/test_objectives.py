@@ -188,6 +188,41 @@ def test_select_hard_set_edge_cases():
         obj.select_hard_set(gaps, 1.5)
 
 
+def test_gap_and_random_selections_are_unchanged():
+    """The spec's rule is select_hard_set's; random makes one randperm draw over the prompts with a gap, so
+    runs from before the oracle and all selections existed reproduce."""
+    gaps = torch.tensor([0.5, float("nan"), 2.0, 0.1, -1.0, 1.0, 0.2, 0.3])
+    idx, w = obj.choose_hard_set(gaps, 0.25, 0.5)
+    expected = obj.select_hard_set(gaps.nan_to_num(nan=float("-inf")), 0.25, 0.5)
+    assert idx.tolist() == expected[0].tolist() == [2, 5] and torch.equal(w, expected[1])
+    torch.manual_seed(3)
+    idx, w = obj.choose_hard_set(gaps, 0.25, selection="random")
+    torch.manual_seed(3)
+    have = torch.tensor([0, 2, 3, 4, 5, 6, 7])
+    assert idx.tolist() == have[torch.randperm(7)[:2]].tolist() and w.tolist() == [1.0, 1.0]
+
+
+def test_oracle_picks_the_most_exploiting_prompts_ties_by_gap():
+    gaps = torch.tensor([0.5, 3.0, 2.0, float("nan"), 1.0, -1.0, 0.2, 0.3])
+    exploiting = torch.tensor([2, 0, 1, 4, 1, 2, 0, 0])
+    # Prompt 3 exploits most but has no expert; 5 and 0 tie at 2 (5's gap is lower), 2 and 4 tie at 1.
+    idx, w = obj.choose_hard_set(gaps, 0.5, selection="oracle", exploiting=exploiting)
+    assert idx.tolist() == [0, 5, 2, 4] and w.tolist() == [1.0] * 4
+    # Fewer exploiting prompts than the budget: the rest by gap, so every selection anchors ceil(rho * P).
+    idx, _ = obj.choose_hard_set(gaps, 0.75, selection="oracle", exploiting=exploiting)
+    assert idx.tolist() == [0, 5, 2, 4, 1, 7]
+    with pytest.raises(ValueError, match="oracle needs a reward that reports a per-sample `flaw_bonus`"):
+        obj.choose_hard_set(gaps, 0.5, selection="oracle")
+
+
+def test_all_anchors_every_prompt_with_a_gap_at_weight_rho():
+    gaps = torch.tensor([0.5, float("nan"), -2.0, 1.0])
+    idx, w = obj.choose_hard_set(gaps, 0.25, temperature=0.5, selection="all")
+    assert idx.tolist() == [0, 2, 3] and w.tolist() == [0.25] * 3
+    with pytest.raises(ValueError, match="unknown selection 'best'"):
+        obj.choose_hard_set(gaps, 0.25, selection="best")
+
+
 def test_selection_diagnostics_hand_computed():
     gaps = torch.tensor([2.0, 1.0, 1.0, float("nan"), 0.5, -1.0])
     exploiting = torch.tensor([True, False, True, True, False, False])

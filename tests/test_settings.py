@@ -47,3 +47,12 @@ def test_shaping_floor_must_be_negative():
     for bad in (0.0, 1.0):
         with pytest.raises(ValueError, match="shaping_floor must be < 0"):
             AapaSettings(stages=stages, shaping_floor=bad)
+
+
+def test_openrlhf_refuses_the_oracle_selection(tmp_path):
+    """The oracle needs the reward's per-sample flaw_bonus when it selects; only the local trainer has it."""
+    stages = json.dumps([{"end_step": 5, "objective": "grpo", "lam": 0.5, "rho": 0.25}])
+    flags = ["--aapa.discriminator", str(tmp_path), "--aapa.stages", stages, "--aapa.selection"]
+    assert split_argv([*flags, "all"])[0].selection == "all"
+    with pytest.raises(ValueError, match="oracle needs a reward that reports a per-sample `flaw_bonus`"):
+        split_argv([*flags, "oracle"])

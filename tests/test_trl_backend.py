@@ -408,3 +408,10 @@ def test_every_trl_recipe_passes_its_own_checks_up_to_the_files_it_needs(tmp_pat
         from aapa_rl.trl_backend.trainer import check_trainer_config
 
         assert check_trainer_config(run.aapa, run.config, has_critic=True) == [], path
+    # The oracle selection needs the reward's per-sample flaw_bonus, which only the local trainer passes.
+    run.aapa.selection = "oracle"
+    problems = check_trainer_config(run.aapa, run.config, has_critic=True)
+    assert problems == [
+        "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus`, which only the local "
+        "trainer passes; use gap, random or all"
+    ]

@@ -88,14 +88,20 @@ class AnchorCritic:
         return CriticScores(scores, expert_scores, gaps, disc.truncated - truncated_before, len(missing))
 
 
-def anchor_step(values, settings, scored: CriticScores, rewards: torch.Tensor) -> AnchorStep:
+def anchor_step(
+    values, settings, scored: CriticScores, rewards: torch.Tensor, exploiting: torch.Tensor | None = None
+) -> AnchorStep:
     """Shaping, hard set and metrics for one step's batch: `values` from the stage schedule, `settings` an
-    AapaSettings, `rewards` (P, G) the task rewards. In an SFT stage the rollouts carry the shaping alone."""
+    AapaSettings, `rewards` (P, G) the task rewards, `exploiting` (P,) how many rollouts of each prompt
+    exploit the reward's flaw (only the oracle selection reads it). In an SFT stage the rollouts carry the
+    shaping alone."""
     base = torch.zeros_like(rewards, dtype=torch.float32) if values.objective == "sft" else rewards.float()
     shaped, shaping = shape_rewards(
         base.cpu(), scored.scores, values.alpha, settings.transform, settings.eps, settings.shaping_floor
     )
-    hard, weights = choose_hard_set(scored.gaps, values.rho, settings.temperature, settings.selection)
+    hard, weights = choose_hard_set(
+        scored.gaps, values.rho, settings.temperature, settings.selection, exploiting
+    )
     # In numpy: a few microseconds each, where torch's small-tensor ops cost more than the rest.
     ok, d, e, g = (
         ~scored.scores.isnan().numpy(),

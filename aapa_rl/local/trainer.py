@@ -381,17 +381,19 @@ class Trainer:
         flaw_bonus: torch.Tensor | None = None,
     ):
         """The critic's AnchorStep (shaped rewards, hard set, metrics), the D samples logged, and seconds.
-        With the reward's per-sample `flaw_bonus`, the metrics also say how well the hard set and the gaps
-        find the prompts whose rollouts exploit the flaw (selection_diagnostics)."""
+        With the reward's per-sample `flaw_bonus`, the oracle selection sees which prompts' rollouts exploit
+        the flaw, and the metrics say how well the hard set and the gaps find them (selection_diagnostics)."""
         from aapa_rl.anchor import anchor_step
 
         t0, G = time.perf_counter(), self.recipe.rollout.group_size
         rollouts = [texts[i * G : (i + 1) * G] for i in range(len(prompts))]
         scored = self.critic.score(prompts, experts, rollouts)
-        anchor = anchor_step(values, self.recipe.aapa, scored, rewards.view(len(prompts), G))
+        exploiting = None  # per prompt, its rollouts that earn a flaw bonus
         if flaw_bonus is not None and flaw_bonus.numel() == len(texts):
-            exploiting = (flaw_bonus.cpu().view(len(prompts), G) > 0).any(-1)
-            anchor.metrics.update(selection_diagnostics(scored.gaps, anchor.hard_set, exploiting))
+            exploiting = (flaw_bonus.cpu().view(len(prompts), G) > 0).sum(-1)
+        anchor = anchor_step(values, self.recipe.aapa, scored, rewards.view(len(prompts), G), exploiting)
+        if exploiting is not None:
+            anchor.metrics.update(selection_diagnostics(scored.gaps, anchor.hard_set, exploiting > 0))
         d_scores = {
             "d_rollout": scored.scores.reshape(-1).tolist(),
             "d_expert": scored.expert_scores.tolist(),
@@ -487,11 +489,14 @@ class Trainer:
         row_of = {i: j for j, i in enumerate(have)}
         hard = [row_of[i] for i in anchor.hard_set.tolist()]
         weights = anchor.hard_weights.to(dev)
-        metrics: dict = {"aapa/anchor_rows": len(hard)}
+        metrics: dict = {"aapa/anchor_rows": len(hard), "aapa/anchor_tokens": 0.0}
         if not hard:
             return expert_logp, 0.0, metrics
+        idx = torch.tensor(hard, device=dev)
+        # lam x the weighted expert tokens of H: the anchor budget spent this step, comparable across
+        # selections (a bench plots format against its running sum).
+        metrics["aapa/anchor_tokens"] = values.lam * float((weights * mask[idx].sum(-1)).sum())
         if values.lam == 0:  # e.g. a monitored baseline: report L_anchor without optimising it
-            idx = torch.tensor(hard, device=dev)
             return (
                 expert_logp,
                 float(anchor_loss(lp[idx], mask[idx], weights, phi=r.aapa.anchor_phi)),
@@ -505,7 +510,6 @@ class Trainer:
             values.lam * anchor_loss(hard_lp, sub.response_mask, weights, phi=r.aapa.anchor_phi)
         )
         metrics["time/anchor"] = time.perf_counter() - t0  # the anchor term's forward/backward
-        metrics["aapa/anchor_tokens"] = int(sub.response_mask.sum())
         return expert_logp, value / values.lam, metrics
 
     def update(self, lr: float) -> tuple[float, float]:

@@ -90,6 +90,11 @@ def split_argv(argv: list[str]) -> tuple[AapaSettings, str, list[str]]:
         raise AapaConfigError(str(e)) from None
     if settings.discriminator is None:
         raise AapaConfigError("--aapa.discriminator is required: the directory of a trained discriminator")
+    if settings.selection == "oracle":
+        raise AapaConfigError(
+            "--aapa.selection oracle needs a reward that reports a per-sample `flaw_bonus`, which only the "
+            "local trainer passes; use gap, random or all"
+        )
     return settings, score_on, rest
 
 

@@ -318,6 +318,11 @@ def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str
             "trl.multi_objective_aggregation must be sum_then_normalize with shaping (alpha > 0): "
             "r + alpha * s is one reward, normalised once"
         )
+    if aapa.selection == "oracle":
+        problems.append(
+            "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus`, which only the "
+            "local trainer passes; use gap, random or all"
+        )
     expert_terms = any(s.lam > 0 or s.objective in ("sft", "chord") for s in aapa.stages)
     if expert_terms and args.steps_per_generation != args.gradient_accumulation_steps:
         problems.append(
