@@ -1,8 +1,8 @@
-# Benchmarks (issues 8 and 17). The Makefile includes this file after it defines PY and STAMP:
+# Benchmarks (issues 8, 17 and 18). The Makefile includes this file after it defines PY and STAMP:
 #   include bench/bench.mk
-# Both targets print a summary table. Runs and results go to runs/bench/ (results: runs/bench/results/);
+# Every target prints a summary table. Runs and results go to runs/bench/ (results: runs/bench/results/);
 # BENCH_ARGS=--publish writes the results to the committed bench/results/ instead.
-.PHONY: bench bench-quick bench-trl
+.PHONY: bench bench-quick bench-trl bench-selection
 
 # Drift (8 arms x 3 SFT starts x 2 RL seeds, 2 runs side by side) and per-phase step overhead.
 bench: $(STAMP)
@@ -17,3 +17,8 @@ bench-quick: $(STAMP)
 # The drift bench's GRPO and GRPO + AAPA arms through TRL (3 SFT starts x RL seed 1) and their overhead.
 bench-trl: $(STAMP)
 	$(PY) bench/trl_drift.py $(BENCH_ARGS)
+
+# Selections at equal anchor budget on prompt-specific flaws (issue 18): 2 flaws x (GRPO + 4 selections x
+# 5 budgets) x 3 SFT starts x RL seed 1, 2 runs side by side; BENCH_ARGS=--quick: 1 start, 3 budgets.
+bench-selection: $(STAMP)
+	$(PY) bench/selection.py $(BENCH_ARGS)

@@ -60,6 +60,10 @@ TRAIN_KEYS = [  # per-step training metrics kept in each run's JSON
     "aapa/gap_mean",
     "lambda",
     "loss/anchor",
+    "aapa/anchor_tokens",
+    "aapa/hard_precision",
+    "aapa/hard_recall",
+    "aapa/gap_auroc",
     "time/step",
 ]
 
@@ -154,6 +158,18 @@ def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> d
         model={"path": str(start / "sft" / "final")},
     )
     return recipe
+
+
+def reusable(run_dir: Path, recipe: dict, start_rebuilt: bool) -> bool:
+    """Whether a finished run has this recipe (in RUN.yaml) and an unchanged start: it would come out
+    bit-identical on this machine, so it is reused instead of trained again."""
+    config_path = run_dir.with_suffix(".yaml")
+    return (
+        not start_rebuilt
+        and (run_dir / "summary.json").exists()
+        and config_path.exists()
+        and yaml.safe_load(config_path.read_text()) == recipe
+    )
 
 
 def run_cli(args: list[str], log: Path) -> tuple[int, float]:
@@ -473,12 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
                 config_path = run_dir.with_suffix(".yaml")
                 recipe = arm_recipe(cfg, arm, seed, run_dir, start)
-                if (
-                    not starts[sft_seed]["rebuilt"]
-                    and (run_dir / "summary.json").exists()
-                    and config_path.exists()
-                    and yaml.safe_load(config_path.read_text()) == recipe
-                ):
+                if reusable(run_dir, recipe, starts[sft_seed]["rebuilt"]):
                     records.append(
                         run_record(cfg, arm, sft_seed, seed, run_dir, start_evals[sft_seed], math.nan)
                     )

@@ -118,3 +118,55 @@ def test_trl_drift_runs_both_arms_through_trl_and_writes_results(tmp_path, capsy
     assert summary["runs"]["grpo-sft0-seed1"]["median_aapa_seconds"] == 0
     assert len(summary["step_time_ratio_aapa_over_grpo"]) == 1 and (results / "curves.png").exists()
     assert "| TRL GRPO + AAPA | 0 | 1 |" in capsys.readouterr().out
+
+
+def test_selection_config_declares_the_sweep_on_the_drift_bench():
+    import selection
+
+    base = drift.load_config(BENCH / "drift.yaml", quick=False)
+    cfg = drift.load_config(BENCH / "selection.yaml", quick=False)
+    assert {k: cfg[k] for k in ("task", "sft", "discriminator", "rl")} == {
+        k: base[k] for k in ("task", "sft", "discriminator", "rl")
+    }
+    assert cfg["selections"] == ["gap", "random", "oracle", "all"] and len(cfg["budgets"]) == 5
+    assert cfg["flaws"]["repeat_on_mul"]["task"] == {}  # the drift bench's SFT starts, reused as they are
+    arms = selection.anchor_arms(cfg)
+    assert list(arms)[0] == "grpo" and len(arms) == 1 + 4 * 5
+    stages = [arm["aapa"]["stages"] for name, arm in arms.items() if name != "grpo"]
+    # alpha = 0 (absent): the anchor alone, for the run length of the baseline
+    assert all(len(s) == 1 and set(s[0]) == {"end_step", "objective", "lam", "rho"} for s in stages)
+    assert {s[0]["end_step"] for s in stages} == {120}
+
+
+def test_selection_runs_each_selection_at_a_budget_and_writes_results(tmp_path, capsys):
+    import selection
+
+    cfg = tiny_drift_config()
+    declared = yaml.safe_load((BENCH / "selection.yaml").read_text())
+    cfg.update({k: declared[k] for k in ("verdict", "quick")})
+    cfg.update(flaws={"repeat_on_mul": declared["flaws"]["repeat_on_mul"]}, selections=["gap", "oracle"])
+    cfg.update(budgets=[[0.5, 0.5]], starts=[0], seeds=[1], workers=2)
+    cfg["arms"] = {"grpo": {"label": "GRPO", "aapa": {"stages": [{"end_step": 2, "objective": "grpo"}]}}}
+    config = tmp_path / "selection.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["--config", str(config), "--out", str(tmp_path / "runs")]
+
+    assert selection.main(args) == 0
+    results = tmp_path / "runs" / "results" / "selection"
+    printed = capsys.readouterr().out
+    assert "## repeat_on_mul" in printed and "smallest budget (rho, lam) holding in every run" in printed
+    assert "holds the flawed subset at <= half the budget random needs" not in printed  # no random arm
+    summary = json.loads((results / "summary.json").read_text())
+    arms = summary["flaws"]["repeat_on_mul"]["arms"]
+    assert list(arms) == ["grpo", "gap-rho0_5-lam0_5", "oracle-rho0_5-lam0_5"] and not summary["failed"]
+    assert arms["grpo"]["anchor_tokens"][0] == 0 and arms["oracle-rho0_5-lam0_5"]["anchor_tokens"][0] > 0
+    assert 0 <= summary["starts"]["repeat_on_mul-sft0"]["eval"]["reward/flawed_subset"] <= 1
+    run = json.loads((results / "repeat_on_mul-oracle-rho0_5-lam0_5-sft0-seed1.json").read_text())
+    assert run["flaw"] == "repeat_on_mul" and run["arm_config"]["aapa"]["selection"] == "oracle"
+    assert {"format_on_subset", "format_elsewhere", "hard_precision", "gap_auroc"} <= set(run["final"])
+    assert (results / "repeat_on_mul.png").exists() and "| oracle, rho 0.5, lam 0.5 | 0.25 | 1 |" in (
+        results / "table.md"
+    ).read_text()
+
+    assert selection.main(args) == 0  # unchanged recipes and start: every run is reused
+    assert "3 runs (1 flaws x 3 arms x 1 starts x 1 seeds), 3 finished earlier" in capsys.readouterr().out
