@@ -217,9 +217,9 @@ def choose_hard_set(
         by_gap = have[torch.sort(gaps[have], descending=True, stable=True).indices]
         order = by_gap[torch.sort(exploiting[by_gap], descending=True, stable=True).indices]
         return order[:budget], ones
-    # "all": anchor_loss is a token mean over H, so weights rho make it rho x the mean expert NLL: sum_i w_i
-    # |y*_i| (aapa/anchor_tokens) equals the top-k's k |y*| on equal-length experts, the same anchor budget
-    # rho x lam spread evenly over all prompts (CHORD-like mixing).
+    # "all": anchor_loss is a token mean over H, so weights rho make it rho x the mean expert NLL, and
+    # lam sum_i w_i |y*_i| (aapa/anchor_budget) equals the top-k's lam k |y*| on equal-length experts: the
+    # same anchor budget rho x lam spread evenly over all prompts (CHORD-like mixing).
     return have, torch.full((len(have),), float(rho), device=gaps.device)
 
 

@@ -60,7 +60,7 @@ TRAIN_KEYS = [  # per-step training metrics kept in each run's JSON
     "aapa/gap_mean",
     "lambda",
     "loss/anchor",
-    "aapa/anchor_tokens",
+    "aapa/anchor_budget",
     "aapa/hard_precision",
     "aapa/hard_recall",
     "aapa/gap_auroc",

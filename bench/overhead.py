@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     anchor = {}
     for rho in RHOS:
         name = "GRPO + AAPA" if rho == RHOS[0] else f"GRPO + AAPA rho={rho}"
-        # aapa/anchor_tokens is lam x the weighted expert tokens of H, with weights 1 here (no temperature):
-        # divided by lam, the expert tokens through the anchor's forward/backward.
-        tokens = statistics.median(r.get("aapa/anchor_tokens", 0) / r["lambda"] for r in rows[name])
+        tokens = statistics.median(r.get("aapa/anchor_tokens", 0) for r in rows[name])
         anchor[str(rho)] = {
             "anchor_ms": 1000 * med[name]["anchor fwd/bwd"],
             "anchor_tokens": tokens,

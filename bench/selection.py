@@ -41,7 +41,7 @@ COLUMNS = [  # (key of a run's final values, header), mean +- std over its runs
     ("hard_precision", "hard precision"),
     ("hard_recall", "hard recall"),
     ("gap_auroc", "gap AUROC"),
-    ("anchor_tokens", "anchor tokens"),
+    ("anchor_budget", "anchor budget"),
 ]
 DIAGNOSTICS = ("hard_precision", "hard_recall", "gap_auroc")  # the critic's, averaged over a run's steps
 
@@ -97,7 +97,7 @@ def complete(record: dict, flaw: str) -> dict:
     record["flaw"] = flaw
     record["final"].update(subset_formats(record["final"]))
     curve = record["train_curve"]
-    record["final"]["anchor_tokens"] = sum(v or 0.0 for v in curve.get("aapa/anchor_tokens", []))
+    record["final"]["anchor_budget"] = sum(v or 0.0 for v in curve.get("aapa/anchor_budget", []))
     for key in DIAGNOSTICS:
         values = [v for v in curve.get(f"aapa/{key}", []) if v is not None and math.isfinite(v)]
         record["final"][key] = sum(values) / len(values) if values else math.nan
@@ -206,10 +206,10 @@ def plot(result: dict, cfg: dict, flaw: str, path: Path) -> None:
     for i, selection in enumerate(cfg["selections"]):
         # Points a log axis can show: some tokens spent, and a flawed subset in the eval to measure.
         points = sorted(
-            (a["anchor_tokens"][0], *a["format_on_subset"])
+            (a["anchor_budget"][0], *a["format_on_subset"])
             for a in result["arms"].values()
             if a["selection"] == selection
-            and a["anchor_tokens"][0] > 0
+            and a["anchor_budget"][0] > 0
             and math.isfinite(a["format_on_subset"][0])
         )
         if points:

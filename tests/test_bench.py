@@ -159,7 +159,7 @@ def test_selection_runs_each_selection_at_a_budget_and_writes_results(tmp_path, 
     summary = json.loads((results / "summary.json").read_text())
     arms = summary["flaws"]["repeat_on_mul"]["arms"]
     assert list(arms) == ["grpo", "gap-rho0_5-lam0_5", "oracle-rho0_5-lam0_5"] and not summary["failed"]
-    assert arms["grpo"]["anchor_tokens"][0] == 0 and arms["oracle-rho0_5-lam0_5"]["anchor_tokens"][0] > 0
+    assert arms["grpo"]["anchor_budget"][0] == 0 and arms["oracle-rho0_5-lam0_5"]["anchor_budget"][0] > 0
     assert 0 <= summary["starts"]["repeat_on_mul-sft0"]["eval"]["reward/flawed_subset"] <= 1
     run = json.loads((results / "repeat_on_mul-oracle-rho0_5-lam0_5-sft0-seed1.json").read_text())
     assert run["flaw"] == "repeat_on_mul" and run["arm_config"]["aapa"]["selection"] == "oracle"

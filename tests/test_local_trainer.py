@@ -360,7 +360,7 @@ def test_damaged_checkpoint_on_resume_is_named_and_the_one_before_used(tmp_path,
 
 def test_every_selection_spends_its_anchor_budget(tmp_path):
     """gap anchors H; random and oracle ceil(rho * P) prompts, oracle first those with an exploiting rollout;
-    all every prompt at weight rho. aapa/anchor_tokens = lam x the weighted expert tokens of the anchors."""
+    all every prompt at weight rho. aapa/anchor_budget = lam x the weighted expert tokens of the anchors."""
     runs, P = {}, 4
     for selection in obj.SELECTIONS:
         stages = [{"end_step": 2, "objective": "grpo"}]
@@ -386,14 +386,14 @@ def test_every_selection_spends_its_anchor_budget(tmp_path):
         # ceil(0.5 * 4) anchors, whose expert tokens are two of step 0's
         assert all(r["aapa/anchor_rows"] == 2 and r["loss/anchor"] > 0 for r in runs[selection])
         pairs = {lam * (x + y) for i, x in enumerate(tokens) for y in tokens[i + 1 :]}
-        assert runs[selection][0]["aapa/anchor_tokens"] in pairs
+        assert runs[selection][0]["aapa/anchor_budget"] in pairs
     for r in runs["oracle"]:
         if r["aapa/exploiting_prompts"] >= 2:
             assert r["aapa/hard_precision"] == 1.0
         elif r["aapa/exploiting_prompts"] > 0:
             assert r["aapa/hard_recall"] == 1.0
     assert all(r["aapa/anchor_rows"] == P for r in runs["all"])
-    assert runs["all"][0]["aapa/anchor_tokens"] == pytest.approx(lam * rho * sum(tokens))
+    assert runs["all"][0]["aapa/anchor_budget"] == pytest.approx(lam * rho * sum(tokens))
 
 
 def test_critic_diagnostics_against_the_prompts_that_exploit_the_flaw(tmp_path):

@@ -489,13 +489,13 @@ class Trainer:
         row_of = {i: j for j, i in enumerate(have)}
         hard = [row_of[i] for i in anchor.hard_set.tolist()]
         weights = anchor.hard_weights.to(dev)
-        metrics: dict = {"aapa/anchor_rows": len(hard), "aapa/anchor_tokens": 0.0}
+        metrics: dict = {"aapa/anchor_rows": len(hard), "aapa/anchor_budget": 0.0}
         if not hard:
             return expert_logp, 0.0, metrics
         idx = torch.tensor(hard, device=dev)
         # lam x the weighted expert tokens of H: the anchor budget spent this step, comparable across
-        # selections (a bench plots format against its running sum).
-        metrics["aapa/anchor_tokens"] = values.lam * float((weights * mask[idx].sum(-1)).sum())
+        # selections (bench/selection.py plots format against its running sum).
+        metrics["aapa/anchor_budget"] = values.lam * float((weights * mask[idx].sum(-1)).sum())
         if values.lam == 0:  # e.g. a monitored baseline: report L_anchor without optimising it
             return (
                 expert_logp,
@@ -510,6 +510,7 @@ class Trainer:
             values.lam * anchor_loss(hard_lp, sub.response_mask, weights, phi=r.aapa.anchor_phi)
         )
         metrics["time/anchor"] = time.perf_counter() - t0  # the anchor term's forward/backward
+        metrics["aapa/anchor_tokens"] = int(sub.response_mask.sum())
         return expert_logp, value / values.lam, metrics
 
     def update(self, lr: float) -> tuple[float, float]:
