@@ -4,7 +4,7 @@
 # BENCH_ARGS=--publish writes the results to the committed bench/results/ instead.
 .PHONY: bench bench-quick bench-trl bench-selection
 
-# Drift (8 arms x 3 SFT starts x 2 RL seeds, 2 runs side by side) and per-phase step overhead.
+# Drift (5 arms x 3 SFT starts x 2 RL seeds, 2 runs side by side) and per-phase step overhead.
 bench: $(STAMP)
 	$(PY) bench/drift.py $(BENCH_ARGS)
 	$(PY) bench/overhead.py $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """The demo (`make demo`): the whole AAPA loop on the embedded arithmetic task, on CPU, in one run directory.
 
-1. SFT-warm the tiny Qwen3 (configs/demo-sft.yaml); ~5% of its demonstrations carry the reward's flaw.
+1. SFT-warm the tiny Qwen3 (configs/demo-sft.yaml); 10% of its demonstrations carry the reward's flaw.
 2. Sample reference rollouts from the SFT model.
 3. Train the frozen discriminator (pairwise, hashing encoder) on experts vs rollouts and generic negatives.
    (Steps 1-3 are aapa_rl.local.start.build_start, which the drift bench calls too.)
