@@ -2,7 +2,8 @@
 equal anchor budgets, on flaws that pay on a subset of the prompts only (issue 18).
 
     .venv/bin/python bench/selection.py [--config bench/selection.yaml] [--quick] [--flaws F ...]
-                                        [--starts S ...] [--seeds R ...] [--out runs/bench] [--publish]
+                                        [--starts S ...] [--seeds R ...] [--arms A ...]
+                                        [--out runs/bench] [--publish]
 
 1. Per flaw, the SFT starts and discriminators of bench/drift.py (prepare_start) with the flaw's task keys:
    a flaw that changes none shares the drift bench's OUT/start/sftN, the others get OUT/start/sftN-FLAW.
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flaws", nargs="+", help="only these flaws of the config")
     parser.add_argument("--starts", type=int, nargs="+", help="these SFT seeds instead of the config's")
     parser.add_argument("--seeds", type=int, nargs="+", help="these RL seeds instead of the config's")
+    parser.add_argument("--arms", nargs="+", help="only these arms (e.g. grpo: the baselines' drift check)")
     parser.add_argument(
         "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
     )
@@ -265,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--flaws: unknown flaws {unknown}")
     flaws = {f: cfg["flaws"][f] for f in cfg["flaws"] if not args.flaws or f in args.flaws}
     cfg["arms"] = anchor_arms(cfg)
+    unknown = sorted(set(args.arms or []) - set(cfg["arms"]))
+    if unknown:
+        raise SystemExit(f"--arms: unknown arms {unknown}")
+    cfg["arms"] = {a: spec for a, spec in cfg["arms"].items() if not args.arms or a in args.arms}
     name = "selection-quick" if args.quick else "selection"
     results = (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
