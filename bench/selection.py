@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nHeld-out greedy metrics after RL (mean +- std over {len(cfg['starts'])} SFT starts x "
         f"{len(cfg['seeds'])} RL seeds), {command}; drifted: format on the flawed subset < "
-        f"{v['drift_below']}, held: >= {v['hold_at_least']}; anchor tokens: lam x weighted expert tokens, "
+        f"{v['drift_below']}, held: >= {v['hold_at_least']}; anchor budget: lam x weighted expert tokens, "
         "summed over the run."
     )
     for flaw, text in zip(flaws, tables, strict=True):
