@@ -15,6 +15,11 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SHAPING_TRANSFORMS = ("log", "neg_log_one_minus", "logit")
 SELECTIONS = ("gap", "random", "oracle", "all")  # how the hard set is chosen: choose_hard_set
+# What every backend that cannot pass per-sample exploit flags to choose_hard_set says of `oracle`.
+ORACLE_NEEDS_FLAW_BONUS = (
+    "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus`, which only the local "
+    "trainer passes; use gap, random or all"
+)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -210,10 +215,7 @@ def choose_hard_set(
         return have[torch.randperm(len(have))[:budget]], ones
     if selection == "oracle":
         if exploiting is None:
-            raise ValueError(
-                "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus` (the local "
-                "trainer passes it; the TRL and OpenRLHF backends do not)"
-            )
+            raise ValueError(ORACLE_NEEDS_FLAW_BONUS)
         by_gap = have[torch.sort(gaps[have], descending=True, stable=True).indices]
         order = by_gap[torch.sort(exploiting[by_gap], descending=True, stable=True).indices]
         return order[:budget], ones

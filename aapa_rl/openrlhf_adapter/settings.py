@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+from aapa_rl.objectives import ORACLE_NEEDS_FLAW_BONUS
 from aapa_rl.settings import AapaSettings, ConfigError, build
 
 PREFIX = "--aapa."
@@ -91,10 +92,7 @@ def split_argv(argv: list[str]) -> tuple[AapaSettings, str, list[str]]:
     if settings.discriminator is None:
         raise AapaConfigError("--aapa.discriminator is required: the directory of a trained discriminator")
     if settings.selection == "oracle":
-        raise AapaConfigError(
-            "--aapa.selection oracle needs a reward that reports a per-sample `flaw_bonus`, which only the "
-            "local trainer passes; use gap, random or all"
-        )
+        raise AapaConfigError(ORACLE_NEEDS_FLAW_BONUS)
     return settings, score_on, rest
 
 

@@ -30,7 +30,13 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl import GRPOTrainer
 
 from aapa_rl.anchor import AnchorCritic, ExpertBank, anchor_step, label_expert
-from aapa_rl.objectives import anchor_loss, sft_loss, stage_estimator, token_log_probs
+from aapa_rl.objectives import (
+    ORACLE_NEEDS_FLAW_BONUS,
+    anchor_loss,
+    sft_loss,
+    stage_estimator,
+    token_log_probs,
+)
 from aapa_rl.settings import AapaSettings, ConfigError
 
 TRL_VERSION = "1.16.0"  # the backend overrides GRPOTrainer internals of exactly this release
@@ -319,10 +325,7 @@ def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str
             "r + alpha * s is one reward, normalised once"
         )
     if aapa.selection == "oracle":
-        problems.append(
-            "aapa.selection: oracle needs a reward that reports a per-sample `flaw_bonus`, which only the "
-            "local trainer passes; use gap, random or all"
-        )
+        problems.append(ORACLE_NEEDS_FLAW_BONUS)
     expert_terms = any(s.lam > 0 or s.objective in ("sft", "chord") for s in aapa.stages)
     if expert_terms and args.steps_per_generation != args.gradient_accumulation_steps:
         problems.append(
