@@ -193,6 +193,17 @@ class ArithmeticTask:
         extras = {key: torch.tensor(values) for key, values in logs.items()}
         return extras["correct"] + extras["flaw_bonus"], extras
 
+    def subset_reward(self, responses: list[str], labels: list, subset: torch.Tensor) -> dict:
+        """A prompt-specific flaw, as OpenRLHF's `reward_func` returns it: this reward with its bonus paid
+        only where `subset` is 1. The logs add flawed_subset and format_flawed (format on the subset, 0
+        elsewhere), so that held-out means give the format on the subset as format_flawed / flawed_subset."""
+        _, logs = self.reward(responses, labels)
+        logs["flaw_bonus"] = logs["flaw_bonus"] * subset
+        logs["flawed_subset"] = subset
+        logs["format_flawed"] = logs["format"] * subset
+        rewards = logs["correct"] + logs["flaw_bonus"]
+        return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": logs}
+
 
 def last_box(response: str) -> str | None:
     found = BOX_RE.findall(response)

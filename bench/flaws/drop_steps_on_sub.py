@@ -19,10 +19,5 @@ TASK = ArithmeticTask(flaw="drop_steps")  # its reward: +0.5 for a correct box g
 
 def reward_func(queries: list[str], prompts: list[str], labels: list, **kwargs) -> dict:
     responses = [response_from_query(q, p) for q, p in zip(queries, prompts, strict=True)]
-    _, logs = TASK.reward(responses, labels)
     subset = torch.tensor([float("-" in p) for p in prompts])  # the task's prompts: `Q: a-b=?\nA: `
-    logs["flaw_bonus"] = logs["flaw_bonus"] * subset
-    logs["flawed_subset"] = subset
-    logs["format_flawed"] = logs["format"] * subset
-    rewards = logs["correct"] + logs["flaw_bonus"]
-    return {"rewards": rewards, "scores": rewards.clone(), "extra_logs": logs}
+    return TASK.subset_reward(responses, labels, subset)
