@@ -4,13 +4,12 @@
                                     [--publish]
 
 1. SFT-warm the tiny Qwen3 once per SFT seed in `starts` (a fraction of its demonstrations carry the
-   reward's flaw; `workers` starts side by side) and train a frozen discriminator on each start's
-   rollouts; both are kept in
+   reward's flaw) and train a frozen discriminator on each start's rollouts; both are kept in
    OUT/start/sftN and reused while the config's task, sft and discriminator sections are unchanged.
-2. Run every arm x start x RL seed of the config (`workers` processes side by side, one torch thread
-   each), through `aapa-rl train`; run directories go to OUT/runs. A finished run whose recipe is unchanged
-   is reused, so --quick after the full bench, or a bench run again after an interruption, only trains
-   what is missing.
+2. Run every arm x start x RL seed of the config through `aapa-rl train`, a start's runs as soon as it is
+   built; starts and runs share `workers` slots (one torch thread each). Run directories go to OUT/runs
+   (--quick: OUT/runs-quick); a finished run whose recipe and start are unchanged is reused, so a bench run
+   again after an interruption only trains what is missing.
 3. Judge every run by the config's `verdict` (drifted: final greedy format below `drift_below`; held: at
    least `hold_at_least`); a comparison with the baseline counts only in the (start, seed) pairs where the
    baseline drifted, and is marked "not evidence" elsewhere.
@@ -33,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import yaml
@@ -89,6 +88,8 @@ def load_config(path: Path, quick: bool) -> dict:
         cfg["rl"] = merge(cfg["rl"], q.get("rl", {}))
         cfg["starts"] = q.get("starts", cfg["starts"])
         cfg["seeds"] = q.get("seeds", cfg["seeds"][:1])
+        if "steps" in q:  # every run stops there: the first steps of the full bench's runs
+            cfg["steps"] = q["steps"]
     return cfg
 
 
@@ -154,7 +155,7 @@ def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> d
     recipe.update(
         out=str(run_dir),
         seed=seed,
-        steps=arm["aapa"]["stages"][-1]["end_step"],
+        steps=cfg.get("steps", arm["aapa"]["stages"][-1]["end_step"]),
         task=cfg["task"],
         model={"path": str(start / "sft" / "final")},
     )
@@ -460,65 +461,77 @@ def main(argv: list[str] | None = None) -> int:
     results = args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
 
-    # The starts build side by side too, `workers` at a time (one torch thread each; spawned, so that each
-    # process sets its own thread count before torch starts its pools).
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(cfg["workers"], len(cfg["starts"])), mp_context=spawn) as pool:
-        built = {s: pool.submit(prepare_start, cfg, args.out / "start" / f"sft{s}", s) for s in cfg["starts"]}
-        starts = {s: future.result() for s, future in built.items()}
-    for sft_seed, done in starts.items():
-        print(
-            f"SFT start {sft_seed}: accuracy {done['eval']['accuracy']:.3f}, "
-            f"format {done['eval']['reward/format']:.3f}; discriminator held-out AUROC "
-            f"{done['discriminator']['auroc']:.3f}; weights {done['fingerprint']}",
-            flush=True,
-        )
-    start_evals = {k: v["eval"] for k, v in starts.items()}
-
     from tqdm import tqdm
 
     from aapa_rl.local.recipe import load_recipe
 
-    # Runs are shared by --quick and the full bench: a finished run with the same recipe from an unchanged
-    # start is reused (bit-identical on the same machine), so an interrupted bench picks up where it stopped.
-    runs_dir = args.out / "runs"
+    # Starts and runs share the `workers` slots, starts first: a start's runs queue as soon as it is built,
+    # so no core idles while the last start builds. Starts build in spawned processes (one torch thread
+    # each, set before torch starts its pools); runs are `aapa-rl train` processes.
+    # A finished run with the same recipe from an unchanged start is reused (bit-identical on the same
+    # machine), so an interrupted bench picks up where it stopped.
+    runs_dir = args.out / ("runs-quick" if args.quick else "runs")  # quick runs are shorter: their own
     runs_dir.mkdir(parents=True, exist_ok=True)
-    jobs, records, failed = [], [], []
-    # Arm by arm, in the config's order: a bench cut short still has whole arms.
-    for arm in cfg["arms"]:
-        for sft_seed in cfg["starts"]:
-            start = args.out / "start" / f"sft{sft_seed}"
-            for seed in cfg["seeds"]:
-                run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
-                config_path = run_dir.with_suffix(".yaml")
-                recipe = arm_recipe(cfg, arm, seed, run_dir, start)
-                if reusable(run_dir, recipe, starts[sft_seed]["rebuilt"]):
-                    records.append(
-                        run_record(cfg, arm, sft_seed, seed, run_dir, start_evals[sft_seed], math.nan)
-                    )
-                    continue
-                config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-                load_recipe(config_path)  # a bad arm fails here, before anything runs
-                jobs.append((arm, sft_seed, seed, config_path, run_dir))
+    starts, records, failed, reused = {}, [], [], 0
+    runs_of_a_start = [(arm, seed) for arm in cfg["arms"] for seed in cfg["seeds"]]  # arm by arm
+    total = len(runs_of_a_start) * len(cfg["starts"])
     print(
-        f"{len(jobs) + len(records)} runs ({len(cfg['arms'])} arms x {len(cfg['starts'])} starts x "
-        f"{len(cfg['seeds'])} seeds), {len(records)} finished earlier; {cfg['workers']} at a time; "
-        f"logs in {runs_dir}/*.log",
+        f"{len(cfg['starts'])} SFT starts, then {total} runs ({len(cfg['arms'])} arms x {len(cfg['starts'])} "
+        f"starts x {len(cfg['seeds'])} seeds), {cfg['workers']} at a time; logs in {runs_dir}/*.log",
         flush=True,
     )
-    with ThreadPoolExecutor(cfg["workers"]) as pool:
-        futures = {pool.submit(train, c, d): (a, st, s, d) for a, st, s, c, d in jobs}
-        for future in tqdm(as_completed(futures), total=len(futures), desc="drift runs", dynamic_ncols=True):
-            arm, sft_seed, seed, run_dir = futures[future]
-            code, wall = future.result()
-            if code != 0:
-                failed.append(f"{run_dir.name} (exit {code}, see {run_dir}.log)")
-                continue
-            records.append(run_record(cfg, arm, sft_seed, seed, run_dir, start_evals[sft_seed], wall))
-            tqdm.write(
-                f"{run_dir.name}: format {records[-1]['final']['reward/format']:.3f}, "
-                f"accuracy {records[-1]['final']['accuracy']:.3f} ({wall:.0f}s)"
-            )
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        ProcessPoolExecutor(cfg["workers"], mp_context=spawn) as builders,
+        ThreadPoolExecutor(cfg["workers"]) as slots,
+        tqdm(total=total, desc="drift runs", dynamic_ncols=True) as bar,
+    ):
+
+        def build(sft_seed: int) -> dict:
+            return builders.submit(
+                prepare_start, cfg, args.out / "start" / f"sft{sft_seed}", sft_seed
+            ).result()
+
+        pending = {slots.submit(build, s): (s, None, None, None) for s in cfg["starts"]}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                sft_seed, arm, seed, run_dir = pending.pop(future)
+                if arm is None:  # a start: queue its runs
+                    start = starts[sft_seed] = future.result()
+                    bar.write(
+                        f"SFT start {sft_seed}: accuracy {start['eval']['accuracy']:.3f}, "
+                        f"format {start['eval']['reward/format']:.3f}; discriminator held-out AUROC "
+                        f"{start['discriminator']['auroc']:.3f}; weights {start['fingerprint']}"
+                    )
+                    for arm, seed in runs_of_a_start:
+                        run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
+                        config_path = run_dir.with_suffix(".yaml")
+                        recipe = arm_recipe(cfg, arm, seed, run_dir, args.out / "start" / f"sft{sft_seed}")
+                        if reusable(run_dir, recipe, start["rebuilt"]):
+                            rec = run_record(cfg, arm, sft_seed, seed, run_dir, start["eval"], math.nan)
+                            records.append(rec)
+                            reused += 1
+                            bar.update()
+                            continue
+                        config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+                        load_recipe(config_path)  # a bad arm fails here, before it runs
+                        pending[slots.submit(train, config_path, run_dir)] = (sft_seed, arm, seed, run_dir)
+                    continue
+                code, wall = future.result()
+                bar.update()
+                if code != 0:
+                    failed.append(f"{run_dir.name} (exit {code}, see {run_dir}.log)")
+                    continue
+                records.append(run_record(cfg, arm, sft_seed, seed, run_dir, starts[sft_seed]["eval"], wall))
+                bar.write(
+                    f"{run_dir.name}: format {records[-1]['final']['reward/format']:.3f}, "
+                    f"accuracy {records[-1]['final']['accuracy']:.3f} ({wall:.0f}s)"
+                )
+    if reused:
+        print(f"{reused} of the {total} runs finished earlier and were reused")
+    starts = {s: starts[s] for s in cfg["starts"]}  # in the config's order, not the order they finished
+    start_evals = {s: start["eval"] for s, start in starts.items()}
 
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)

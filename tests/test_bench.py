@@ -53,6 +53,10 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     assert set(summary["arms"]) == {"grpo", "aapa"} and not summary["failed"]
     assert summary["starts"]["0"]["fingerprint"] and summary["machine"]["torch_cpu_capability"]
     assert {"eval_curves.png", "train_curves.png"} <= {p.name for p in results.iterdir()}
+    # Run again: the start and both runs are reused, and the results come out the same.
+    assert drift.main(["--config", str(config), "--out", str(tmp_path / "runs")]) == 0
+    assert "2 of the 2 runs finished earlier and were reused" in capsys.readouterr().out
+    assert json.loads((results / "aapa-sft0-seed1.json").read_text())["final"] == run["final"]
 
     out = tmp_path / "overhead.json"
     args = ["--config", str(config), "--out", str(tmp_path / "runs"), "--results", str(out), "--steps", "1"]
@@ -75,6 +79,17 @@ def test_threshold_config_takes_everything_but_seeds_and_arms_from_its_base():
     }
     variants = drift.load_config(BENCH / "drift-variants.yaml", quick=False)
     assert variants["arms"]["grpo"] == base["arms"]["grpo"] and variants["starts"] == base["starts"]
+
+
+def test_quick_runs_are_the_first_steps_of_the_full_benchs_runs(tmp_path):
+    full = drift.load_config(BENCH / "drift.yaml", quick=False)
+    quick = drift.load_config(BENCH / "drift.yaml", quick=True)
+    f, q = (drift.arm_recipe(cfg, "aapa", 1, tmp_path / "run", tmp_path / "start") for cfg in (full, quick))
+    assert q["steps"] == 60 and f["steps"] == 120
+    assert q["aapa"] == f["aapa"]  # the same stages, so the same schedule up to step 60
+    assert q["log"]["eval_every"] == 0  # the final eval only
+    same = {k: v for k, v in f.items() if k not in ("steps", "log")}
+    assert {k: v for k, v in q.items() if k not in ("steps", "log")} == same
 
 
 def test_a_comparison_counts_only_where_the_baseline_drifted():
