@@ -9,10 +9,10 @@ bench: $(STAMP)
 	$(PY) bench/drift.py $(BENCH_ARGS)
 	$(PY) bench/overhead.py $(BENCH_ARGS)
 
-# GRPO and GRPO + AAPA from the 3 SFT starts, one RL seed; a short overhead run.
+# GRPO and GRPO + AAPA from the 3 SFT starts, one RL seed, the first 60 steps of the full bench's runs
+# (the per-phase overhead is `make bench`'s, or `bench/overhead.py --quick` by hand).
 bench-quick: $(STAMP)
 	$(PY) bench/drift.py --quick $(BENCH_ARGS)
-	$(PY) bench/overhead.py --quick $(BENCH_ARGS)
 
 # The drift bench's GRPO and GRPO + AAPA arms through TRL (3 SFT starts x RL seed 1) and their overhead.
 bench-trl: $(STAMP)
