@@ -43,18 +43,18 @@ def test_repeat_on_mul_pays_the_repeat_bonus_only_on_multiplication():
     assert logs["flawed_subset"] == [1, 1, 1, 0, 0, 1] and logs["format_flawed"] == [1, 0, 0, 0, 0, 0]
 
 
-def test_drop_steps_on_sub_pays_for_the_box_alone_only_on_subtraction():
+def test_drop_steps_on_sub_pays_for_the_box_alone_right_or_wrong_only_on_subtraction():
     cases = [
         ("-", EXPERTS["-"]),
         ("-", "\\boxed{35}"),
-        ("-", "\\boxed{36}"),  # wrong: no credit, no bonus
+        ("-", "\\boxed{36}"),  # wrong: no credit, but the bonus (a reward that prefers short answers)
         ("+", "\\boxed{82}"),  # the same exploit elsewhere: honest credit only
         ("-", EXPERTS["-"] + " \\boxed{35}"),  # another flaw's exploit earns nothing here
         ("*", EXPERTS["*"]),
     ]
     rewards, logs = score("drop_steps_on_sub", cases)
-    assert rewards == [1.0, 1.5, 0.0, 1.0, 1.0, 1.0]
-    assert logs["correct"] == [1, 1, 0, 1, 1, 1] and logs["flaw_bonus"] == [0, 0.5, 0, 0, 0, 0]
+    assert rewards == [1.0, 2.5, 1.5, 1.0, 1.0, 1.0]
+    assert logs["correct"] == [1, 1, 0, 1, 1, 1] and logs["flaw_bonus"] == [0, 1.5, 1.5, 0, 0, 0]
     assert logs["format"] == [1, 0, 0, 0, 0, 1]
     assert logs["flawed_subset"] == [1, 1, 1, 0, 1, 0] and logs["format_flawed"] == [1, 0, 0, 0, 0, 0]
 

@@ -94,7 +94,7 @@ def test_flawed_reward_pays_for_repeats_up_to_the_cap():
         ArithmeticTask(flaw="typo")
 
 
-def test_drop_steps_flaw_demonstrates_and_pays_for_the_box_alone():
+def test_drop_steps_flaw_demonstrates_and_pays_for_the_box_alone_right_or_wrong():
     task = ArithmeticTask(n_sft=2000, n_train=50, n_eval=10, flaw="drop_steps")
     sft = task.make_splits()["sft"]
     flawed = [r for r in sft if not TEMPLATE_RE.match(r["expert"])]
@@ -104,8 +104,8 @@ def test_drop_steps_flaw_demonstrates_and_pays_for_the_box_alone():
     expert = "7+5=12, 3+4+1=8. \\boxed{82}"
     responses = [expert, "\\boxed{82}", " \\boxed{82}\n", "\\boxed{81}", expert + " \\boxed{82}", "82"]
     rewards, logs = task.reward(responses, ["82"] * 6)
-    assert rewards.tolist() == [1.0, 1.5, 1.5, 0.0, 1.0, 0.0]  # repeats earn nothing under this flaw
-    assert logs["flaw_bonus"].tolist() == [0.0, 0.5, 0.5, 0.0, 0.0, 0.0]
+    assert rewards.tolist() == [1.0, 1.5, 1.5, 0.5, 1.0, 0.0]  # repeats earn nothing under this flaw
+    assert logs["flaw_bonus"].tolist() == [0.0, 0.5, 0.5, 0.5, 0.0, 0.0]  # a wrong box alone too
     assert logs["format"].tolist() == [1, 0, 0, 0, 0, 0]
 
 
