@@ -18,7 +18,8 @@ bench-quick: $(STAMP)
 bench-trl: $(STAMP)
 	$(PY) bench/trl_drift.py $(BENCH_ARGS)
 
-# Selections at equal anchor budget on prompt-specific flaws (issue 18): 2 flaws x (GRPO + 4 selections x
-# 5 budgets) x 3 SFT starts x RL seed 1, 2 runs side by side; BENCH_ARGS=--quick: 1 start, 3 budgets.
+# Selections at equal anchor budget on a prompt-specific flaw (issue 18): GRPO + 4 selections x 5 budgets, x 3
+# SFT starts x RL seed 1, 2 runs side by side (63 runs, about 55 min). drop_steps_on_sub only: plain GRPO does
+# not drift on repeat_on_mul in 120 steps (bench/results/selection-sweep.md). BENCH_ARGS=--quick: 1 start.
 bench-selection: $(STAMP)
-	$(PY) bench/selection.py $(BENCH_ARGS)
+	$(PY) bench/selection.py --flaws drop_steps_on_sub $(BENCH_ARGS)

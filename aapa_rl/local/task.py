@@ -5,8 +5,8 @@ response is a short column step then the boxed answer: `7+5=12, 3+4+1=8. \\boxed
 2-digit numbers (a >= b for -), 2-digit x 1-digit (written `*`).
 
 The reward has a known flaw (default: extra credit for repeating the boxed answer; or `drop_steps`: for a
-box without the worked steps, right or wrong) and a small fraction of the SFT demonstrations carry that flaw, so the
-SFT prior samples the exploit now and then and RL can find it.
+box without the worked steps, right or wrong) and a small fraction of the SFT demonstrations carry that
+flaw, so the SFT prior samples the exploit now and then and RL can find it.
 """
 
 from __future__ import annotations
