@@ -69,11 +69,11 @@ TRAIN_KEYS = [  # per-step training metrics kept in each run's JSON
 
 def load_config(path: Path, quick: bool) -> dict:
     """The config; with `base: OTHER.yaml` (relative to this file), OTHER's with this file's top-level
-    sections replacing its own, so that a variant shares the base's SFT start."""
-    cfg = yaml.safe_load(path.read_text())
-    if "base" in cfg:
-        cfg = {**yaml.safe_load((path.parent / cfg["base"]).read_text()), **cfg}
-        del cfg["base"]
+    sections replacing its own, so that a variant shares the base's SFT start (OTHER may have a base too)."""
+    cfg, where = yaml.safe_load(path.read_text()), path
+    while "base" in cfg:
+        where = where.parent / cfg.pop("base")
+        cfg = {**yaml.safe_load(where.read_text()), **cfg}
     for key in ("task", "sft", "discriminator", "rl", "starts", "seeds", "workers", "arms", "verdict"):
         if key not in cfg:
             raise SystemExit(f"{path}: missing key {key!r}")
