@@ -328,6 +328,14 @@ def write_jsonl(path: str | Path, records: list[dict]) -> None:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def write_splits(directory: Path, splits: dict[str, list[dict]]) -> dict[str, Path]:
+    """Each split's rows as DIRECTORY/NAME.jsonl; returns the paths by split name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_jsonl(directory / f"{name}.jsonl", rows)
+    return {name: directory / f"{name}.jsonl" for name in splits}
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_writer(path) as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from aapa_rl.data.rows import write_splits
 
 # (request, words that fit it): keywords:existence asks for one of them.
 REQUESTS: tuple[tuple[str, tuple[str, str]], ...] = (
@@ -202,12 +203,7 @@ class IFEvalTask:
 
     def write(self, directory: Path) -> dict[str, Path]:
         """Write train.jsonl and eval.jsonl under `directory`; returns their paths by split name."""
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name, rows in self.make_splits().items():
-            paths[name] = directory / f"{name}.jsonl"
-            paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return paths
+        return write_splits(directory, self.make_splits())
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ flaw, so the SFT prior samples the exploit now and then and RL can find it.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from aapa_rl.data.rows import write_splits
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 # Printable ASCII plus newline: enough for the task and for any plain-English prompt a user types.
@@ -164,12 +165,7 @@ class ArithmeticTask:
 
     def write(self, directory: Path) -> dict[str, Path]:
         """Write the four splits as JSONL under `directory`; returns their paths by split name."""
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name, rows in self.make_splits().items():
-            paths[name] = directory / f"{name}.jsonl"
-            paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return paths
+        return write_splits(directory, self.make_splits())
 
     def reward(self, responses: list[str], labels: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The flawed reward: 1 for a correct last box, plus `bonus` per extra box repeating the answer
