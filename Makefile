@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two workers (pytest-xdist), one test file each at a time: the suite is mostly single-threaded.
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 # OpenRLHF's real training loop with AAPA on CPU, every layout (tests/e2e/; ~9 min on 2 cores, plus a
 # one-off 5-7 min build of DeepSpeed's CPU ops into $(VENV)/torch_extensions). Not part of `make test`.
