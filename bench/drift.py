@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     # machine), so an interrupted bench picks up where it stopped.
     runs_dir = args.out / ("runs-quick" if args.quick else "runs")  # quick runs are shorter: their own
     runs_dir.mkdir(parents=True, exist_ok=True)
+    start_dirs = {s: args.out / "start" / f"sft{s}" for s in cfg["starts"]}
     starts, records, failed, reused = {}, [], [], 0
     runs_of_a_start = [(arm, seed) for arm in cfg["arms"] for seed in cfg["seeds"]]  # arm by arm
     total = len(runs_of_a_start) * len(cfg["starts"])
@@ -488,9 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
 
         def build(sft_seed: int) -> dict:
-            return builders.submit(
-                prepare_start, cfg, args.out / "start" / f"sft{sft_seed}", sft_seed
-            ).result()
+            return builders.submit(prepare_start, cfg, start_dirs[sft_seed], sft_seed).result()
 
         pending = {slots.submit(build, s): (s, None, None, None) for s in cfg["starts"]}
         while pending:
@@ -507,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                     for arm, seed in runs_of_a_start:
                         run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
                         config_path = run_dir.with_suffix(".yaml")
-                        recipe = arm_recipe(cfg, arm, seed, run_dir, args.out / "start" / f"sft{sft_seed}")
+                        recipe = arm_recipe(cfg, arm, seed, run_dir, start_dirs[sft_seed])
                         if reusable(run_dir, recipe, start["rebuilt"]):
                             rec = run_record(cfg, arm, sft_seed, seed, run_dir, start["eval"], math.nan)
                             records.append(rec)

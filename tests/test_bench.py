@@ -81,6 +81,17 @@ def test_threshold_config_takes_everything_but_seeds_and_arms_from_its_base():
     assert variants["arms"]["grpo"] == base["arms"]["grpo"] and variants["starts"] == base["starts"]
 
 
+def test_a_base_may_have_a_base_of_its_own():
+    selection = drift.load_config(BENCH / "selection.yaml", quick=False)
+    k2 = drift.load_config(BENCH / "selection-k2.yaml", quick=False)
+    assert "base" not in k2 and k2["budgets"] == [[0.25, 0.125]] and k2["selections"] == ["gap", "random"]
+    # everything else from selection.yaml, whose task, sft, rl, ... come from drift.yaml
+    assert {k: v for k, v in k2.items() if k not in ("budgets", "selections")} == {
+        k: v for k, v in selection.items() if k not in ("budgets", "selections")
+    }
+    assert k2["task"] == drift.load_config(BENCH / "drift.yaml", quick=False)["task"]
+
+
 def test_quick_runs_are_the_first_steps_of_the_full_benchs_runs(tmp_path):
     full = drift.load_config(BENCH / "drift.yaml", quick=False)
     quick = drift.load_config(BENCH / "drift.yaml", quick=True)
