@@ -315,7 +315,8 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
             }
         )
     start_acc = mean_std([e["accuracy"] for e in start_evals.values()])[0]
-    for arm in ("aapa", "aapa_floor"):  # the spec's default, and with the bounded shaping option
+    # The spec's default, with the bounded shaping option, and the smaller-alpha analysis (drift-variants)
+    for arm in ("aapa", "aapa_floor", "alpha_small"):
         if arm not in stats:
             continue
         s = stats[arm]
@@ -333,7 +334,7 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
                 "met": s["accuracy"][0] >= start_acc - 0.03,
             }
         )
-    for anchor, random_anchor in (("anchor", "random_anchor"), ("anchor_weak", "random_anchor_weak")):
+    for anchor, random_anchor in (("anchor", "random_anchor"),):
         if anchor in stats and random_anchor in stats:
             stage = cfg["arms"][anchor]["aapa"]["stages"][-1]
             target = (
