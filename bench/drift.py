@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
     )
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # run recipes hold paths: runs stay reusable however OUT is spelled
     from aapa_rl.local.demo import machine, pin_cpu_kernels
 
     pin_cpu_kernels()  # before torch loads, in this process and the `aapa-rl train` ones it starts

@@ -28,7 +28,7 @@ def tiny_drift_config() -> dict:
     return cfg
 
 
-def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
+def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys, monkeypatch):
     cfg = tiny_drift_config()
     cfg["starts"], cfg["seeds"], cfg["workers"] = [0], [1], 2
     cfg["arms"] = {name: cfg["arms"][name] for name in ("grpo", "aapa")}
@@ -53,8 +53,10 @@ def test_drift_and_overhead_write_results_and_tables(tmp_path, capsys):
     assert set(summary["arms"]) == {"grpo", "aapa"} and not summary["failed"]
     assert summary["starts"]["0"]["fingerprint"] and summary["machine"]["torch_cpu_capability"]
     assert {"eval_curves.png", "train_curves.png"} <= {p.name for p in results.iterdir()}
-    # Run again: the start and both runs are reused, and the results come out the same.
-    assert drift.main(["--config", str(config), "--out", str(tmp_path / "runs")]) == 0
+    # Run again, OUT spelled relative to the working directory: the start and both runs are reused, and the
+    # results come out the same.
+    monkeypatch.chdir(tmp_path)
+    assert drift.main(["--config", str(config), "--out", "runs"]) == 0
     assert "2 of the 2 runs finished earlier and were reused" in capsys.readouterr().out
     assert json.loads((results / "aapa-sft0-seed1.json").read_text())["final"] == run["final"]
 
