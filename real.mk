@@ -8,7 +8,7 @@ SHELL := /bin/bash
 AAPA := $(VENV)/bin/aapa-rl
 REAL := runs/real
 # prompts per base request: 32 training and 8 held-out requests
-REAL_PER_REQUEST ?= 4
+REAL_PER_REQUEST ?= 3
 # best-of-n samples per prompt
 REAL_N ?= 4
 # most new tokens of every sample, rollout and eval

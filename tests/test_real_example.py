@@ -73,7 +73,8 @@ def _example(out: Path) -> None:
     (out / "experts" / "train.report.json").write_text(
         json.dumps({"verified_prompts": 3, "prompts": 8, "coverage": 0.375, "samples": 32})
     )
-    disc = {"heldout": {"auroc": 0.9, "auroc_per_type": {"rollout": 0.6, "truncated": 0.95}}}
+    per_type = {"rollout": 0.6, "truncated": 0.95}
+    disc = {"heldout": {"n": 5, "positives": 2, "auroc": 0.9, "auroc_per_type": per_type}}
     (out / "disc" / "minilm-pairwise").mkdir(parents=True)
     (out / "disc" / "minilm-pairwise" / "report.json").write_text(json.dumps(disc))
     _write_jsonl(out / "start" / "eval.jsonl", _records([0.5, 1.0], [0.0, 1.0]))
@@ -94,7 +95,7 @@ def test_summary_tables_the_discriminators_and_the_three_models(tmp_path, capsys
     assert summary["discriminators"]["minilm-pairwise"] == {"all": 0.9, "rollout": 0.6, "truncated": 0.95}
     text = (tmp_path / "summary.md").read_text()
     assert "3 of 8 prompts (38%) have a sample that follows every instruction" in text
-    assert "GRPO + AAPA - start" in text
+    assert "GRPO + AAPA - start" in text and "(minilm-pairwise: 2 experts and 3 negatives;" in text
     assert (tmp_path / "plots" / "compare_reward.png").exists()
     assert text in capsys.readouterr().out
 

@@ -28,8 +28,17 @@ EVAL_COLUMNS = [
     ("d_response", "D(resp)"),
     ("d_expert", "D(exp)"),
 ]
-NEGATIVES = ["rollout", "truncated", "span_repeated", "reasoning_dropped", "sentences_shuffled",
-             "answer_corrupted", "filler_appended", "other_expert"]
+NEGATIVES = [
+    ("all", "all"),
+    ("rollout", "rollout"),
+    ("truncated", "truncated"),
+    ("span_repeated", "repeated"),
+    ("reasoning_dropped", "last only"),
+    ("sentences_shuffled", "shuffled"),
+    ("answer_corrupted", "corrupted"),
+    ("filler_appended", "filler"),
+    ("other_expert", "other"),
+]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -107,13 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{report['prompts']} prompts ({report['coverage']:.0%}) have a sample that follows every "
             f"instruction, among {report['samples']} samples."
         )
+    name, report = next(iter(discs.items()), ("none", {"heldout": {"n": 0, "positives": 0}}))
+    held = report["heldout"]
     lines += [
         "",
-        "Discriminators: held-out AUROC of experts vs all negatives and vs each negative type (rollout: the",
-        "model's own samples; '-': no such negative among the held-out prompts).",
+        f"Discriminators: held-out AUROC of experts vs all negatives and vs each type ({name}: "
+        f"{held['positives']} experts and {held['n'] - held['positives']} negatives;",
+        "every variant holds out the same prompts). rollout: the model's own samples; the others are made",
+        "from experts (last only: the last sentence alone); '-': none among the held-out prompts.",
         "",
         "```",
-        format_table(disc_rows, [("all", "all")] + [(k, k[:12]) for k in NEGATIVES]),
+        format_table(disc_rows, NEGATIVES),
         "```",
         "",
     ]
