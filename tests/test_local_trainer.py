@@ -489,6 +489,23 @@ def test_aapa_prompt_without_expert_is_named_at_startup(tmp_path):
     Trainer(_data_recipe(tmp_path, data, stages=stages, aapa=skip), overwrite=True, progress=False).close()
 
 
+def test_a_step_without_any_expert_trains_and_logs(tmp_path):
+    """With missing_expert: skip a step may draw only prompts without an expert: D and the gaps are NaN,
+    logged as such (TensorBoard gets no histogram of nothing), and the step trains on the reward alone."""
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}) + "\n")
+    aapa = {
+        "discriminator": str(discriminator_dir()),
+        "expert_bank": str(warm_run() / "data" / "experts.jsonl"),
+        "missing_expert": "skip",
+    }
+    stages = [{"end_step": 2, "objective": "grpo", **AAPA}]
+    Trainer(_data_recipe(tmp_path, {"train": str(tmp_path / "train.jsonl")}, stages=stages, aapa=aapa),
+            progress=False).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isnan(r["aapa/d_rollout_mean"]) for r in rows)
+    assert all(r["nonfinite_skipped"] == 0 and r["aapa/hard_set_size"] == 0 for r in rows)
+
+
 def test_resume_drops_a_cut_off_last_log_line(tmp_path, capsys):
     """A run killed while writing a log line resumes without it; any other bad line names file and line."""
     from aapa_rl.data.rows import DataError

@@ -5,6 +5,8 @@ it. The first run downloads 93 MB and converts it (about a minute); later runs u
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from aapa_rl.local.recipe import load_recipe
 from aapa_rl.local.trainer import Trainer
 from aapa_rl.models import ModelError, get_model
 
+ROOT = Path(__file__).resolve().parents[1]
 # Experts longer than the 16 new tokens a rollout may take: no rollout can equal one, so every gap is > 0.
 PROBLEMS = [
     ("What is 12 plus 7?", "19", "12 + 7: add the ones, 2 + 7 = 9, then the ten: 19."),
@@ -82,3 +85,16 @@ def test_one_grpo_aapa_step_on_the_real_model(model_dir, tmp_path):
     assert any(
         not torch.equal(a, b) for a, b in zip(before, after, strict=True)
     )  # the update reached the model
+
+
+def test_the_real_example_writes_out_the_models_own_chat_template(model_dir):
+    """`make example-real` gives the model its prompts as the data hold them: real.mk's --prompt-template must
+    be the model's chat template as transformers renders it (system turn included)."""
+    from transformers import AutoTokenizer
+
+    makefile = (ROOT / "real.mk").read_text().replace("\\\n", "")  # make joins continued lines
+    template = re.search(r"--prompt-template \$\$'(.*?)'", makefile).group(1).replace("\\n", "\n")
+    chat = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        [{"role": "user", "content": "Describe a cat."}], tokenize=False, add_generation_prompt=True
+    )
+    assert template.replace("{prompt}", "Describe a cat.") == chat

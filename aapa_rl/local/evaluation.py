@@ -25,9 +25,10 @@ def load_reward(spec, task=None) -> RewardFn:
 
 def correctness(rewards: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
     """Honest correctness per sample: the reward's `correct` / `*_correct` log when it has one (a flawed or
-    shaped reward can exceed 1 without being right), else reward > 0."""
+    shaped reward can exceed 1 without being right), IFEval's prompt-level strict flag (every instruction
+    followed; its reward is the followed fraction), else reward > 0."""
     for key, value in extras.items():
-        if key == "correct" or key.endswith("_correct"):
+        if key in ("correct", "ifeval_strict_prompt") or key.endswith("_correct"):
             return value.float()
     return (rewards > 0).float()
 
@@ -45,8 +46,9 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 256,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Summary metrics and one record per row. Rows: {prompt, label, expert?}. With `k` > 0 also pass@k
-    from k samples at `temperature`."""
+    """Summary metrics and one record per row. Rows: {prompt, label, expert?}; without a top-level expert,
+    the label dict's (where prepare-data puts it). With `k` > 0 also pass@k from k samples at
+    `temperature`."""
     device = next(model.parameters()).device
     records: list[dict] = []
     for start in range(0, len(rows), batch_size):
@@ -88,9 +90,13 @@ def evaluate(
             hits = correctness(s_rewards, s_extras).view(len(chunk), k)
             for i, rec in enumerate(recs):
                 rec[f"pass@{k}"] = float(hits[i].max())
-        with_expert = [i for i, r in enumerate(chunk) if r.get("expert")]
+        row_experts = [
+            r.get("expert") or (r["label"].get("expert") if isinstance(r["label"], dict) else None)
+            for r in chunk
+        ]
+        with_expert = [i for i, e in enumerate(row_experts) if e]
         if with_expert:
-            experts = [chunk[i]["expert"] for i in with_expert]
+            experts = [row_experts[i] for i in with_expert]
             ebatch = pack(tokenizer, [prompts[i] for i in with_expert], experts, device)
             with torch.no_grad(), autocast(device, dtype):
                 lp = response_log_probs(model, ebatch).float()

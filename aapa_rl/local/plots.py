@@ -117,8 +117,10 @@ CURVES = {
         [
             ("reward/correct", "train correct"),
             ("reward/format", "train format"),
+            ("reward/ifeval_strict_prompt", "train prompt-level"),  # IFEval: every instruction followed
             ("eval/accuracy", "eval accuracy"),
             ("eval/reward/format", "eval format"),
+            ("eval/reward/ifeval_strict_instruction", "eval instructions followed"),
         ],
         "accuracy and format",
     ),

@@ -118,8 +118,10 @@ class RunLog:
             self.scores_file.write(json.dumps({"step": step, **scores}) + "\n")
             self.scores_file.flush()
             for key in ("d_rollout", "d_expert"):
-                if scores.get(key):
-                    self.tb.add_histogram(f"aapa/{key}", torch.tensor(scores[key]), step)
+                values = torch.tensor(scores.get(key) or [], dtype=torch.float32)
+                values = values[values.isfinite()]  # NaN: a prompt without an expert (missing_expert: skip)
+                if len(values):
+                    self.tb.add_histogram(f"aapa/{key}", values, step)
 
     def close(self) -> None:
         self.metrics_file.close()
