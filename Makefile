@@ -1,5 +1,5 @@
 # Two commands: `make demo` (the main job) and `make test` (+ `make test-e2e`). All create .venv on first use.
-# `make example-real` (real.mk) runs the same loop on a real pretrained model, SmolLM2-135M-Instruct.
+# `make example-real` (configs/real.mk) runs the same loop on a real pretrained model, SmolLM2-135M-Instruct.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -44,4 +44,4 @@ demo: $(STAMP)
 	$(PY) -m aapa_rl.local.demo --out runs/demo $(DEMO_ARGS)
 
 include bench/bench.mk
-include real.mk
+include configs/real.mk

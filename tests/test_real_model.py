@@ -88,11 +88,11 @@ def test_one_grpo_aapa_step_on_the_real_model(model_dir, tmp_path):
 
 
 def test_the_real_example_writes_out_the_models_own_chat_template(model_dir):
-    """`make example-real` gives the model its prompts as the data hold them: real.mk's --prompt-template must
+    """`make example-real` gives the model its prompts as the data hold them: the prompt template
     be the model's chat template as transformers renders it (system turn included)."""
     from transformers import AutoTokenizer
 
-    makefile = (ROOT / "real.mk").read_text().replace("\\\n", "")  # make joins continued lines
+    makefile = (ROOT / "configs" / "real.mk").read_text().replace("\\\n", "")  # make joins continued lines
     template = re.search(r"--prompt-template \$\$'(.*?)'", makefile).group(1).replace("\\n", "\n")
     chat = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
         [{"role": "user", "content": "Describe a cat."}], tokenize=False, add_generation_prompt=True
