@@ -88,7 +88,7 @@ def test_one_grpo_aapa_step_on_the_real_model(model_dir, tmp_path):
 
 
 def test_the_real_example_writes_out_the_models_own_chat_template(model_dir):
-    """`make example-real` gives the model its prompts as the data hold them: the prompt template
+    """`make example-real` gives the model its prompts as the data hold them: the prompt template must
     be the model's chat template as transformers renders it (system turn included)."""
     from transformers import AutoTokenizer
 
