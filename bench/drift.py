@@ -334,21 +334,20 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
                 "met": s["accuracy"][0] >= start_acc - 0.03,
             }
         )
-    for anchor, random_anchor in (("anchor", "random_anchor"),):
-        if anchor in stats and random_anchor in stats:
-            stage = cfg["arms"][anchor]["aapa"]["stages"][-1]
-            target = (
-                f"discriminator-chosen anchor beats the random anchor on format at rho = {stage['rho']}, "
-                f"lam = {stage['lam']} (runs whose baseline drifted)"
-            )
-            formats = {
-                arm: [r["final"]["reward/format"] for r in records if r["arm"] == arm and r["evidence"]]
-                for arm in (anchor, random_anchor)
-            }
-            if not formats[anchor] or not formats[random_anchor]:
-                out.append({"target": target, "value": "no drift in these runs: not evidence", "met": False})
-                continue
-            means = [mean_std(formats[a])[0] for a in (anchor, random_anchor)]
+    if "anchor" in stats and "random_anchor" in stats:
+        stage = cfg["arms"]["anchor"]["aapa"]["stages"][-1]
+        target = (
+            f"discriminator-chosen anchor beats the random anchor on format at rho = {stage['rho']}, "
+            f"lam = {stage['lam']} (runs whose baseline drifted)"
+        )
+        formats = {
+            arm: [r["final"]["reward/format"] for r in records if r["arm"] == arm and r["evidence"]]
+            for arm in ("anchor", "random_anchor")
+        }
+        if not formats["anchor"] or not formats["random_anchor"]:
+            out.append({"target": target, "value": "no drift in these runs: not evidence", "met": False})
+        else:
+            means = [mean_std(formats[a])[0] for a in ("anchor", "random_anchor")]
             out.append({"target": target, "value": means, "met": means[0] > means[1]})
     return out
 
