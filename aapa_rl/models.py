@@ -12,6 +12,7 @@ Everything else takes that directory as it would any Hugging Face model director
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -124,7 +125,11 @@ def add_commands(subparsers) -> None:
 
 def _get(args: argparse.Namespace) -> int:
     try:
-        print(get_model(args.name, args.cache))
+        # stdout carries the path alone (`$(aapa-rl model get ...)`): libraries imported on the way log to
+        # it (DeepSpeed's accelerator warning, on a first conversion), so their output goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = get_model(args.name, args.cache)
+        print(path)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

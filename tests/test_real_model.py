@@ -98,3 +98,20 @@ def test_the_real_example_writes_out_the_models_own_chat_template(model_dir):
         [{"role": "user", "content": "Describe a cat."}], tokenize=False, add_generation_prompt=True
     )
     assert template.replace("{prompt}", "Describe a cat.") == chat
+
+
+def test_model_get_prints_the_path_alone(monkeypatch, capsys):
+    """make example-real links `$(aapa-rl model get ...)`: a library that logs to stdout while the model is
+    made (DeepSpeed's accelerator warning on a first conversion, found by a fresh clone) must not reach it."""
+    import argparse
+
+    from aapa_rl import models
+
+    def noisy_get_model(name, cache):
+        print("[WARNING] [real_accelerator.py] Setting accelerator to CPU.")
+        return Path("/cache/models") / name
+
+    monkeypatch.setattr(models, "get_model", noisy_get_model)
+    assert models._get(argparse.Namespace(name="smollm2-135m-instruct", cache=None)) == 0
+    out, err = capsys.readouterr()
+    assert out == "/cache/models/smollm2-135m-instruct\n" and "Setting accelerator" in err
