@@ -120,7 +120,7 @@ CURVES = {
             ("reward/ifeval_strict_prompt", "train prompt-level"),  # IFEval: every instruction followed
             ("eval/accuracy", "eval accuracy"),
             ("eval/reward/format", "eval format"),
-            ("eval/reward/ifeval_strict_instruction", "eval instructions followed"),
+            ("eval/reward/ifeval_strict_instruction", "eval instructions followed (mean per prompt)"),
         ],
         "accuracy and format",
     ),
