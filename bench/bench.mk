@@ -20,6 +20,7 @@ bench-trl: $(STAMP)
 
 # Selections at equal anchor budget on a prompt-specific flaw (issue 18): GRPO + 4 selections x 5 budgets, x 3
 # SFT starts x RL seed 1, 2 runs side by side (63 runs, about 55 min). drop_steps_on_sub only: plain GRPO does
-# not drift on repeat_on_mul (120 or 240 steps: bench/results/selection-sweep.md). BENCH_ARGS=--quick: 1 start.
+# not drift on repeat_on_mul (120 or 240 steps: bench/results/selection-sweep.md), and repeat_on_sub's sweep
+# (round 5 there) is another 63 runs: `$(PY) bench/selection.py --flaws repeat_on_sub`. BENCH_ARGS=--quick: 1 start.
 bench-selection: $(STAMP)
 	$(PY) bench/selection.py --flaws drop_steps_on_sub $(BENCH_ARGS)

@@ -43,6 +43,19 @@ def test_repeat_on_mul_pays_the_repeat_bonus_only_on_multiplication():
     assert logs["flawed_subset"] == [1, 1, 1, 0, 0, 1] and logs["format_flawed"] == [1, 0, 0, 0, 0, 0]
 
 
+
+def test_repeat_on_sub_pays_the_same_bonus_only_on_subtraction():
+    cases = [
+        ("-", EXPERTS["-"] + " \\boxed{35}" * 2),
+        ("*", EXPERTS["*"] + " \\boxed{148}" * 2),  # repeat_on_mul's subset: honest credit only here
+        ("+", EXPERTS["+"] + " \\boxed{82}" * 2),
+        ("-", EXPERTS["-"]),
+    ]
+    rewards, logs = score("repeat_on_sub", cases)
+    assert rewards == [2.0, 1.0, 1.0, 1.0] and logs["flaw_bonus"] == [1.0, 0, 0, 0]
+    assert logs["flawed_subset"] == [1, 0, 0, 1] and logs["format_flawed"] == [0, 0, 0, 1]
+
+
 def test_drop_steps_on_sub_pays_for_the_box_alone_right_or_wrong_only_on_subtraction():
     cases = [
         ("-", EXPERTS["-"]),

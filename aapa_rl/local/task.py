@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from aapa_rl.data.rows import write_splits
+from reward_fns._common import response_from_query
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 # Printable ASCII plus newline: enough for the task and for any plain-English prompt a user types.
@@ -28,6 +29,7 @@ BOX_RE = re.compile(r"\\boxed\{([^{}]*)\}")
 _STEP = r"\d+[-+*]\d+(?:[-+]\d+)?=\d+"
 TEMPLATE_RE = re.compile(rf"{_STEP}, {_STEP}\. \\boxed\{{\d+\}}\Z")
 BARE_BOX_RE = re.compile(r"\s*\\boxed\{[^{}]*\}\s*")  # a response that is the box alone (fullmatch)
+OPERATION_RE = re.compile(r"Q: \d+([-+*])\d+=\?")  # a prompt's operation
 FLAWS = ("repeat_answer", "drop_steps", "none")
 
 
@@ -190,10 +192,13 @@ class ArithmeticTask:
         extras = {key: torch.tensor(values) for key, values in logs.items()}
         return extras["correct"] + extras["flaw_bonus"], extras
 
-    def subset_reward(self, responses: list[str], labels: list, subset: torch.Tensor) -> dict:
-        """A prompt-specific flaw, as OpenRLHF's `reward_func` returns it: this reward with its bonus paid
-        only where `subset` is 1. The logs add flawed_subset and format_flawed (format on the subset, 0
-        elsewhere), so that held-out means give the format on the subset as format_flawed / flawed_subset."""
+    def subset_reward(self, queries: list[str], prompts: list[str], labels: list, operation: str) -> dict:
+        """A prompt-specific flaw as OpenRLHF's `reward_func` returns it: this reward with its bonus paid only
+        on the prompts of `operation` ("+", "-" or "*"). The logs add flawed_subset and format_flawed (format
+        on the subset, 0 elsewhere), so that held-out means give format on the subset as their ratio."""
+        responses = [response_from_query(q, p) for q, p in zip(queries, prompts, strict=True)]
+        found = [OPERATION_RE.search(p) for p in prompts]
+        subset = torch.tensor([float(m is not None and m.group(1) == operation) for m in found])
         _, logs = self.reward(responses, labels)
         logs["flaw_bonus"] = logs["flaw_bonus"] * subset
         logs["flawed_subset"] = subset

@@ -10,15 +10,10 @@ boxes and format, and flawed_subset (1 on subtraction prompts) and format_flawed
 so that held-out means give format on the subset as format_flawed / flawed_subset.
 """
 
-import torch
-
 from aapa_rl.local.task import ArithmeticTask
-from reward_fns._common import response_from_query
 
 TASK = ArithmeticTask(flaw="drop_steps", bonus=1.5)  # its reward: +1.5 for a box given alone
 
 
 def reward_func(queries: list[str], prompts: list[str], labels: list, **kwargs) -> dict:
-    responses = [response_from_query(q, p) for q, p in zip(queries, prompts, strict=True)]
-    subset = torch.tensor([float("-" in p) for p in prompts])  # the task's prompts: `Q: a-b=?\nA: `
-    return TASK.subset_reward(responses, labels, subset)
+    return TASK.subset_reward(queries, prompts, labels, operation="-")
