@@ -43,7 +43,6 @@ def test_repeat_on_mul_pays_the_repeat_bonus_only_on_multiplication():
     assert logs["flawed_subset"] == [1, 1, 1, 0, 0, 1] and logs["format_flawed"] == [1, 0, 0, 0, 0, 0]
 
 
-
 def test_repeat_on_sub_pays_the_same_bonus_only_on_subtraction():
     cases = [
         ("-", EXPERTS["-"] + " \\boxed{35}" * 2),
