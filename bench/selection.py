@@ -13,8 +13,8 @@ equal anchor budgets, on flaws that pay on a subset of the prompts only (issue 1
 3. Judge each run on the flawed subset (format_on_subset = held-out format_flawed / flawed_subset) by the
    config's verdict, and write one JSON per run, summary.json, table.md and FLAW.png (format on the subset
    against the anchor tokens spent) to OUT/results/selection[-quick] (with --publish: to the committed
-   bench/results/ instead); print per flaw the table, the smallest budget each selection holds at, and the
-   issue's target, met or not.
+   bench/results/ instead); print per flaw the table, the smallest budget at which each selection holds every
+   run where the baseline drifted, and the issue's target, met or not.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def complete(record: dict, flaw: str) -> dict:
 
 def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> dict:
     """Per arm: runs, drifted, held, held where the baseline drifted, and mean +- std of COLUMNS; per
-    selection the smallest budget rho x lam at which every run held; and the issue's target."""
+    selection the smallest budget rho x lam at which every evidence run held; and the issue's target."""
     v = cfg["verdict"]
     arms = {}
     for name, arm in cfg["arms"].items():
@@ -130,9 +130,12 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
                 for k, _ in COLUMNS
             },
         }
+    # Only runs whose baseline drifted are evidence (issue 17): a start that never drifts would count as held
+    # and lend its accuracy to every arm.
     smallest = {}
     for selection in cfg["selections"]:
-        held = [a["budget"] for a in arms.values() if a["selection"] == selection and a["held"] == a["runs"]]
+        mine = [a for a in arms.values() if a["selection"] == selection and a["evidence"]]
+        held = [a["budget"] for a in mine if a["held_where_baseline_drifted"] == a["evidence"]]
         smallest[selection] = min(held, key=lambda b: b[0] * b[1]) if held else None
     starts_accuracy = drift.mean_std([e["accuracy"] for e in start_evals.values()])[0]
     targets = []
@@ -150,14 +153,14 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
         largest = max(b[0] * b[1] for b in cfg["budgets"])
         gap, rand = smallest["gap"], smallest["random"]
         need = rand[0] * rand[1] if rand else largest
-        accuracy = next(
-            (a["accuracy"][0] for a in arms.values() if a["selection"] == "gap" and a["budget"] == gap),
-            math.nan,
-        )
+        gap_arm = next((n for n, a in arms.items() if a["selection"] == "gap" and a["budget"] == gap), None)
+        evidence = [r["final"]["accuracy"] for r in records if r["arm"] == gap_arm and r["evidence"]]
+        accuracy = sum(evidence) / len(evidence) if evidence else math.nan
         targets.append(
             {
                 "target": "gap selection holds the flawed subset at <= half the budget random needs, with "
-                f"accuracy within 3 points of the SFT starts' ({starts_accuracy:.3f})",
+                f"accuracy within 3 points of the SFT starts' ({starts_accuracy:.3f}), in the runs where the "
+                "baseline drifted",
                 "value": {"gap": gap, "random": rand, "gap_accuracy": accuracy},
                 "met": gap is not None and 2 * gap[0] * gap[1] <= need and accuracy >= starts_accuracy - 0.03,
             }
@@ -392,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{text}\n")
         smallest = by_flaw[flaw]["smallest_holding_budget"]
         print(
-            "smallest budget (rho, lam) holding in every run: "
+            "smallest budget (rho, lam) holding every run where the baseline drifted: "
             + ", ".join(f"{s} {b if b else 'none in the grid'}" for s, b in smallest.items())
         )
         for t in by_flaw[flaw]["targets"]:

@@ -166,6 +166,37 @@ def test_selection_config_declares_the_sweep_on_the_drift_bench():
     assert {s[0]["end_step"] for s in stages} == {120}
 
 
+def test_the_selection_target_counts_only_the_runs_whose_baseline_drifted():
+    import selection
+
+    cfg = {"verdict": {"baseline": "grpo"}, "selections": ["gap", "random"]}
+    cfg["budgets"] = [[0.125, 0.25], [0.25, 0.5]]
+    cfg["arms"] = {"grpo": {"label": "GRPO", "aapa": {"stages": [{"end_step": 10, "objective": "grpo"}]}}}
+    cfg["arms"] = selection.anchor_arms(cfg)
+
+    def runs(arm: str, held: tuple[bool, bool], accuracy: tuple[float, float]) -> list[dict]:
+        # Start 0's baseline drifted (evidence); start 1's did not, and its runs must not count either way.
+        return [
+            {"arm": arm, "evidence": s == 0, "drifted": False, "held": h, "final": {
+                **{k: 0.5 for k, _ in selection.COLUMNS}, "accuracy": a}}
+            for s, (h, a) in enumerate(zip(held, accuracy, strict=True))
+        ]
+
+    def target(gap_accuracy: float) -> dict:
+        records = [
+            *runs("gap-rho0_125-lam0_25", (True, False), (gap_accuracy, 0.99)),
+            *runs("gap-rho0_25-lam0_5", (True, True), (0.9, 0.99)),
+            *runs("random-rho0_125-lam0_25", (False, True), (0.7, 0.99)),
+            *runs("random-rho0_25-lam0_5", (True, True), (0.9, 0.99)),
+        ]
+        result = selection.summarize(records, cfg, {0: {"accuracy": 0.9}, 1: {"accuracy": 0.96}})
+        assert result["smallest_holding_budget"] == {"gap": [0.125, 0.25], "random": [0.25, 0.5]}
+        return result["targets"][-1]
+
+    assert target(0.91)["met"] and target(0.91)["value"]["gap_accuracy"] == 0.91  # not start 1's 0.99
+    assert not target(0.89)["met"]  # the line: 3 points under the starts' mean, 0.93
+
+
 def test_selection_runs_each_selection_at_a_budget_and_writes_results(tmp_path, capsys):
     import selection
 
@@ -182,7 +213,7 @@ def test_selection_runs_each_selection_at_a_budget_and_writes_results(tmp_path, 
     assert selection.main(args) == 0
     results = tmp_path / "runs" / "results" / "selection"
     printed = capsys.readouterr().out
-    assert "## repeat_on_mul" in printed and "smallest budget (rho, lam) holding in every run" in printed
+    assert "## repeat_on_mul" in printed and "smallest budget (rho, lam) holding every run where" in printed
     assert "holds the flawed subset at <= half the budget random needs" not in printed  # no random arm
     summary = json.loads((results / "summary.json").read_text())
     arms = summary["flaws"]["repeat_on_mul"]["arms"]
