@@ -155,7 +155,7 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
         need = rand[0] * rand[1] if rand else largest
         gap_arm = next((n for n, a in arms.items() if a["selection"] == "gap" and a["budget"] == gap), None)
         evidence = [r["final"]["accuracy"] for r in records if r["arm"] == gap_arm and r["evidence"]]
-        accuracy = sum(evidence) / len(evidence) if evidence else math.nan
+        accuracy = drift.mean_std(evidence or [math.nan])[0]
         targets.append(
             {
                 "target": "gap selection holds the flawed subset at <= half the budget random needs, with "
