@@ -46,7 +46,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "g
     r = rewards.float().reshape(-1, group_size)
     mean = r.mean(-1, keepdim=True)
     if estimator == "group_norm":
-        adv = (r - mean) / (r.std(-1, keepdim=True) + 1e-9)
+        # A group of equal rewards has no signal. In float32 its mean can miss them by an ulp (AAPA's shaped
+        # rewards are not exact), which over std + 1e-9 gave every member the same advantage, up to +-500.
+        spread = r.amax(-1, keepdim=True) - r.amin(-1, keepdim=True)
+        adv = torch.where(spread > 0, (r - mean) / (r.std(-1, keepdim=True) + 1e-9), 0.0)
     elif estimator == "dr_grpo":
         adv = r - mean
     else:

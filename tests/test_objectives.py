@@ -99,6 +99,19 @@ def test_group_advantages_known_values_and_errors():
         obj.group_advantages(torch.zeros(4), 2, "gae")
 
 
+def test_a_group_of_equal_rewards_has_zero_advantages_though_its_float32_mean_misses_them():
+    # Shaped rewards of four groups whose 8 rollouts were the same text (a GRPO + shaping run), and a mixed
+    # group. Batched, float32's mean misses the equal ones by an ulp while their std is 0: OpenRLHF's
+    # (r - mean) / (std + 1e-9) gives all 8 the same advantage, 60 or 477 (or 0.92 for a group alone).
+    equal = [0.9305313229560852, 0.984295666217804, 0.9213687181472778, -6.907755374908447]
+    rewards = torch.tensor([v for v in equal for _ in range(8)] + [1.0, 0.0] * 4)
+    host = _openrlhf_advantages(rewards, 8, "group_norm")
+    assert (host[:32].abs() > 0.5).all()  # the defect in the host's rule, for the record
+    ours = obj.group_advantages(rewards, 8)
+    assert torch.equal(ours[:32], torch.zeros(32))
+    torch.testing.assert_close(ours[32:], host[32:])  # a group with a spread: as before, OpenRLHF's values
+
+
 def test_sft_loss_and_phi_has_no_gradient_through_weight():
     logits = torch.randn(2, 4, requires_grad=True, dtype=torch.float64)
     log_probs = torch.nn.functional.logsigmoid(logits)
