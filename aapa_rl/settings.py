@@ -72,7 +72,8 @@ class AapaSettings:
         help="expert bank (JSONL/parquet/datasets dir) for prompts whose labels carry no `expert`"
     )
     adaptive: AdaptiveSettings | None = _setting(
-        help='adaptive lambda: {"target_gap": 0.5, "rate": 0.1, "lam_min": 0, "lam_max": 10}'
+        help='adaptive lambda: {"target_gap": 0.5, "rate": 0.1, "lam_min": 0, "lam_max": 10}; it starts from '
+        "the first step's lambda and then replaces every stage's lam and lam_end (docs/settings.md)"
     )
     chord: ChordSettings = field(
         default_factory=ChordSettings,

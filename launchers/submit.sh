@@ -24,5 +24,8 @@ PYTHON=${PYTHON:-python3}
 # The job runs in Ray's temporary copy of this checkout: --output-root keeps checkpoints, the final model and
 # TensorBoard logs here (on shared storage when the run spans several nodes).
 "$PYTHON" -m aapa_rl.cli launch --config "$CONFIG" --output-root "$PWD" --dry-run -- "$@"
-ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" --runtime-env launchers/runtime_env.yaml \
+# .gitignore names runs/, where the recipes' discriminator lives: without this variable Ray's client
+# leaves it out of the working_dir. launchers/runtime_env.yaml's excludes keep run outputs out instead.
+RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+    --runtime-env launchers/runtime_env.yaml \
     -- python3 -m aapa_rl.cli launch --config "$CONFIG" --output-root "$PWD" -- "$@"

@@ -128,6 +128,35 @@ def test_missing_expert_is_an_error_or_a_counted_skip(bank):
     assert math.isfinite(step.metrics["gap_mean"]) and math.isfinite(step.metrics["d_rollout_mean"])
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_score_is_an_error_not_a_missing_expert(bank, monkeypatch, bad):
+    """NaN marks a missing expert; a broken D must not pass for one (shaping 0, prompt out of hard set)."""
+    disc = build_discriminator("cosine", HashEncoder())
+    real_score = disc.score
+    broken = {"cached": None}  # which call returns a non-finite D: rollouts (False) or experts (True)
+
+    def score(prompts, responses, experts=None, *, cached=False):
+        d = real_score(prompts, responses, experts, cached=cached)
+        if cached == broken["cached"]:
+            d[-2] = bad  # a rollout of prompt 2, or the expert of prompt 1 (prompt 0 has none)
+        return d
+
+    monkeypatch.setattr(disc, "score", score)
+    prompts, rollouts, rewards = batch(make_records(6)[:3])
+    prompts[0] = "A prompt the bank has never seen"  # a genuine missing expert, skipped
+    critic = AnchorCritic(disc, missing_expert="skip")
+    broken["cached"] = False
+    with pytest.raises(RuntimeError, match=r"non-finite score for 1 of 6 rollouts, first: prompt 2 "):
+        evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=1.0)
+    broken["cached"] = True
+    with pytest.raises(RuntimeError, match=r"non-finite score for 1 of 2 experts, first: prompt 1 "):
+        evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=1.0)
+    broken["cached"] = None
+    _, scored, step = evaluate(critic, bank, prompts, rollouts, rewards, alpha=0.1, rho=1.0)
+    assert scored.scores[0].isnan().all() and scored.scores[1:].isfinite().all()
+    assert scored.expert_scores[1:].isfinite().all() and step.metrics["missing_experts"] == 1
+
+
 def test_bad_batch_shapes_are_rejected(bank):
     critic = AnchorCritic(build_discriminator("cosine", HashEncoder()))
     prompts, rollouts, rewards = batch(make_records(6)[:2])

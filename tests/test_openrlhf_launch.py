@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
+import os
 import runpy
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import openrlhf.utils
@@ -293,6 +294,67 @@ def test_launcher_scripts_parse_and_ship_the_plugin():
     for script in ("submit.sh", "slurm.sbatch"):
         text = (REPO / "launchers" / script).read_text()
         assert text.count('--output-root "$PWD"') == 2, script  # the dry run and the job
-    shipped = [p for p in ("aapa_rl", "reward_fns", "configs", "runs/gsm8k-disc", "data/prepared/train.jsonl")
-               if not any(fnmatch.fnmatch(p, pattern) for pattern in env["excludes"])]
-    assert len(shipped) == 5  # the plugin, the rewards, the recipes and what they read reach every node
+
+
+def submit_environment(script: str, tmp_path: Path) -> dict[str, str]:
+    """Run a launcher with `ray` (and Slurm's commands) stubbed; the environment `ray job submit` ran in."""
+    stubs, seen = tmp_path / "bin", tmp_path / "submit.env"
+    stubs.mkdir()
+    record = f'if [ "$1 $2" = "job submit" ]; then env -0 > {seen}; fi'
+    for name, body in (("ray", record), ("python", ""), ("sleep", ""), ("scontrol", "echo n1; echo n2"),
+                       ("srun", "echo 10.0.0.1")):
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # only what the launcher sets
+    env.update(PATH=f"{stubs}:{env['PATH']}", PYTHON=str(stubs / "python"), SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_JOB_NODELIST="n[1-2]")
+    result = subprocess.run(["bash", str(REPO / "launchers" / script), "configs/qwen3-0.6b-grpo-aapa.yaml"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and seen.exists(), (script, result.stderr)
+    return dict(item.split("=", 1) for item in seen.read_text().split("\0") if item)
+
+
+@pytest.mark.parametrize("script", ["submit.sh", "slurm.sbatch"])
+def test_ray_job_submit_ships_the_discriminator_and_no_run_outputs(script, tmp_path, monkeypatch):
+    """Pack a checkout with Ray's own code, as `ray job submit` does in the environment the launcher gives it:
+    Ray leaves out what .gitignore names (runs/) unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    # As ray/dashboard/modules/dashboard_sdk.py decides for `ray job submit`.
+    include_gitignore = submit_environment(script, tmp_path).get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    discs = {yaml.safe_load(r.read_text()).get("aapa", {}).get("discriminator") for r in RECIPES} - {None}
+    assert discs == {"runs/gsm8k-disc"}  # what every AAPA recipe reads, relative to the working_dir
+    checkout = tmp_path / "checkout"
+    inputs = ["aapa_rl/__init__.py", "reward_fns/math.py", "configs/qwen3-0.6b-grpo-aapa.yaml",
+              "data/prepared/train.jsonl", "data/prepared/experts.jsonl"]
+    run = "runs/qwen3-0.6b-grpo-aapa"  # OpenRLHF's outputs, as the recipes name them
+    outputs = [f"{run}/ckpt/shard.pt", f"{run}/final/model.safetensors", f"{run}/tensorboard/ev",
+               f"{run}.log", "runs/slurm-7.out", "ckpt/shard.pt",
+               "runs/bench/runs/r1/checkpoints/step_000120/model.safetensors",
+               "runs/bench/start/sft0/discriminator/config.json", "runs/demo/grpo/checkpoints/step_1/m.pt",
+               "runs/demo/grpo/tb/ev", "runs/demo/grpo/eval/step_1.jsonl", "runs/demo/grpo/scores.jsonl"]
+    for name in inputs + outputs:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("x")
+    for name in (".gitignore", "launchers/runtime_env.yaml"):
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text((REPO / name).read_text())
+    for disc in discs:
+        save_discriminator(checkout / disc)
+        (checkout / disc / "embedding_cache").mkdir()
+        (checkout / disc / "embedding_cache" / "experts.pt").write_text("x")
+    runtime_env = yaml.safe_load((checkout / "launchers/runtime_env.yaml").read_text())
+    package = tmp_path / "package.zip"
+
+    def pack(working_dir, excludes, is_file=False):
+        create_package(working_dir, package, include_gitignore=include_gitignore, excludes=excludes)
+
+    monkeypatch.chdir(checkout)  # the launchers submit from the checkout, and working_dir is "."
+    upload_working_dir_if_needed(runtime_env, include_gitignore=include_gitignore, upload_fn=pack)
+    shipped = set(zipfile.ZipFile(package).namelist())
+    disc_files = {f"{d}/{f}" for d in discs for f in ("config.json", "head.safetensors", "report.json")}
+    assert disc_files | {f"{d}/embedding_cache/experts.pt" for d in discs} <= shipped, sorted(shipped)
+    assert set(inputs) <= shipped  # the plugin, the rewards, the recipes and the data reach every node
+    assert not shipped & set(outputs), sorted(shipped & set(outputs))  # Ray refuses a package over 512 MiB

@@ -16,6 +16,7 @@ from .discriminator import Discriminator
 
 @dataclass
 class CriticScores:
+    # NaN marks a missing expert only: score() raises on a non-finite D.
     scores: torch.Tensor  # (P, G) D of the rollouts; NaN where it needs an expert the prompt lacks
     expert_scores: torch.Tensor  # (P,) D of the experts; NaN without one
     gaps: torch.Tensor  # (P,) anchor gaps; NaN without an expert
@@ -72,6 +73,7 @@ class AnchorCritic:
             [y for i in rows for y in rollouts[i]],
             [experts[i] for i in rows for _ in range(group)] if disc.needs_expert else None,
         )
+        _require_finite(flat, [i for i in rows for _ in range(group)], "rollouts", prompts)
         if len(rows) == num_prompts:
             scores = flat.cpu().float().view(num_prompts, group)
         else:
@@ -79,13 +81,29 @@ class AnchorCritic:
             scores[rows] = flat.cpu().view(len(rows), group)
 
         pairs = list(zip(prompts, experts, strict=True))
-        new = [p for p in dict.fromkeys(pairs) if p[1] is not None and p not in self._expert_scores]
+        first = {}  # each (prompt, expert) pair's first prompt index, in batch order
+        for i, pair in enumerate(pairs):
+            first.setdefault(pair, i)
+        new = [p for p in first if p[1] is not None and p not in self._expert_scores]
         if new:
             fresh = disc.score([p for p, _ in new], [e for _, e in new], [e for _, e in new], cached=True)
+            _require_finite(fresh, [first[pair] for pair in new], "experts", prompts)
             self._expert_scores.update(zip(new, fresh.cpu().tolist(), strict=True))
         expert_scores = torch.tensor([self._expert_scores.get(pair, float("nan")) for pair in pairs])
         gaps = anchor_gaps(scores, expert_scores, self.eps)
         return CriticScores(scores, expert_scores, gaps, disc.truncated - truncated_before, len(missing))
+
+
+def _require_finite(d: torch.Tensor, prompt_of: list[int], what: str, prompts: list[str]) -> None:
+    """NaN in CriticScores means "no expert": a non-finite D (a broken head, fp16 overflow) must not pass for
+    one, or its rollout gets the best shaping (0) and its prompt silently leaves the hard set."""
+    bad = (~torch.isfinite(d.detach().cpu().float())).nonzero().flatten().tolist()
+    if bad:
+        first = prompt_of[bad[0]]
+        raise RuntimeError(
+            f"the discriminator returned a non-finite score for {len(bad)} of {len(d)} {what}, first: "
+            f"prompt {first} {prompts[first][:120]!r}. Check its head and dtype (fp16 overflows)."
+        )
 
 
 def anchor_step(
