@@ -113,6 +113,15 @@ def main() -> None:
         1,
     )
     ROWS.append(("math", "9^{9^{9^{9}}} (sympy hangs)", "in-thread", 0.0, float("inf")))
+    unclosed = "\\boxed{" * 8_000  # each unclosed box once scanned to the end of the text: 23 s
+    measure(
+        "math",
+        "56,000-char '\\boxed{' flood, answer",
+        "in-thread",
+        lambda: math_reward.last_boxed(unclosed),
+        1,
+        repeats,
+    )
 
     # ---- code
     program = "```python\ndef add(a, b):\n    return a + b\n```"
@@ -180,6 +189,19 @@ def main() -> None:
         repeats,
     )
 
+    dots = {
+        "instruction_id_list": ["length_constraints:number_sentences"],
+        "kwargs": [{"num_sentences": 3, "relation": "less than"}],
+    }
+    measure(  # the sentence regex once backtracked quadratically on a run of dots: 23 s
+        "ifeval",
+        "30,000 dots, number_sentences",
+        "in-thread",
+        lambda: ifeval.batch_reward(["." * 30_000 + "x"], [dots]),
+        1,
+        repeats,
+    )
+
     # ---- format
     measure(
         "format",
@@ -195,6 +217,15 @@ def main() -> None:
         "160,000-char '</think>' flood",
         "in-thread",
         lambda: format_reward.batch_reward([flood]),
+        1,
+        repeats,
+    )
+    boxes = "<think>" + "</think>\\boxed{" * 1_600  # the think_boxed regex took 9 s on this
+    measure(
+        "format",
+        "24,000-char '</think>\\boxed{' flood",
+        "think_boxed",
+        lambda: format_reward.batch_reward([boxes], pattern="think_boxed"),
         1,
         repeats,
     )

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import types
+from importlib.machinery import EXTENSION_SUFFIXES
 
 # Classes whose methods may decide a comparison: C types the program cannot patch, and the standard
 # library's enum and collections classes, which the audit hook protects (their values are converted to
@@ -43,6 +44,7 @@ MEMBERSHIP = ("__contains__", "__iter__")
 TRUTH = ("__bool__", "__len__")
 ORDERING = ("Lt", "LtE", "Gt", "GtE")
 HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (in Python), as opposed to one in C
+IMMUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: a C type whose attributes cannot be set
 COMPARISONS = {
     "Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt,
     "GtE": operator.ge, "In": lambda a, b, contains=operator.contains: contains(b, a),
@@ -284,32 +286,49 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
 
     import builtins
 
-    test_builtins = {**vars(builtins), **make_guards(refused), "__import__": import_}
-    # What the tests and the guards rely on and the program could change in place: the dicts of the modules
-    # the tests import (stdlib functions read them at call time) and of the library classes there and in
-    # TRUSTED. Class attributes are set without an audit event, so they are compared after each statement.
+    guards = make_guards(refused)
+    test_builtins = {**vars(builtins), **guards, "__import__": import_}
+    # What the tests, the guards and the library code they call rely on and the program could change in
+    # place: the dicts of the modules the tests import and all their loaded submodules (np.array_equal reads
+    # numpy._core.numeric, re.fullmatch re._compiler), of the modules written in C (`_sre`, `builtins`:
+    # library code calls them, and nothing rebinds their names as it runs, unlike the lazy caches of Python
+    # modules such as platform), and of the classes there and in TRUSTED. Class attributes are set without
+    # an audit event, so all are compared after each statement. `sys` changes as programs run.
+    tops = {name.partition(".")[0] for name in copies}
+
+    def watch(name, module):
+        origin = getattr(getattr(module, "__spec__", None), "origin", None) or ""
+        in_c = origin == "built-in" or origin.endswith(tuple(EXTENSION_SUFFIXES))
+        ours = name.partition(".")[0] in tops or in_c
+        return isinstance(module, types.ModuleType) and name != "sys" and ours
+
+    dicts = [vars(module) for name, module in list(sys.modules.items()) if watch(name, module)]
     classes = {id(c): c for c in TRUSTED}
-    for copy in copies.values():
-        classes.update((id(value), value) for value in vars(copy).values() if isinstance(value, type))
-    dicts = [vars(sys.modules[name]) for name in copies if name not in ("sys", "builtins")]
-    watched = [(d, dict(d)) for d in dicts + [vars(c) for c in classes.values()]]
-    protected.update(
-        id(value)
-        for copy in copies.values()
-        for value in vars(copy).values()
-        if isinstance(value, types.FunctionType)
-    )
-    module_type, len_, type_ = types.ModuleType, len, type
+    flags_of = type.__dict__["__flags__"].__get__
+    for d in dicts:  # C types refuse attribute changes (Py_TPFLAGS_IMMUTABLETYPE): no need to watch them
+        classes.update((id(v), v) for v in d.values() if isinstance(v, type) and not flags_of(v) & IMMUTABLE)
+    dicts += [vars(c) for c in classes.values()]
+    watched = [(d, dict(d), tuple(d), tuple(d.values())) for d in dicts]
+    # Honest programs patch builtins for their own ends (a silent print): those patches are undone before
+    # each statement, so that library code gets the real ones, and a patch made during one is refused.
+    real_builtins, builtins_before = vars(builtins), dict(vars(builtins))
+    protected.update(id(v) for d in dicts for v in d.values() if isinstance(v, types.FunctionType))
+    module_type, type_, len_, all_, map_, is_ = types.ModuleType, type, len, all, map, operator.is_
 
     def intact():
-        for current, before in watched:
+        for current, before, keys, values in watched:
+            # Fast: the same names bound to the same objects. By `is`: no method of the program's is asked,
+            # and id() would call the audit hook once per name.
+            if len_(current) == len_(keys) and all_(map_(is_, current.values(), values)) and all_(
+                map_(is_, current, keys)
+            ):
+                continue
             for name, value in before.items():
                 if current.get(name, intact) is not value:
                     return False
-            if len_(current) != len_(before):
-                for name in current:  # new names are allowed if they are submodules that were imported
-                    if name not in before and type_(current[name]) is not module_type:
-                        return False
+            for name in current:  # new names are allowed if they are submodules that were imported
+                if name not in before and type_(current[name]) is not module_type:
+                    return False
         return True
 
     threads = count_threads()
@@ -318,17 +337,28 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
         exec(program, namespace)
     except BaseException:
         return
-    tests = new_dict(namespace, __name__="tests")  # the program's functions keep their own globals
+    # The program's globals, less those named like a builtin or a guard, which would shadow what the tests
+    # call (`len = lambda x: 3`, `__aapa_truth__ = ...`). The program's functions keep their own globals.
+    tests = {name: value for name, value in namespace.items() if name not in test_builtins}
+    tests["__name__"] = "tests"
     for i, code, is_test in statements:
         refused[0] = False
         tests["__builtins__"] = new_dict(test_builtins)  # a fresh copy: nothing a statement did to it stays
+        for name in [name for name in real_builtins if name not in builtins_before]:
+            del real_builtins[name]
+        real_builtins.update(builtins_before)
         try:
             exec(code, tests)
             ok = True
         except BaseException:
             ok = False
-        # A thread the program left running could change what the next test sees.
-        if refused[0] or not intact() or count_threads() != threads:
+        # A thread the program left running could change what the next test sees; a guard's name in the
+        # tests' globals can only come from the program (through a function the tests handed it).
+        shadowed = False
+        for name in guards:
+            shadowed = shadowed or name in tests
+            tests.pop(name, None)
+        if refused[0] or shadowed or not intact() or count_threads() != threads:
             write(report, untrusted[i])
         elif ok and is_test:
             write(report, passed[i])

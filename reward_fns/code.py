@@ -4,8 +4,11 @@ The program is the last fenced ```python block of the response (the last unlabel
 labelled python). Labels: {"tests": "<python with assert statements>"} (a plain string means the same)
 or {"cases": [{"stdin": ..., "stdout": ...}, ...]} (a plain list means the same).
 - tests: each top-level `assert` is one test, other top-level statements are setup run in order; a
-  block without top-level asserts is one test. Program and tests run in one sandboxed process, which
-  refuses the program a look into the interpreter (frames, object graph, tracing, ctypes, its memory).
+  block without top-level asserts is one test, and must call something (HumanEval's `test` needs
+  `check(<entry_point>)` appended): one that only defines functions is refused. Program and tests run
+  in one sandboxed process, which refuses the program a look into the interpreter (frames, object
+  graph, tracing, ctypes, its memory) and keeps it from changing what the tests and their libraries
+  call (its globals named like a builtin are not the tests', loaded modules are checked after each test).
 - cases: the program runs once per case with that stdin; it passes when it exits 0 and its stdout
   equals the expected one up to trailing whitespace on each line and blank lines at the ends.
 `strict`: reward 1 only when every test passes (cases stop at the first failure).
@@ -124,6 +127,18 @@ def extract_program(text: str) -> str | None:
     return None
 
 
+def _checks_something(module: ast.Module) -> bool:
+    """Whether the block asserts or calls anything when it runs, outside the functions it only defines."""
+    todo: list[ast.AST] = list(module.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Assert, ast.Call)):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return False
+
+
 def _split_tests(tests: str, index: int) -> tuple[list[tuple[str, bool]], list[str]]:
     """The guarded statements (source, is_test) and the modules the tests import."""
     try:
@@ -134,6 +149,12 @@ def _split_tests(tests: str, index: int) -> tuple[list[tuple[str, bool]], list[s
     imports = [alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names]
     imports += [node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.level == 0]
     if not any(isinstance(node, ast.Assert) for node in module.body):
+        if not _checks_something(module):  # e.g. HumanEval's `test`, which defines check() and never calls it
+            raise ValueError(
+                f"labels[{index}]: field 'tests' checks nothing: no top-level assert and no call outside "
+                "its functions, so every program would pass; call its checks (for HumanEval's `test`, "
+                "append `check(<entry_point>)`)"
+            )
         return [(_guarded(module), True)], imports
     return [(_guarded(node), isinstance(node, ast.Assert)) for node in module.body], imports
 

@@ -25,6 +25,25 @@ TEMPLATES = {
 METRICS = ("format_match", "format_overlong_penalty", "format_error")
 
 
+def _boxed(text: str) -> bool:
+    """TEMPLATES["boxed"] without the regex's backtracking (quadratic on many unclosed boxes): a
+    `\\boxed{`, then at least one character, then a `}` somewhere after it."""
+    box = text.find("\\boxed{")
+    return box >= 0 and text.rfind("}", box + len("\\boxed{") + 1) >= 0
+
+
+def _think_boxed(text: str) -> bool:
+    """TEMPLATES["think_boxed"] in linear time (the regex is about cubic on many `</think>\\boxed{`):
+    the first `</think>` after the opening `<think>` leaves the most room for the box."""
+    text = text.lstrip()
+    end = text.find("</think>", len("<think>"))
+    return text.startswith("<think>") and end >= 0 and _boxed(text[end + len("</think>") :])
+
+
+# Templates checked by a function of the same verdict as their regex, which can be slow.
+_CHECKS = {"boxed": _boxed, "think_boxed": _think_boxed}
+
+
 def overlong_penalty(lengths: Sequence[int] | torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
     """DAPO's soft overlong punishment per sample: 0 for length <= max_length - buffer, then linearly
     down to -1 at max_length, and -1 beyond (a step at max_length when buffer is 0)."""
@@ -49,8 +68,9 @@ def batch_reward(
     if labels is not None and len(labels) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(labels)} labels")
     regex = re.compile(TEMPLATES.get(pattern, pattern), re.DOTALL)
+    matches = _CHECKS.get(pattern, lambda text: regex.fullmatch(text) is not None)
     texts = [final_answer(response, answer_only) for response in responses]
-    match = torch.tensor([float(regex.fullmatch(text) is not None) for text in texts])
+    match = torch.tensor([float(matches(text)) for text in texts])
     penalty = torch.zeros(len(texts))
     if max_length is not None:
         penalty = overlong_penalty([len(text) for text in texts], max_length, overlong_buffer)

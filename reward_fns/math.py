@@ -1,10 +1,11 @@
 """Math answer reward: 1.0 when the response's final answer is equivalent to the label's answer.
 
-The answer is the last `\\boxed{...}` (or `\\fbox{...}`) of the response; without one, math-verify reads
-the whole response and, failing that, the last number. Answers that match the label exactly (or as
-integers) are decided in the calling thread; everything else goes to math-verify in a worker process
-that is killed after `timeout` seconds per check (sympy can hang on inputs like `9^{9^{9^{9}}}`), so a
-hang costs one check its reward, never the caller its thread. The timeout counts the worker's CPU time
+The answer is the last `\\boxed{...}` (or `\\fbox{...}`) of the response; without one, the last number
+decides when it and the label are integers, else math-verify reads the whole response and, failing that,
+the last number. Answers that match the label exactly (or as integers) are decided in the calling
+thread; everything else goes to math-verify in a worker process that is killed after `timeout` seconds
+per check (sympy can hang on inputs like `9^{9^{9^{9}}}`), so a hang costs one check its reward, never
+the caller its thread. The timeout counts the worker's CPU time
 on that check, so a check that only waits for a core on a busy machine is never cut short; a wall limit
 (`wall_timeout`) is the safety net. OpenRLHF: `--reward.remote_url
 reward_fns/math.py`; label = the answer, or a dict with "answer".
@@ -42,8 +43,12 @@ METRICS = (
 
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
-_BOX = re.compile(r"\\(?:boxed|fbox)\b")
+_BOX = re.compile(r"\\(?:boxed|fbox)\b(\s*)")  # group 1: the spacing before the box's content
+_BRACE = re.compile(r"[{}]")
+_TOKEN = re.compile(r"\S+")
 _SPACING = re.compile(r"\s+|\\[,;:! ]|\\left|\\right")
+_DEGREES = re.compile(r"\^(?:\\circ(?![A-Za-z])|\{\\circ\})")  # after _compact: no spacing left
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")
 # A number as written: integer, decimal, a fraction of two integers, optionally a percentage; "x=" before it.
 _PLAIN_NUMBER = re.compile(
     r"(?:[A-Za-z]\w*=)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+|\\frac\{\d+\}\{\d+\}|\d+/\d+)(?:\\?%)?"
@@ -52,19 +57,22 @@ _PLAIN_NUMBER = re.compile(
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` with balanced braces, or of `\\boxed x` up to whitespace."""
+    closing: dict[int, int] = {}  # "{" index -> index of its "}": one pass, so unclosed boxes stay linear
+    stack: list[int] = []
+    for brace in _BRACE.finditer(text):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closing[stack.pop()] = brace.start()
     for match in reversed(list(_BOX.finditer(text))):
-        rest = text[match.end() :]
-        body = rest.lstrip()
-        if not body.startswith("{"):
-            token = body.split(None, 1)[0].rstrip("$.") if body and rest[:1].isspace() else ""
-            if token:
-                return token
+        start = match.end()
+        if text.startswith("{", start):
+            if start in closing:
+                return text[start + 1 : closing[start]]
             continue
-        depth = 0
-        for i, char in enumerate(body):
-            depth += (char == "{") - (char == "}")
-            if depth == 0:
-                return body[1:i]
+        token = _TOKEN.match(text, start) if match.group(1) else None
+        if token and token.group().rstrip("$."):
+            return token.group().rstrip("$.")
     return None
 
 
@@ -81,13 +89,25 @@ def _compact(answer: str) -> str:
     return _SPACING.sub("", answer).strip("$").rstrip(".").replace("\\dfrac", "\\frac")
 
 
+def _as_written(answer: str) -> str:
+    """The answer for the plain-number test: compacted, without degree signs and `\\text{...}` wrappers
+    (`5^\\circ`, `\\text{2}` are numbers as much as `5\\text{ cm}`, which math-verify already strips)."""
+    return _TEXT.sub(r"\1", _DEGREES.sub("", _compact(answer)))
+
+
+def _integer_digits(integer: str) -> tuple[bool, str]:
+    """(negative, digits) of an integer as written, without int(): past 4,300 digits int() raises."""
+    digits = integer.replace(",", "").removeprefix("-").lstrip("0") or "0"
+    return integer.startswith("-") and digits != "0", digits
+
+
 def fast_verdict(answer: str, gold: str) -> bool | None:
     """Decides the cases that need no parser: identical strings, or two integers; else None."""
     answer, gold = _compact(answer), _compact(gold)
     if answer == gold:
         return True
     if _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(gold):
-        return int(answer.replace(",", "")) == int(gold.replace(",", ""))
+        return _integer_digits(answer) == _integer_digits(gold)
     return None
 
 
@@ -114,7 +134,8 @@ def check(gold: str, text: str, boxed: bool, _gold_cache: dict | None = None) ->
         return 0.0, "no_answer"
     # A number asked for must be given as one: an expression equal to it (the question restated, 17*23-387)
     # would make the verifier do the policy's work.
-    if _PLAIN_NUMBER.fullmatch(_compact(gold)) and not _PLAIN_NUMBER.fullmatch(_compact(str(parsed[-1]))):
+    plain = _PLAIN_NUMBER.fullmatch
+    if plain(_as_written(gold)) and not plain(_as_written(str(parsed[-1]))):
         return 0.0, "unsimplified"
     return float(verify(parsed_gold, parsed, timeout_seconds=None)), "ok"
 
@@ -325,13 +346,16 @@ def batch_reward(
     n = len(responses)
     rewards = torch.zeros(n)
     metrics = {key: torch.zeros(n) for key in METRICS}
-    pending, tasks = [], []
+    pending, tasks, wrong_last_number = [], [], set()
     for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
         text = final_answer(response, answer_only)
         answer, boxed = extract_answer(text)
         verdict = fast_verdict(answer, gold) if answer is not None else None
         if verdict is False and not boxed:
-            verdict = None  # the last number may not be the answer: math-verify reads the whole text
+            # Scores 0: accepting math-verify's reading of the whole text (an earlier "the answer is 4")
+            # would give a second guess. It still reads it for the metrics (math_unsimplified).
+            verdict = None
+            wrong_last_number.add(i)
         if verdict is not None:
             rewards[i] = float(verdict)
             metrics["math_fast_path"][i] = 1.0
@@ -342,7 +366,7 @@ def batch_reward(
             tasks.append((gold, answer if boxed else text, boxed))
     wall_timeout = wall_limit(timeout, wall_timeout)
     for i, (score, status) in zip(pending, run_checks(tasks, timeout, wall_timeout, workers), strict=True):
-        rewards[i] = score
+        rewards[i] = 0.0 if i in wrong_last_number else score
         metrics["math_no_answer"][i] = float(status == "no_answer")
         metrics["math_timeout"][i] = float(status == "timeout")
         metrics["math_wall_timeout"][i] = float(status == "wall_timeout")

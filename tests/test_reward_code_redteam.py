@@ -22,6 +22,11 @@ KIND = "assert isinstance(count([1, 2]), int)\nassert count([1, 2]) == 2\n"
 ITEMS = "assert 3 in evens_upto(4) or 4 in evens_upto(4)\nassert evens_upto(4) == [0, 2, 4]\n"
 COUNTER = "from collections import Counter\nassert Counter(letters('aab')) == Counter({'a': 2, 'b': 1})\n"
 ALL = "assert all(flags(3))\nassert any(flags(2))\nassert flags(1) == [True]\n"
+REGEX = (
+    "import re\nassert re.fullmatch(r'[a-z]+(-[a-z]+)*', slug('Hello World'))\n"
+    "assert re.fullmatch(r'\\w+', slug('x'))\n"
+)
+SQUARES = "import numpy as np\nassert np.array_equal(squares(3), [0, 1, 4])\n"
 
 ALWAYS_EQUAL = """
 class Anything:
@@ -145,6 +150,53 @@ EXPLOITS = {
         "__main__.TRUSTED = (object,) * 99\n"
         "__main__.EQUALITY = ()\ndef absolute(x): return -1\n",
         ABS,
+    ),
+    "patch_a_library_submodule": (  # np.array_equal and np.allclose look these up in numpy._core.numeric
+        "import numpy as np\nimport numpy._core.numeric as n\n"
+        "n.asarray = lambda *a, **k: np.array([True])\nn.isclose = lambda *a, **k: np.array([True])\n"
+        "def squares(k): return np.array([7, 7, 7])\n",
+        SQUARES + "assert np.allclose(squares(2), [0, 1])\n",
+    ),
+    "patch_a_submodule_function_code": (  # np.all hands its work to this helper of fromnumeric
+        "import numpy as np, numpy._core.fromnumeric as f\n"
+        "def fake(obj, ufunc, method, axis, out, **kwargs): return True\n"
+        "f._wrapreduction_any_all.__code__ = fake.__code__\ndef squares(k): return np.array([7, 7, 7])\n",
+        "import numpy as np\nassert np.all(squares(3) == np.array([0, 1, 4]))\n"
+        "assert np.all(squares(2) == np.array([0, 1]))\n",
+    ),
+    "patch_re_internals": (  # re.fullmatch compiles through re._compiler and _sre
+        "import re, re._compiler as c\nreal = c.compile\nc.compile = lambda p, f=0: real('(?s:.*)', f)\n"
+        "def slug(s): return 'NOT A SLUG'\n",
+        REGEX,
+    ),
+    "patch_a_c_module": (
+        "import re, _sre\nanything = re.compile('(?s:.*)')\n_sre.compile = lambda *a: anything\n"
+        "def slug(s): return 'NOT A SLUG'\n",
+        REGEX,
+    ),
+    "patch_builtins_for_library_code": (  # numpy's array_equal calls bool() from the real builtins
+        "import builtins, numpy as np\nbuiltins.bool = lambda *a: True\n"
+        "def squares(k): return np.full(k, 7)\n",
+        SQUARES + "assert np.array_equal(squares(2), [0, 1])\n",
+    ),
+    # Globals of the program's that the tests would see in place of the guards and builtins.
+    "shadow_the_truth_guard": ("__aapa_truth__ = lambda v: True\ndef absolute(x): return -1\n", ABS),
+    "shadow_the_compare_guard": ("def __aapa_compare__(*a): return True\ndef absolute(x): return -1\n", ABS),
+    "shadow_builtins_the_tests_call": (
+        "len = lambda x: 3\nsorted = lambda x: [0, 2, 4, 6]\nsum = lambda x: 6\n"
+        "def evens_upto(n): return 'garbage'\n",
+        "assert len(evens_upto(4)) == 3\nassert sorted(evens_upto(6)) == [0, 2, 4, 6]\n"
+        "assert sum(evens_upto(4)) == 6\n",
+    ),
+    "shadow_a_guard_in_a_check_function": (
+        "__aapa_truth__ = lambda v: True\ndef absolute(x): return None\n",
+        "def check(candidate):\n    assert candidate(-2) == 2\n    assert candidate(0) == 0\n"
+        "check(absolute)\n",
+    ),
+    "shadow_a_guard_through_a_test_lambda": (  # a function of the tests' carries their globals
+        "def apply(f):\n    f.__globals__['__aapa_truth__'] = lambda v: True\n    return f()\n"
+        "def absolute(x): return -1\n",
+        "assert apply(lambda: 1) == 1\n" + ABS,
     ),
     # Leaving before the tests fail, or making them look skipped.
     "exit_zero": ("import sys\nsys.exit(0)\n", ABS),
@@ -284,6 +336,34 @@ HONEST = {
         "class Box:\n    pass\nBox.size = 3\ndef absolute(x):\n    print(x)\n    return abs(x)\n",
         ABS,
     ),
+    "own_helpers_named_like_builtins": (  # the program's functions see its `sum`, the tests the builtin
+        "def sum(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n"
+        "def len(xs): return sum(1 for _ in xs)\ndef mean(xs): return sum(xs) / len(xs)\n",
+        "assert mean([1, 2, 3]) == 2\nassert sum([1, 2]) == 3\nassert len('abc') == 3\n",
+    ),
+    "regex": ("import re\ndef slug(s): return re.sub(r'\\W+', '-', s.strip().lower())\n", REGEX),
+    "numpy_library_calls": (
+        "import numpy as np\n"
+        "def solve(a, b): return np.linalg.solve(np.array(a, float), np.array(b, float))\n"
+        "def describe(xs): return f'{np.array(xs)!r} {np.mean(xs)}'\n"
+        "def sample(n): return np.random.default_rng(0).random(n)\n",
+        "import numpy as np\nassert np.allclose(solve([[2, 0], [0, 4]], [2, 4]), [1, 1])\n"
+        "np.testing.assert_allclose(solve([[1, 1], [0, 1]], [3, 1]), [2, 1])\n"
+        "assert describe([1, 2]) == 'array([1, 2]) 1.5'\n"
+        "assert len(sample(3)) == 3 and ((0 <= sample(3)) & (sample(3) < 1)).all()\n"
+        "with np.errstate(divide='ignore'):\n    assert np.isinf(np.log(0.0))\n",
+    ),
+    "stdlib_helpers": (
+        "import functools, heapq, re, typing, warnings\n@functools.lru_cache(None)\n"
+        "def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+        "def top(xs, k): return heapq.nlargest(k, xs)\ndef words(s):\n"
+        "    with warnings.catch_warnings():\n        warnings.simplefilter('ignore')\n"
+        "        return re.findall(r'[a-z]+', s.lower())\n"
+        "Pair = typing.NamedTuple('Pair', [('a', int), ('b', int)])\ndef pair(): return Pair(1, 2)\n",
+        "import itertools\nassert fib(30) == 832040\nassert top([3, 1, 4, 1, 5], 2) == [5, 4]\n"
+        "assert words('Hi, there!') == ['hi', 'there']\nassert pair() == (1, 2)\n"
+        "assert list(itertools.accumulate([1, 2, 3])) == [1, 3, 6]\n",
+    ),
 }
 
 
@@ -292,3 +372,32 @@ def test_honest_program_scores_one(host, program, tests):
     value, metrics = reward(program, tests, strict=True)
     assert value == 1.0, metrics
     assert metrics["code_untrusted_compare"] == 0.0
+
+
+# HumanEval's `test` column defines check(candidate) and never calls it: run as it is, every program passes.
+HUMANEVAL_TEST = (
+    "\n\nMETADATA = {'author': 'jt', 'dataset': 'test'}\n\n\ndef check(candidate):\n"
+    "    assert candidate([1.0, 2.0, 3.0], 0.5) == False\n"
+    "    assert candidate([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3) == True\n"
+)
+
+
+def test_tests_that_never_call_their_checks_are_refused(host):
+    wrong = "def has_close_elements(numbers, threshold):\n    return None\n"
+    message = r"labels\[0\]: field 'tests' checks nothing.*append `check\(<entry_point>\)`"
+    with pytest.raises(ValueError, match=message):
+        test_reward_code.code.batch_reward([test_reward_code.fenced(wrong)], [HUMANEVAL_TEST])
+    unittest_style = (
+        "import unittest\nclass T(unittest.TestCase):\n    def test_it(self):\n        assert f() == 1\n"
+    )
+    with pytest.raises(ValueError, match="checks nothing"):
+        reward("def f(): return 0\n", unittest_style)
+    out = test_reward_code.code.reward_func(["q" + test_reward_code.fenced(wrong)], ["q"], [HUMANEVAL_TEST])
+    assert out["rewards"].tolist() == [0.0] and out["extra_logs"]["code_error"].tolist() == [1.0]
+    # Called, it is one test; so is a block whose asserts are inside a loop.
+    called = HUMANEVAL_TEST + "\ncheck(has_close_elements)\n"
+    assert reward(wrong, called)[0] == 0.0
+    right = "def has_close_elements(numbers, threshold):\n    return any(abs(a - b) < threshold " \
+        "for i, a in enumerate(numbers) for b in numbers[i + 1:])\n"
+    assert reward(right, called)[0] == 1.0
+    assert reward("def f(x): return x\n", "for x in range(3):\n    assert f(x) == x\n")[0] == 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,6 +28,23 @@ def test_templates_and_regex():
     ]
     # The end-of-turn marker a decoded query keeps does not break a full match.
     assert format_reward.batch_reward(["<think>a</think>b<|im_end|>"])[0].tolist() == [1.0]
+
+
+def test_boxed_templates_without_backtracking():
+    """The boxed templates are checked by linear code with the verdict of their regex, which is about cubic
+    on many `</think>\\boxed{` (1,600 of them: 9 s). Timings: bench/rewards.py."""
+    think, box = "<think></think>", "\\boxed"
+    texts = [f"<think>a</think>{box}{{4}}", f" {think}{box}{{}}}}", f"{think}{box}{{}}", f"{box}{{4}}"]
+    texts += [f"<think>{box}{{4}}</think>", f"{think}{box}{{{{", f"x{think}{box}{{4}}", f"{box}{{{{", think]
+    texts += [f"</think>{think}{box}{{1}}", f"{think}\n{box}\n{{4}}{box}{{5}}"]
+    for pattern in ("boxed", "think_boxed"):
+        regex = re.compile(format_reward.TEMPLATES[pattern], re.DOTALL)
+        expected = [float(regex.fullmatch(text) is not None) for text in texts]
+        assert format_reward.batch_reward(texts, pattern=pattern)[0].tolist() == expected
+    flood = "<think>" + "</think>\\boxed{" * 200
+    floods = [flood, flood + "x}", "\\boxed{" * 2000]
+    assert format_reward.batch_reward(floods, pattern="think_boxed")[0].tolist() == [0.0, 1.0, 0.0]
+    assert format_reward.batch_reward(floods, pattern="boxed")[0].tolist() == [0.0, 1.0, 0.0]
 
 
 def test_overlong_penalty():

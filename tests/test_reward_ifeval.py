@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -146,6 +147,22 @@ def test_text_helpers():
     assert ifeval.count_sentences("") == 0 and ifeval.count_sentences("* no\n* stops") == 1
     assert ifeval.count_capital_words("WE CAN'T (STOP) U.S.A. well-Known OK-DONE a1 A1") == 7
     assert ifeval.detect_language("¿?!") is None
+
+
+def test_sentences_and_postscript_on_long_runs():
+    """Runs of dots, "! ! !" and spaces used to cost quadratic time (30,000 dots: 23 s); the results stay
+    those of the original scan (its regex is kept here as the reference). Timings: bench/rewards.py."""
+    reference = re.compile(r"(?<!\S)(\S*?)([.?!]+)[\"'”’)\]]*(?=\s|$)")
+    texts = ['Wait... what?! (Yes.) "Done." a.b.c. x!? ...', "Etc.. ok!!) e.g. ...Next ... hm)."]
+    for text in texts:
+        spans = [(m.span(), m.groups()) for m in reference.finditer(text)]
+        assert [(m.span(), m.groups()) for m in ifeval._SENTENCE_END.finditer(text)] == spans
+    assert ifeval.count_sentences("." * 2000 + "x") == 1 and ifeval.count_sentences("! " * 2000) == 0
+    story = "Sure, here it is\nThe story goes on" + "." * 2000 + "and on\n*The end*"
+    assert ifeval.count_sentences(story) == 1 and ifeval.count_sentences("A. " + "! " * 2000 + "B") == 2
+    spaces = "a" + " " * 5000
+    assert not ifeval._postscript(spaces + "b", "P.S.") and ifeval._postscript(spaces + "P.S. b", "P.S.")
+    assert ifeval._postscript(spaces + "p. p. s", "P.P.S") and ifeval._postscript(spaces + "NB: x", "NB:")
 
 
 def test_labels_json_string_plain_list_and_none_kwargs():

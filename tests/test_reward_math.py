@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -87,6 +88,63 @@ def test_a_number_must_be_answered_with_a_number():
     assert scores.tolist() == [1.0] * 5 and metrics["math_unsimplified"].tolist() == [0.0] * 5
     # A gold that is itself an expression takes any equal expression.
     assert rewards([("\\boxed{\\sqrt{8}}", "2\\sqrt{2}"), ("\\boxed{1,000}", "1000")]) == [1.0, 1.0]
+
+
+def test_degrees_and_text_wrapped_numbers_are_numbers():
+    honest = ["\\boxed{5^\\circ}", "\\boxed{5^{\\circ}}", "\\boxed{\\text{2}}", "\\boxed{\\text{ 2 }}"]
+    honest.append("\\boxed{30}")
+    scores, metrics = math_reward.batch_reward(honest, ["5", "5", "2", "2", "30^\\circ"])
+    assert scores.tolist() == [1.0] * 5 and metrics["math_unsimplified"].tolist() == [0.0] * 5
+    gamed = ["\\boxed{2^\\circ + 3^\\circ}", "\\boxed{\\text{5, 6}}", "\\boxed{\\text{6}}"]
+    scores, metrics = math_reward.batch_reward(gamed, ["5"] * 3)
+    assert scores.tolist() == [0.0] * 3 and metrics["math_unsimplified"].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_without_a_box_only_the_last_number_counts():
+    """math-verify re-reading the text would accept an earlier "final answer is 4": a second guess."""
+    hedged = ["The final answer is 4. Hmm, or maybe 5", "The final answer is 5. Hmm, or maybe 4"]
+    scores, metrics = math_reward.batch_reward(hedged, ["4", "4"])
+    assert scores.tolist() == [0.0, 1.0] and metrics["math_unsimplified"].tolist() == [0.0, 0.0]
+
+
+def test_integers_past_python_int_limit():
+    """int() refuses more than 4,300 digits; one such answer must not cost the batch its rewards."""
+    big = "1" + "0" * 5000
+    boxed = f"\\boxed{{{big}}}"
+    responses = ["\\boxed{42}", boxed, f"so the answer is {big}", boxed, boxed]
+    scores, metrics = math_reward.batch_reward(responses, ["42", "7", "7", big, big[:-1] + "1"])
+    assert scores.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0] and metrics["math_error"].tolist() == [0.0] * 5
+    assert metrics["math_fast_path"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]  # unboxed: math-verify reads it
+    out = math_reward.reward_func(responses[:2], ["", ""], ["42", "7"])
+    assert out["rewards"].tolist() == [1.0, 0.0] and out["extra_logs"]["math_error"].tolist() == [0.0, 0.0]
+    same = [("-0", "0"), ("0,001,000", "1000"), ("-1,000", "-1000")]
+    assert all(math_reward.fast_verdict(a, b) for a, b in same)
+    assert not any(math_reward.fast_verdict(a, b) for a, b in [("-5", "5"), ("10", "100"), ("5", "-5")])
+
+
+def test_last_boxed_on_many_unclosed_boxes():
+    """Each unclosed box used to be scanned to the end of the text: quadratic (8,000 boxes took 23 s).
+    Counted in executed lines rather than seconds, so the test does not depend on the machine's load."""
+    n = 300
+    assert math_reward.last_boxed("\\boxed{" * n) is None
+    assert math_reward.last_boxed("\\boxed{1} " + "\\boxed{" * n) == "1"
+    assert math_reward.last_boxed("\\boxed{" * n + "7}") == "7"
+    assert math_reward.last_boxed("\\boxed{" * n + "}" * n) == ""
+    assert math_reward.last_boxed("\\boxed \\boxed{ \\boxed $. \\boxed{a}{") == "a"
+    lines = 0
+
+    def count_lines(frame, event, arg):
+        nonlocal lines
+        lines += event == "line"
+        return count_lines
+
+    previous = sys.gettrace()
+    sys.settrace(count_lines)
+    try:
+        math_reward.last_boxed("\\boxed{" * n)
+    finally:
+        sys.settrace(previous)
+    assert lines < 20 * n  # about 10 per box now; about 2,000 per box when each scanned to the end
 
 
 def test_pathological_input_times_out_and_worker_is_replaced():
