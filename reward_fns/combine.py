@@ -30,6 +30,10 @@ REWARDS = ("math", "code", "ifeval", "format")
 RewardFn = Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+class RewardError(ValueError):
+    """A reward's output broke the contract (one finite reward per response): the message names the reward."""
+
+
 def load_reward(spec: str | dict | list) -> RewardFn:
     """A batched reward `(responses, labels) -> (rewards, metrics)` from a reward_fns module name, a path to a
     .py file, or a weighted-sum config (build_reward). A file defines `batch_reward(responses, labels)`, or
@@ -42,7 +46,10 @@ def load_reward(spec: str | dict | list) -> RewardFn:
             raise ValueError(f"{spec}: no such reward file")
         loader = importlib.util.spec_from_file_location(Path(spec).stem, spec)
         module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:  # a SyntaxError, or whatever the file raises at import
+            raise ValueError(f"{spec}: cannot be loaded: {type(exc).__name__}: {exc}") from exc
     else:
         module = _module(spec)
     if callable(getattr(module, "batch_reward", None)):
@@ -53,15 +60,56 @@ def load_reward(spec: str | dict | list) -> RewardFn:
                      "reward_func(queries, prompts, labels)")
 
 
-def call_reward(reward: RewardFn, responses: list[str], labels: list, prompts: list[str]):
-    """(rewards, metrics) of a loaded reward; one adapted from a `reward_func` also gets the prompts."""
+def call_reward(
+    reward: RewardFn, responses: list[str], labels: list, prompts: list[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(rewards, metrics) of a loaded reward; one adapted from a `reward_func` also gets the prompts. Every
+    backend calls rewards here, so the output is checked here: one finite float32 reward per response and
+    metrics of the same length, else a RewardError (a ValueError) naming the reward and the count or
+    the sample."""
     if getattr(reward, "takes_prompts", False):
-        return reward(responses, labels, prompts=prompts)
-    return reward(responses, labels)
+        out = reward(responses, labels, prompts=prompts)
+    else:
+        out = reward(responses, labels)
+    name = reward_name(reward)
+    if not isinstance(out, tuple | list) or len(out) != 2 or not isinstance(out[1], dict):
+        raise RewardError(f"reward {name!r}: returned {type(out).__name__}, expected (rewards, metrics dict)")
+    rewards = _per_sample(out[0], len(responses), f"reward {name!r}", "rewards")
+    bad = (~rewards.isfinite()).nonzero().reshape(-1)
+    if len(bad):
+        i = int(bad[0])
+        raise RewardError(f"reward {name!r}: non-finite reward {rewards[i].item()} for sample {i} "
+                         f"({len(bad)} of {len(responses)})")
+    metrics = {key: _per_sample(value, len(responses), f"reward {name!r}: metric {key!r}", "values")
+               for key, value in out[1].items()}
+    return rewards, metrics
+
+
+def reward_name(reward: RewardFn) -> str:
+    """How errors name a reward: its spec (set by the wrappers load_reward builds), else the file and name
+    of the function."""
+    if name := getattr(reward, "reward_name", None):
+        return name
+    func = getattr(reward, "__func__", reward)  # a bound method: the task's reward
+    code = getattr(func, "__code__", None)
+    qualname = getattr(func, "__qualname__", type(reward).__name__)
+    return f"{code.co_filename}:{qualname}" if code else qualname
+
+
+def _per_sample(values: Any, n: int, what: str, unit: str) -> torch.Tensor:
+    """`values` as a float32 1-D tensor of `n` (one per response): the one rule for every reward's output."""
+    try:
+        values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RewardError(f"{what}: {unit} are not numbers ({type(exc).__name__}: {exc})") from None
+    if len(values) != n:
+        raise RewardError(f"{what}: {len(values)} {unit} for {n} responses")
+    return values
 
 
 def _from_reward_func(reward_func: Callable, name: str) -> RewardFn:
-    """OpenRLHF's `reward_func(queries, prompts, labels)` as a batched reward (a query: prompt + response)."""
+    """OpenRLHF's `reward_func(queries, prompts, labels)` as a batched reward (a query: prompt + response).
+    call_reward converts and checks what it returns."""
 
     def batched(responses: list[str], labels: list, *, prompts: list[str]):
         queries = [p + r for p, r in zip(prompts, responses, strict=True)]
@@ -70,13 +118,11 @@ def _from_reward_func(reward_func: Callable, name: str) -> RewardFn:
         if isinstance(out, dict):  # OpenRLHF's format: {"rewards", "scores", "extra_logs"}
             rewards, logs = out.get("rewards"), out.get("extra_logs") or {}
         if rewards is None:
-            raise ValueError(f"reward {name!r}: reward_func returned a dict without 'rewards'")
-        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
-        if len(rewards) != len(responses):
-            raise ValueError(f"reward {name!r}: {len(rewards)} rewards for {len(responses)} responses")
-        return rewards, {k: torch.as_tensor(v, dtype=torch.float32).reshape(-1) for k, v in logs.items()}
+            raise RewardError(f"reward {name!r}: reward_func returned a dict without 'rewards'")
+        return rewards, logs
 
     batched.takes_prompts = True
+    batched.reward_name = name
     return batched
 
 
@@ -148,6 +194,7 @@ def build_reward(config: dict | list) -> RewardFn:
         return total, metrics
 
     combined.metrics = tuple(metric_names)
+    combined.reward_name = "+".join(name for name, _, _, _ in components)
     return combined
 
 

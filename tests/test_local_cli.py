@@ -143,3 +143,114 @@ def test_eval_names_a_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "runs" / "step_9"
     assert main(["eval", "--checkpoint", str(missing), "--data", str(data), "--reward", "arithmetic"]) == 2
     assert f"error: --checkpoint {missing}: no such directory" in capsys.readouterr().err
+
+
+def _reward_recipe(tmp_path, reward, steps: int = 3):
+    """A recipe file: GRPO from the warmed model on its train rows, scored by `reward`, saved every step."""
+    import yaml
+
+    recipe = base_recipe(
+        tmp_path / reward.stem,
+        steps=steps,
+        stages=[{"end_step": steps, "objective": "grpo"}],
+        data={"train": str(warm_run() / "data" / "train.jsonl")},
+        reward=str(reward),
+        model={"path": str(warm_run() / "final")},
+        log={"save_every": 1, "eval_samples": 8, "plots": False},
+    )
+    del recipe["task"]
+    path = tmp_path / f"{reward.stem}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_reward_that_breaks_its_contract_is_named_and_the_checkpoints_kept(tmp_path, capsys):
+    """Too many rewards no longer train silently on misaligned rewards, and a NaN reward mid-run is named
+    (not 'non-finite loss or gradient'): an error naming the file, exit code 2, the checkpoints kept."""
+    long = tmp_path / "long.py"  # found by the label check at startup, before any training
+    long.write_text("import torch\ndef batch_reward(responses, labels):\n"
+                    "    return torch.zeros(len(responses) + 4), {}\n")
+    assert main(["train", "--config", str(_reward_recipe(tmp_path, long)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"reward '{long}:batch_reward': 5 rewards for 1 responses" in err and "Traceback" not in err
+
+    late = tmp_path / "late.py"  # NaN from the third step's rollouts on (the label check scores "")
+    late.write_text(
+        "import torch\nCALLS = []\n"
+        "def batch_reward(responses, labels):\n"
+        "    CALLS.extend([1] if any(responses) else [])\n"
+        "    r = torch.ones(len(responses))\n"
+        "    r[1] = float('nan') if len(CALLS) >= 3 else 1.0\n"
+        "    return r, {}\n"
+    )
+    assert main(["train", "--config", str(_reward_recipe(tmp_path, late)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    run = tmp_path / "late"
+    assert f"reward '{late}:batch_reward': non-finite reward nan for sample 1 (1 of 16)" in err
+    assert f"the run stopped after 2 steps; last checkpoint: {run / 'checkpoints' / 'step_000002'}" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+
+
+def test_accuracy_plot_draws_any_rewards_correctness(tmp_path):
+    """A `reward: math` run logs reward/math_correct: its accuracy plot draws it, as eval's accuracy
+    (evaluation.correctness) reads any *_correct log."""
+    from aapa_rl.local import plots
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "reward/math_correct": s / 4, "reward/raw": s / 4} for s in range(4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run / "plots" / "accuracy.png" in plots.plot_run(run)
+    keys = [("reward/correct", "train correct"), ("reward/*_correct", "train *_correct")]
+    assert plots._expand(rows, keys) == [
+        ("reward/correct", "train correct"),
+        ("reward/math_correct", "train math_correct"),
+    ]
+
+
+def test_eval_pass_at_k_is_reproducible_with_a_seed(tmp_path, monkeypatch):
+    """`--seed` (default 0) seeds the pass@k samples: the same command samples the same responses
+    whatever ran before it in the process."""
+    import torch
+
+    from aapa_rl.local import evaluation
+
+    sampled = []
+
+    def spy(*args, **kwargs):
+        batch = generate(*args, **kwargs)
+        if kwargs.get("n", 1) > 1:
+            sampled.append(batch.texts)
+        return batch
+
+    generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", spy)
+    data = warm_run() / "data" / "eval.jsonl"
+    args = ["eval", "--checkpoint", str(warm_run() / "final"), "--data", str(data), "--reward", "arithmetic",
+            "--k", "4", "--temperature", "1.5", "--limit", "8", "--max-new-tokens", "40"]
+    for before in (1, 2):
+        torch.manual_seed(before)  # whatever state an earlier command left
+        assert main([*args, "--out", str(tmp_path / f"eval{before}.json")]) == 0
+    assert len(sampled) == 2 and sampled[0] == sampled[1]
+    first, second = ((tmp_path / f"eval{i}.jsonl").read_text() for i in (1, 2))
+    assert first == second
+
+
+def test_train_into_the_recipes_own_directory_deletes_nothing(tmp_path, capsys):
+    """`aapa-rl train --config exp1/config.yaml --out exp1` with files of one's own in exp1: refused, and
+    exp1 kept as it was (it used to be deleted because it held a config.yaml)."""
+    import yaml
+
+    exp1 = tmp_path / "exp1"
+    (exp1 / "mydata").mkdir(parents=True)
+    (exp1 / "notes.txt").write_text("mine")
+    recipe = base_recipe(exp1, steps=1, stages=[{"end_step": 1, "objective": "sft"}])
+    (exp1 / "config.yaml").write_text(yaml.safe_dump(recipe))
+    for extra in ([], ["--overwrite"]):
+        code = main(["train", "--config", str(exp1 / "config.yaml"), "--out", str(exp1), "--no-progress",
+                     *extra])
+        assert code == 2
+        assert "not an empty directory or a run directory" in capsys.readouterr().err
+        assert sorted(p.name for p in exp1.iterdir()) == ["config.yaml", "mydata", "notes.txt"]
+        assert yaml.safe_load((exp1 / "config.yaml").read_text()) == recipe

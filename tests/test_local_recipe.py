@@ -74,6 +74,14 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL, ["task.flaw=typo"], r"task: task.flaw must be one of"),
         (MINIMAL, ["loss.estimator=gae"], r"loss.estimator: 'gae' is not one of"),
         (MINIMAL, ["rollout.group_size=1"], r"rollout.group_size must be >= 2"),
+        (MINIMAL, ["rollout.top_k=-1"], r"rollout.top_k must be >= 0 \(0: off\), got -1"),
+        (MINIMAL, ["rollout.top_p=0"], r"rollout.top_p must be in \(0, 1\], got 0"),
+        (MINIMAL, ["rollout.top_p=1.5"], r"rollout.top_p must be in \(0, 1\], got 1.5"),
+        (MINIMAL, ["optim.grad_clip=-1.0"], r"optim.grad_clip must be >= 0 \(0: no clipping\), got -1.0"),
+        (MINIMAL, ["optim.grad_clip=.nan"], r"optim.grad_clip must be >= 0 .*got nan"),
+        (MINIMAL, ["optim.lr=0.0"], r"optim.lr must be a finite number > 0, got 0.0"),
+        (MINIMAL, ["optim.lr=-1e-4"], r"optim.lr must be a finite number > 0, got -0.0001"),
+        (MINIMAL, ["optim.lr=.nan"], r"optim.lr must be a finite number > 0, got nan"),
         (
             {**MINIMAL, "task": None, "reward": "math", "aapa": GRPO},
             [],
@@ -116,6 +124,26 @@ def test_every_selection_and_a_reward_file_on_the_task_are_accepted(tmp_path):
     # The task writes the data; a reward file of one's own replaces the task's reward (bench/flaws).
     reward = str(REPO / "bench" / "flaws" / "repeat_on_mul.py")
     assert load_recipe(_write(tmp_path, {**MINIMAL, "reward": reward, "aapa": GRPO})).reward == reward
+
+
+def test_a_reward_file_that_fails_to_import_is_named(tmp_path, capsys):
+    """Whatever a reward file raises at import (not only ValueError/ImportError) is a recipe error naming
+    the file and the exception, not a traceback."""
+    from aapa_rl.cli import main
+
+    for stem, source, message in [
+        ("raises", "raise RuntimeError('boom at import')\n", r"RuntimeError: boom at import"),
+        ("syntax", "def batch_reward(responses, labels)\n    return 1\n", r"SyntaxError: .*syntax.py"),
+        ("keyerror", "{}['x']\n", r"KeyError: 'x'"),
+    ]:
+        reward = tmp_path / f"{stem}.py"
+        reward.write_text(source)
+        path = _write(tmp_path, {**MINIMAL, "reward": str(reward), "aapa": GRPO})
+        with pytest.raises(RecipeError, match=rf"reward: {reward}: cannot be loaded: {message}"):
+            load_recipe(path)
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{reward}: cannot be loaded" in err and "Traceback" not in err
 
 
 def test_renamed_keys_still_work_with_a_message(tmp_path, capsys):

@@ -218,6 +218,62 @@ def test_run_dir_is_never_overwritten_silently(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
+def test_only_a_run_or_a_failed_start_is_ever_deleted(tmp_path, monkeypatch):
+    """A directory that merely holds a config.yaml (the recipe itself: `--config exp1/config.yaml` into exp1,
+    or `--out .`) is never deleted, with or without --overwrite; what a start that failed before training
+    wrote (config.yaml, data/) is cleared without it; --overwrite replaces only a run directory."""
+    from aapa_rl.local.recipe import recipe_dict
+    from aapa_rl.local.rundir import prepare
+
+    def config(out: Path) -> dict:
+        return recipe_dict(load_recipe(None, base=base_recipe(out)))
+
+    exp1 = tmp_path / "exp1"
+    (exp1 / "mydata").mkdir(parents=True)
+    (exp1 / "mydata" / "rows.jsonl").write_text("{}\n")
+    (exp1 / "notes.txt").write_text("mine")
+    (exp1 / "config.yaml").write_text(yaml.safe_dump(base_recipe(exp1)))  # the user's recipe
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+            prepare(exp1, config(exp1), resume=False, overwrite=overwrite)
+        assert sorted(p.name for p in exp1.iterdir()) == ["config.yaml", "mydata", "notes.txt"]
+    (exp1 / "notes.txt").unlink()
+    shutil.rmtree(exp1 / "mydata")
+    with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+        prepare(exp1, config(exp1), resume=False, overwrite=False)  # its own recipe is not rewritten
+    assert yaml.safe_load((exp1 / "config.yaml").read_text()) == base_recipe(exp1)
+
+    monkeypatch.chdir(exp1)  # --out . in a directory of one's own
+    (exp1 / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+        prepare(Path("."), config(Path(".")), resume=False, overwrite=False)
+    assert (exp1 / "notes.txt").read_text() == "mine"
+
+    # A failed start (config.yaml and the task's data/, nothing else) is cleared; the same --out takes the
+    # fixed recipe, and the directory itself stays (it may be the working directory).
+    start = tmp_path / "start"
+    prepare(start, config(start), resume=False, overwrite=False)
+    (start / "data").mkdir()
+    (start / "data" / "train.jsonl").write_text("{}\n")
+    monkeypatch.chdir(start)
+    assert prepare(Path("."), config(Path(".")), resume=False, overwrite=False) == []
+    assert [p.name for p in start.iterdir()] == ["config.yaml"] and Path.cwd() == start
+    # ...but not with a file of one's own beside it
+    (start / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+        prepare(start, config(start), resume=False, overwrite=False)
+    assert (start / "notes.txt").read_text() == "mine"
+
+    # --overwrite replaces a run (config.yaml and its metrics or checkpoints), not a directory that only
+    # happens to hold a metrics.jsonl
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("")
+    with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+        prepare(other, config(other), resume=False, overwrite=True)
+    assert (other / "metrics.jsonl").exists()
+
+
 def _train_cmd(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "aapa_rl.cli", "train", "--config", str(config), "--no-progress", *extra]
 
@@ -601,3 +657,39 @@ def test_reward_from_the_users_own_file(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(RecipeError, match=r"reward: reward '.*no_reward.py' defines neither batch_reward"):
         load_recipe(None, base={**recipe, "reward": str(bad)})
+
+
+def test_reward_output_is_checked_where_every_backend_calls_it(tmp_path):
+    """call_reward (the local trainer, eval, TRL and prepare-data all call rewards through it) turns what a
+    reward returns into a float32 tensor of one finite reward per response, metrics of the same length, or
+    a ValueError naming the reward file and the count or the first bad sample."""
+    from reward_fns.combine import call_reward, load_reward
+
+    responses, labels, prompts = ["a", "b", "c"], ["1", "2", "3"], ["p", "q", "r"]
+
+    def reward(stem: str, body: str):
+        path = tmp_path / f"{stem}.py"
+        path.write_text(f"import torch\ndef batch_reward(responses, labels):\n    return {body}\n")
+        return path, load_reward(str(path))
+
+    path, listed = reward("listed", "[1, 0, True], {'n': [1, 1, 1]}")
+    rewards, extras = call_reward(listed, responses, labels, prompts)
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [1.0, 0.0, 1.0]
+    assert extras["n"].dtype == torch.float32 and extras["n"].shape == (3,)
+    for stem, body, message in [
+        ("long", "torch.zeros(len(responses) + 4), {}", r"7 rewards for 3 responses"),
+        ("short", "torch.ones(len(responses) - 1), {}", r"2 rewards for 3 responses"),
+        ("bare", "torch.ones(len(responses))", r"returned Tensor, expected \(rewards, metrics dict\)"),
+        ("nan", "torch.tensor([1.0, float('nan'), float('inf')]), {}",
+         r"non-finite reward nan for sample 1 \(2 of 3\)"),
+        ("metric", "torch.ones(3), {'x': torch.ones(2)}", r"metric 'x': 2 values for 3 responses"),
+        ("words", "['yes', 'no', 'no'], {}", r"rewards are not numbers"),
+    ]:
+        path, fn = reward(stem, body)
+        with pytest.raises(ValueError, match=rf"reward '{path}:batch_reward': {message}"):
+            call_reward(fn, responses, labels, prompts)
+    # OpenRLHF's reward_func files keep the rule they had, now call_reward's
+    path = tmp_path / "func.py"
+    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [1.0] * 5}\n")
+    with pytest.raises(ValueError, match=rf"reward '{path}': 5 rewards for 3 responses"):
+        call_reward(load_reward(str(path)), responses, labels, prompts)

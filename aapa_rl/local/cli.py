@@ -58,6 +58,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--force", action="store_true", help="accept a discriminator with near-chance AUROC")
     ev.add_argument("--k", type=int, default=0, help="also pass@k from k samples per prompt (0: off)")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k")
+    ev.add_argument("--seed", type=int, default=0, help="torch seed for the pass@k samples (default: 0)")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
     ev.add_argument("--out", help="write the summary JSON here and per-sample records beside it (.jsonl)")
@@ -82,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer
+    from aapa_rl.local.trainer import NonFiniteError, RunDirError, Trainer, latest_checkpoint
+    from reward_fns.combine import RewardError
 
     try:
         trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -94,6 +96,11 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except RewardError as exc:  # a reward that broke its contract mid-run (reward_fns.combine.call_reward)
+        good = latest_checkpoint(trainer.run_dir)
+        print(f"error: {exc}\nthe run stopped after {trainer.step} steps; last checkpoint: {good or 'none'}"
+              + (" (fix the cause, then --resume)" if good else ""), file=sys.stderr)
+        return 2
     if summary:
         from aapa_rl.local.evaluation import format_table
 
@@ -109,6 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
     from aapa_rl.local.evaluation import evaluate, format_table, load_reward
     from aapa_rl.local.policy import load_policy, load_tokenizer
     from aapa_rl.local.trainer import load_rows
+    from reward_fns.combine import RewardError
 
     try:
         reward_fn = load_reward(args.reward)
@@ -131,16 +139,21 @@ def _eval(args: argparse.Namespace) -> int:
         from aapa_rl.anchor import load_discriminator
 
         discriminator = load_discriminator(args.discriminator, force=args.force, device=device)
-    summary, records = evaluate(
-        model,
-        tokenizer,
-        rows,
-        reward_fn,
-        max_new_tokens=args.max_new_tokens,
-        discriminator=discriminator,
-        k=args.k,
-        temperature=args.temperature,
-    )
+    torch.manual_seed(args.seed)  # the pass@k samples: the same command gives the same numbers
+    try:
+        summary, records = evaluate(
+            model,
+            tokenizer,
+            rows,
+            reward_fn,
+            max_new_tokens=args.max_new_tokens,
+            discriminator=discriminator,
+            k=args.k,
+            temperature=args.temperature,
+        )
+    except RewardError as exc:  # a reward that broke its contract (reward_fns.combine.call_reward)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     columns = EVAL_COLUMNS + ([(f"pass@{args.k}", f"pass@{args.k}")] if args.k else [])
     print(format_table({Path(args.checkpoint).name: summary}, columns))
     if args.out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,11 @@ def _check(r: Recipe) -> None:
     need(r.rollout.prompts_per_step >= 1, "rollout.prompts_per_step must be >= 1")
     need(r.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(r.rollout.temperature > 0, "rollout.temperature must be > 0")
+    need(0 < r.rollout.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.rollout.top_p}")
+    need(r.rollout.top_k >= 0, f"rollout.top_k must be >= 0 (0: off), got {r.rollout.top_k}")
+    # NaN fails every comparison, so these also catch a NaN from --set optim.lr=.nan
+    need(0 < r.optim.lr < math.inf, f"optim.lr must be a finite number > 0, got {r.optim.lr}")
+    need(r.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0: no clipping), got {r.optim.grad_clip}")
     need(
         r.optim.lr_schedule in ("constant", "cosine"),
         f"optim.lr_schedule: {r.optim.lr_schedule!r} is not constant or cosine",
@@ -284,5 +290,7 @@ def _check(r: Recipe) -> None:
 
         try:
             load_reward(r.reward)
-        except (ValueError, ImportError) as exc:
+        except ValueError as exc:  # its message names the reward
             raise RecipeError(f"reward: {exc}") from None
+        except Exception as exc:  # whatever else loading it raises (an import it lacks)
+            raise RecipeError(f"reward: {r.reward}: cannot be loaded: {type(exc).__name__}: {exc}") from None

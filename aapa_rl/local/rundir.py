@@ -21,6 +21,9 @@ import yaml
 from aapa_rl.local import plots
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
+# What a start writes before its run log opens (Trainer.__init__: prepare, then the task's data): a directory
+# holding only these, with config.yaml a run's, is a start that failed and is not a run to protect.
+START_FILES = {"config.yaml", "data"}
 
 
 class RunDirError(RuntimeError):
@@ -36,25 +39,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next((d for d in checkpoints(run_dir) if (d / "trainer_state.pt").exists()), None)
 
 
+def _config_keys(run_dir: Path) -> set:
+    """The top-level keys of run_dir/config.yaml (empty if there is none, or it is not a YAML mapping)."""
+    try:
+        written = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return set()
+    return set(written) if isinstance(written, dict) else set()
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()  # a file, or the `final` link
+
+
 def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[Path]:
     """Make `run_dir` ready: for a resume, the checkpoints to try (newest first); else an empty list, after
-    refusing to replace a run unless `overwrite` and writing config.yaml."""
-    holds_run = run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    writing config.yaml. A run is replaced only with `overwrite`, and only a run directory (config.yaml
+    written by a run) ever is; what a start that failed before training left is cleared without it."""
     if resume:
         found = checkpoints(run_dir)
         if not found:
             raise RunDirError(f"{run_dir}: no checkpoint to resume from; start over with --overwrite")
         return found
-    if holds_run and not overwrite:
-        raise RunDirError(
-            f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    if holds_run or (run_dir / "config.yaml").exists():  # or a start that failed before training (a bad row)
-        shutil.rmtree(run_dir)
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunDirError(
-            f"{run_dir} exists and is not an empty directory or a run directory; choose another out"
-        )
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries:
+        keys = _config_keys(run_dir)
+        holds_run = {"out", "steps"} <= keys and any((run_dir / m).exists() for m in RUN_MARKERS)
+        # A failed start's config.yaml has every key a run writes; a recipe of one's own (exp1/config.yaml
+        # trained into exp1) leaves some out and is kept.
+        failed_start = keys == set(config) and {p.name for p in entries} <= START_FILES
+        if holds_run and not overwrite:
+            raise RunDirError(
+                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+        if not (holds_run or failed_start):
+            raise RunDirError(
+                f"{run_dir} exists and is not an empty directory or a run directory (the config.yaml "
+                "aapa-rl train writes, with metrics.jsonl or checkpoints/); choose another out"
+            )
+        _remove(entries)  # the directory itself stays: it may be the working directory (--out .)
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory; choose another out")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return []
