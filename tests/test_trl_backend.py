@@ -80,10 +80,15 @@ def test_aapa_rl_trl_trains_checkpoints_and_resumes_with_the_schedule_state(tmp_
         # TRL's reward is the shaped one: r + alpha * s, as the core computes it
         assert row["reward"] == pytest.approx(row["aapa/reward_shaped_mean"], abs=1e-5)
         assert "reward/format" in row and "aapa/gap_mean" in row
+        # the spec's log-probabilities under the policy: TRL's rollouts and the expert rows trained on
+        assert row["aapa/rollout_logp_mean"] < 0 and row["aapa/expert_logp_mean"] < 0
     lams = [row["aapa/lambda"] for row in steps]
     assert lams[0] == 1.0 and lams[1] == pytest.approx(1.5) and lams[2] == pytest.approx(2.25)  # gap > target
 
     assert (out / "curves.png").stat().st_size > 10_000  # the training curves, as a PNG beside the metrics
+    assert (out / "disc_hist.png").stat().st_size > 10_000  # D of the rollouts against the experts'
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in scores] == [0, 1, 2] and len(scores[0]["d_rollout"]) == 16
     start, final = weights(warm_run() / "final"), weights(out / "final")
     assert any(not torch.equal(start[k], final[k]) for k in start)  # the policy moved
     state = json.loads((out / "checkpoint-2" / "aapa_state.json").read_text())
@@ -99,6 +104,56 @@ def test_aapa_rl_trl_trains_checkpoints_and_resumes_with_the_schedule_state(tmp_
     assert [row["step"] for row in later] == [1, 2, 3, 4, 5]  # the checkpoint's history, then steps 4 and 5
     assert later[3]["aapa/lambda"] == pytest.approx(1.5**3)  # raised after each of steps 1-3
     assert later[-1]["aapa/anchors_total"] == 10
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in scores] == [0, 1, 2, 3, 4]  # the checkpoint (step 3) was the last one
+
+
+def test_resume_without_a_checkpoint_is_a_named_error(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert cli_main(["trl", "--config", str(config), "--resume"]) == 2
+    assert "holds no checkpoint-* to resume from" in capsys.readouterr().out
+
+
+def test_an_evaluation_between_reused_batches_keeps_the_aapa_terms(tmp_path):
+    """With num_iterations 2, TRL trains twice on each generation batch; an evaluation between the two
+    optimizer steps must not drop the anchor term of the second one."""
+    from aapa_rl.local.task import ArithmeticTask
+
+    eval_file = ArithmeticTask(**TASK).write(tmp_path / "data")["eval"]
+    config = write_config(tmp_path, num_iterations=2, max_steps=4, eval_strategy="steps", eval_steps=1,
+                          per_device_eval_batch_size=16)
+    with_eval = {**yaml.safe_load(config.read_text()), "data": {"eval": str(eval_file)}}
+    config.write_text(yaml.safe_dump(with_eval))
+    assert cli_main(["trl", "--config", str(config)]) == 0
+    steps = [row for row in history(tmp_path / "out") if "aapa/anchor_loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3, 4]
+    assert any("eval_loss" in row for row in history(tmp_path / "out"))
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_named_error(tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    trainer = _trainer(tmp_path)
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    monkeypatch.setattr(GRPOTrainer, "compute_loss", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+        trainer.compute_loss(trainer.model, trainer._buffered_inputs[0])
+
+
+def test_the_callers_config_is_left_as_it_was_and_environments_are_refused(tmp_path):
+    from aapa_rl.trl_backend.cli import build_trainer
+
+    run = load(write_config(tmp_path, reward_weights=[1.0]))
+    _, bad, loaded = check(run)
+    assert not bad, bad
+    assert build_trainer(run, loaded).reward_weights.tolist() == [1.0, 1.0]  # the task's, then the shaping's
+    assert run.config.reward_weights == [1.0]
+    assert build_trainer(run, loaded).reward_weights.tolist() == [1.0, 1.0]  # a second trainer, same config
+    with pytest.raises(ValueError, match="environment_factory is not supported"):
+        from aapa_rl.trl_backend.trainer import AapaGRPOTrainer
+
+        AapaGRPOTrainer(model=run.model, args=run.config, aapa=run.aapa, environment_factory=object)
 
 
 def test_a_changed_stage_schedule_is_refused_on_resume(tmp_path, capsys):
@@ -356,6 +411,14 @@ def test_the_dry_run_names_each_problem(tmp_path, capsys):
     assert "FAIL  aapa.discriminator" in printed and "does not exist" in printed
     assert "trl.steps_per_generation (4) must equal gradient_accumulation_steps (2)" in printed
     assert "nothing was trained" in printed
+
+    # adaptive lambda lifts a lam of 0 at run time: its anchor term needs the same one-batch-per-step rule
+    adaptive = yaml.safe_load(config.read_text())
+    adaptive["aapa"] = {"stages": [{**STAGE, "lam": 0.0}], "discriminator": str(discriminator_dir()),
+                        "adaptive": {"target_gap": 0.01, "rate": 0.5, "lam_min": 0.0, "lam_max": 100.0}}
+    config.write_text(yaml.safe_dump(adaptive))
+    assert cli_main(["trl", "--config", str(config), "--dry-run"]) == 1
+    assert "trl.steps_per_generation (4) must equal" in capsys.readouterr().out
 
     bad = yaml.safe_load(config.read_text())
     bad["aapa"]["stages"][0]["rho"] = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -64,10 +65,24 @@ def smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, (window - 1, 0), mode="edge"), np.ones(window) / window, mode="valid")
 
 
+def _expand(rows: list[dict], keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (key, name) pairs with each pattern (a key with `*`) replaced by the logged keys it matches, named
+    `name` with `*` filled in: "reward/*_correct" finds reward/math_correct for any reward's correctness."""
+    out = []
+    for key, name in keys:
+        if "*" not in key:
+            out.append((key, name))
+            continue
+        logged = dict.fromkeys(k for row in rows for k in row if fnmatch.fnmatchcase(k, key))
+        prefix, suffix = key.split("*")
+        out += [(k, name.replace("*", k[len(prefix) : len(k) - len(suffix)])) for k in logged]
+    return out
+
+
 def _lines(ax, runs: dict[str, list[dict]], keys: list[tuple[str, str]], title: str) -> bool:
     drawn = False
     for label, rows in runs.items():
-        for key, name in keys:
+        for key, name in _expand(rows, keys):
             x, y = series(rows, key)
             if not len(x):
                 continue
@@ -116,6 +131,7 @@ CURVES = {
     "accuracy": (
         [
             ("reward/correct", "train correct"),
+            ("reward/*_correct", "train *_correct"),  # a reward_fns module's correctness (math_correct)
             ("reward/format", "train format"),
             ("reward/ifeval_strict_prompt", "train prompt-level"),  # IFEval: every instruction followed
             ("eval/accuracy", "eval accuracy"),
@@ -148,11 +164,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         for name, (keys, title) in CURVES.items()
     ]
     scores = read_log(run_dir / "scores.jsonl")
-    made.append(_histograms(out / "disc_hist.png", {run_dir.name: scores}, "d", "D(x, y)"))
+    made.append(histograms(out / "disc_hist.png", {run_dir.name: scores}, "d", "D(x, y)"))
     return [p for p in made if p is not None]
 
 
-def _histograms(path: Path, runs: dict[str, list[dict]], kind: str, xlabel: str) -> Path | None:
+def histograms(path: Path, runs: dict[str, list[dict]], kind: str, xlabel: str) -> Path | None:
     """Per run: rollouts early vs late in training against the experts, for D scores or log-probs."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.8), squeeze=False)
@@ -204,6 +220,6 @@ def plot_compare(run_dirs: list[str | Path], out: str | Path, labels: list[str] 
     made = [
         _figure(out / f"compare_{name}.png", metrics, keys, title) for name, (keys, title) in CURVES.items()
     ]
-    made.append(_histograms(out / "compare_logp_hist.png", scores, "logp", "mean log-prob per token"))
-    made.append(_histograms(out / "compare_disc_hist.png", scores, "d", "D(x, y)"))
+    made.append(histograms(out / "compare_logp_hist.png", scores, "logp", "mean log-prob per token"))
+    made.append(histograms(out / "compare_disc_hist.png", scores, "d", "D(x, y)"))
     return [p for p in made if p is not None]

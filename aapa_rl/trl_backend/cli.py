@@ -248,7 +248,12 @@ def build_trainer(run: TrlRun, loaded: dict):
 
 def train(run: TrlRun, *, resume: bool = False) -> dict:
     """Check, then train with TRL; returns the final logged metrics. Writes <output_dir>/final and
-    <output_dir>/metrics.jsonl (TRL's log history)."""
+    <output_dir>/metrics.jsonl (TRL's log history), curves.png and disc_hist.png (D of rollouts and experts,
+    from scores.jsonl)."""
+    from aapa_rl.local.plots import histograms, read_log
+
+    from .trainer import SCORES_FILE
+
     ok, bad, loaded = check(run)
     if bad:
         raise ConfigError(f"{run.path}: " + "; ".join(bad))
@@ -258,6 +263,10 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
             "another trl.output_dir"
         )
+    if resume and not any(out.glob("checkpoint-*")):
+        raise ConfigError(f"--resume: {out} holds no checkpoint-* to resume from")
+    if not resume:
+        (out / SCORES_FILE).unlink(missing_ok=True)  # an earlier run's, without checkpoints
     trainer = build_trainer(run, loaded)
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model(str(out / "final"))
@@ -266,6 +275,7 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
             for row in trainer.state.log_history:
                 f.write(json.dumps(row) + "\n")
         plot_curves(trainer.state.log_history, out / "curves.png")
+        histograms(out / "disc_hist.png", {out.name: read_log(out / SCORES_FILE)}, "d", "D(x, y)")
     return trainer.state.log_history[-1] if trainer.state.log_history else {}
 
 
@@ -305,6 +315,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from reward_fns.combine import RewardError
+
     try:
         from . import trainer  # noqa: F401  (TRL present, at the pinned version)
     except ImportError as e:
@@ -325,7 +337,7 @@ def run_command(args: argparse.Namespace) -> int:
             )
             return 1 if bad else 0
         train(run, resume=args.resume)
-    except (ConfigError, OSError, yaml.YAMLError) as e:
+    except (ConfigError, OSError, yaml.YAMLError, FloatingPointError, RewardError) as e:
         print(f"aapa-rl trl: {e}")
         return 2
     return 0

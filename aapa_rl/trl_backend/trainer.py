@@ -18,6 +18,7 @@ aapa_rl/trl_backend/cli.py are the only ones that import trl.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -46,6 +47,7 @@ if trl.__version__ != TRL_VERSION:
 
 SHAPING = "aapa_shaping"  # the reward column that carries alpha * s
 STATE_FILE = "aapa_state.json"  # the plugin's state in each TRL checkpoint
+SCORES_FILE = "scores.jsonl"  # per step, D of the rollouts and of the experts (the local trainer's format)
 
 
 def text_of(value) -> str:
@@ -99,9 +101,13 @@ class AapaGRPOTrainer(GRPOTrainer):
         reward_funcs=None,
         **kwargs,
     ):
+        if kwargs.get("environment_factory") is not None:  # TRL appends its reward column after the shaping's
+            raise ValueError("AapaGRPOTrainer: environment_factory is not supported (the shaping must be the "
+                             "last reward column)")
         config = kwargs.get("args")
         funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         if config is not None and config.reward_weights is not None:
+            config = kwargs["args"] = copy.copy(config)  # the caller's config stays usable for another
             config.reward_weights = [*config.reward_weights, 1.0]
         super().__init__(*args, reward_funcs=[*funcs, _shaping_column], **kwargs)
         self.aapa, self.critic, self.bank = aapa, critic, bank
@@ -113,17 +119,22 @@ class AapaGRPOTrainer(GRPOTrainer):
         self.aapa_batch: dict | None = None
         self._aapa_chunks: list[list] = []  # expert rows for each micro-step of this process
         self._aapa_norms = (1, 1)  # anchor and SFT expert tokens of the whole batch
-        # Over a step's micro-steps: anchor NLL, anchor tokens, SFT NLL, SFT tokens, expert-forward seconds.
-        self._aapa_sums = torch.zeros(5)
+        # Over a step's micro-steps: anchor NLL, anchor tokens, SFT NLL, SFT tokens, expert-forward seconds,
+        # the expert rows' log-prob sum and tokens, the rollouts' log-prob sum and tokens.
+        self._aapa_sums = torch.zeros(9)
+        self._aapa_rollout_logps: torch.Tensor | None = None  # caught from TRL's forward in compute_loss
         problems = check_trainer_config(aapa, self.args, critic is not None)
         if problems:
             raise ValueError("; ".join(problems))
 
     # ------------------------------------------------------------------------------------------- per batch
     def _generate_and_score_completions(self, inputs):
-        if not self.model.training:
-            self._aapa_values = None
-            return super()._generate_and_score_completions(inputs)
+        if not self.model.training:  # evaluation: no AAPA terms, and the training batch's values are kept
+            saved, self._aapa_values = self._aapa_values, None
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                self._aapa_values = saved
         values = self._aapa_values = self.aapa_schedule.at(self.state.global_step)
         scale = self.scale_rewards
         if stage_estimator(values.objective, "group_norm") == "dr_grpo":
@@ -185,6 +196,12 @@ class AapaGRPOTrainer(GRPOTrainer):
         anchor.metrics["hard_set_size"] = float(len(anchor.hard_set))
         anchor.metrics["time_critic"] = time.perf_counter() - started
         rewards[:, -1] = (values.alpha * anchor.shaping.reshape(-1)).to(rewards.device)
+        if self.accelerator.is_main_process:  # for the histogram of D, rollouts against experts
+            row = {"step": self.state.global_step}
+            for key, d in (("d_rollout", scored.scores), ("d_expert", scored.expert_scores)):
+                row[key] = [v for v in d.reshape(-1).tolist() if math.isfinite(v)]  # NaN: no expert
+            with open(os.path.join(self.args.output_dir, SCORES_FILE), "a") as f:
+                f.write(json.dumps(row) + "\n")
         if math.isfinite(anchor.metrics["gap_mean"]):
             self.aapa_schedule.observe(anchor.metrics["gap_mean"])
         return rewards
@@ -216,10 +233,28 @@ class AapaGRPOTrainer(GRPOTrainer):
         return [mine[j::steps] for j in range(steps)]
 
     # ----------------------------------------------------------------------------------------- per micro-step
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._aapa_rollout_logps is None:  # compute_loss asked for its first forward: the policy's
+            self._aapa_rollout_logps = out[0].detach()
+        return out
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = self.model.training
+        self._aapa_rollout_logps = None if training else torch.empty(0)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        values = self._aapa_values
-        if not self.model.training or values is None or not self._aapa_chunks:
+        if not torch.isfinite(loss).all():  # TRL would step the optimizer on it and ruin the weights
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step}: "
+                                     "resume from the last checkpoint (with a lower learning rate or fp32)")
+        values, logps = self._aapa_values, self._aapa_rollout_logps
+        if training and logps is not None and logps.numel():  # mean log-prob of the rollouts under the policy
+            mask = inputs["completion_mask"]
+            self._aapa_sums[7:] += torch.tensor([float((logps * mask).sum()), float(mask.sum())])
+        if not training or values is None:
+            return loss
+        if not self._aapa_chunks:
+            if self._step % self.args.steps_per_generation == self.args.steps_per_generation - 1:
+                self._log_expert_losses()
             return loss
         step = self._step % self.args.steps_per_generation
         started = time.perf_counter()
@@ -260,9 +295,12 @@ class AapaGRPOTrainer(GRPOTrainer):
             anchor_loss(log_probs, anchor_mask, weights, phi=self.aapa.anchor_phi) * anchor_mask.sum()
         )
         sft_sum = sft_loss(log_probs, sft_mask, phi=chord_phi) * sft_mask.sum()
+        rows_mask = anchor_mask.bool() | sft_mask.bool()
         self._aapa_sums[:4] += torch.tensor(
             [anchor_sum.item(), anchor_mask.sum().item(), sft_sum.item(), sft_mask.sum().item()]
         )
+        expert_logp = float(log_probs.detach()[rows_mask].sum())
+        self._aapa_sums[5:7] += torch.tensor([expert_logp, float(rows_mask.sum())])
         processes = self.accelerator.num_processes
         anchor_tokens, sft_tokens = (max(n, 1) for n in self._aapa_norms)
         return anchor_sum / anchor_tokens * processes, sft_sum / sft_tokens * processes
@@ -275,9 +313,13 @@ class AapaGRPOTrainer(GRPOTrainer):
             self._metrics["train"]["aapa/anchor_tokens"].append(float(sums[1]))
         if sums[3] > 0:
             self._metrics["train"]["aapa/sft_loss"].append(float(sums[2] / sums[3]))
-        # seconds in the expert rows' forward passes (their backward is inside TRL's), mean over processes
-        seconds = float(sums[4]) / self.accelerator.num_processes
-        self._metrics["train"]["aapa/time_expert_forward"].append(seconds)
+        for key, (total, tokens) in {"expert_logp_mean": sums[5:7], "rollout_logp_mean": sums[7:9]}.items():
+            if tokens > 0:  # the expert rows trained on (H, every expert in SFT / CHORD), TRL's rollouts
+                self._metrics["train"][f"aapa/{key}"].append(float(total / tokens))
+        if sums[1] > 0 or sums[3] > 0:
+            # seconds in the expert rows' forward passes (their backward is inside TRL's), mean over processes
+            seconds = float(sums[4]) / self.accelerator.num_processes
+            self._metrics["train"]["aapa/time_expert_forward"].append(seconds)
         self._aapa_sums.zero_()
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -309,6 +351,13 @@ class AapaGRPOTrainer(GRPOTrainer):
         except ValueError as e:  # another stage schedule than the checkpoint's
             raise ConfigError(f"{path}: {e}") from e
         self.aapa_anchors_total = state["anchors_total"]
+        scores = os.path.join(self.args.output_dir, SCORES_FILE)
+        if self.accelerator.is_main_process and os.path.exists(scores):  # drop the steps after the checkpoint
+            with open(scores) as f:
+                step = self.state.global_step
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < step]
+            with open(scores, "w") as f:
+                f.writelines(kept)
 
 
 def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str]:
@@ -326,7 +375,10 @@ def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str
         )
     if aapa.selection == "oracle":
         problems.append(ORACLE_NEEDS_FLAW_BONUS)
-    expert_terms = any(s.lam > 0 or s.objective in ("sft", "chord") for s in aapa.stages)
+    # adaptive lambda lifts a lam of 0 above 0 at run time, so it counts as an expert term too
+    expert_terms = aapa.adaptive is not None or any(
+        s.lam > 0 or s.objective in ("sft", "chord") for s in aapa.stages
+    )
     if expert_terms and args.steps_per_generation != args.gradient_accumulation_steps:
         problems.append(
             f"trl.steps_per_generation ({args.steps_per_generation}) must equal "
