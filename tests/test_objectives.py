@@ -101,12 +101,12 @@ def test_group_advantages_known_values_and_errors():
 
 def test_a_group_of_equal_rewards_has_zero_advantages_though_its_float32_mean_misses_them():
     # Shaped rewards of four groups whose 8 rollouts were the same text (a GRPO + shaping run), and a mixed
-    # group. Batched, float32's mean misses the equal ones by an ulp while their std is 0: OpenRLHF's
-    # (r - mean) / (std + 1e-9) gives all 8 the same advantage, 60 or 477 (or 0.92 for a group alone).
+    # group. Batched, float32's mean missed the equal ones by an ulp while their std was 0 (on an AVX-512
+    # Xeon; how the mean rounds depends on the CPU's kernels): OpenRLHF's (r - mean) / (std + 1e-9) gave
+    # all 8 the same advantage, 60 or 477.
     equal = [0.9305313229560852, 0.984295666217804, 0.9213687181472778, -6.907755374908447]
     rewards = torch.tensor([v for v in equal for _ in range(8)] + [1.0, 0.0] * 4)
     host = _openrlhf_advantages(rewards, 8, "group_norm")
-    assert (host[:32].abs() > 0.5).all()  # the defect in the host's rule, for the record
     ours = obj.group_advantages(rewards, 8)
     assert torch.equal(ours[:32], torch.zeros(32))
     torch.testing.assert_close(ours[32:], host[32:])  # a group with a spread: as before, OpenRLHF's values

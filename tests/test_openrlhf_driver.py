@@ -158,8 +158,8 @@ def test_a_group_of_equal_shaped_rewards_gets_zero_advantages_from_openrlhf(disc
         exp.kl = torch.zeros(exp.action_mask.shape)
     signal = shaping_signal(expected_scores(disc_dir, rows), "log", 1e-6)
     shaped = (1.0 + 0.3 * signal).float().view(-1, n)
-    host = (shaped - shaped.mean(-1, keepdim=True)) / (shaped.std(-1, keepdim=True) + 1e-9)  # OpenRLHF's
-    assert (shaped.amax(-1) == shaped.amin(-1)).all() and host.abs().amax() > 0.5  # the case that broke
+    # OpenRLHF's rule gave these groups +-10 on an AVX-512 Xeon (how the mean rounds depends on the CPU)
+    assert (shaped.amax(-1) == shaped.amin(-1)).all()
 
     maker.compute_advantages_and_returns(experiences)
     advantages = torch.stack(by_index(experiences, lambda e: e.advantages[:, 0]))
