@@ -254,3 +254,41 @@ def test_train_into_the_recipes_own_directory_deletes_nothing(tmp_path, capsys):
         assert "not an empty directory or a run directory" in capsys.readouterr().err
         assert sorted(p.name for p in exp1.iterdir()) == ["config.yaml", "mydata", "notes.txt"]
         assert yaml.safe_load((exp1 / "config.yaml").read_text()) == recipe
+
+
+def test_resume_refuses_a_changed_recipe_and_records_a_longer_run(tmp_path, capsys):
+    """--resume with a recipe that trains something else is refused, naming every changed key with its old
+    and new value (it used to be taken silently, leaving config.yaml describing another run); more steps
+    and other logging resume, and config.yaml is rewritten to say so."""
+    import yaml
+
+    run = tmp_path / "run"
+    recipe = base_recipe(run, steps=1, stages=[{"end_step": 1, "objective": "sft"}],
+                         model={"path": str(warm_run() / "final")})
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    train = ["train", "--config", str(config), "--no-progress"]
+    assert main(train) == 0
+    written = (run / "config.yaml").read_text()
+    capsys.readouterr()
+
+    changed = ["--set", "optim.lr=0.01", "--set", "loss.sft_batch_size=4", "--set", "model.path=null",
+               "--set", "aapa.stages.0.objective=chord", "--set", "steps=2"]
+    assert main([*train, "--resume", *changed]) == 2
+    err = capsys.readouterr().err
+    for line in (
+        "optim.lr: 0.001 -> 0.01",
+        "loss.sft_batch_size: 8 -> 4",
+        "aapa.stages.0.objective: 'sft' -> 'chord'",
+        f"model.path: '{warm_run() / 'final'}' -> None",
+    ):
+        assert f"\n  {line}" in err, err
+    assert "steps:" not in err and "start a new run (another --out) or replace this one (--overwrite)" in err
+    assert (run / "config.yaml").read_text() == written
+
+    assert main([*train, "--resume", "--set", "steps=2", "--set", "log.eval_samples=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with steps: 1 -> 2" in out and "resuming with log.eval_samples: 8 -> 4" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["steps"] == 2 and saved["log"]["eval_samples"] == 4
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]

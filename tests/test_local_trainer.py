@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -526,6 +527,45 @@ def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path):
         trainer.fit()
     assert (tmp_path / "run" / "final" / "trainer_state.pt").exists()
 
+
+def test_a_run_killed_in_its_final_eval_finishes_on_resume(tmp_path, capsys):
+    """A run stopped in its final eval keeps its last step's row (it was written after the eval), and
+    --resume runs the final eval, plots and summary.json it missed (it used to say the run had finished)."""
+    run = tmp_path / "run"
+    log = {"eval_every": 0, "eval_samples": 4, "save_every": 0, "plots": True}
+    recipe = _recipe(run, [{"end_step": 2, "objective": "sft"}], False, log=log)
+
+    def killed_in_final_eval(recipe, resume: bool) -> None:
+        trainer = Trainer(recipe, resume=resume, progress=False)
+
+        def killed():
+            raise KeyboardInterrupt  # as a kill arrives: nothing after it runs
+
+        trainer.evaluate = killed
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+
+    killed_in_final_eval(recipe, resume=False)
+    assert [r["step"] for r in metrics(run)] == [0, 1]
+    assert not (run / "summary.json").exists() and not (run / "plots" / "accuracy.png").exists()
+
+    summary = Trainer(recipe, resume=True, progress=False).fit()
+    assert "trained its 2 steps but stopped before its final eval" in capsys.readouterr().out
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1] and "loss/sft" in rows[1]
+    assert summary["n"] == 4 and rows[1]["eval/accuracy"] == summary["accuracy"]
+    assert (run / "eval" / "step_000002.jsonl").exists() and (run / "plots" / "accuracy.png").exists()
+    done = json.loads((run / "summary.json").read_text())
+    assert done["eval"] == summary and done["steps"] == 2 and done["final"] == "checkpoints/step_000002"
+
+    # Extended by a step and killed in its final eval again: the first end's summary.json is not this one's.
+    longer = dataclasses.replace(recipe, steps=3)
+    killed_in_final_eval(longer, resume=True)
+    summary = Trainer(longer, resume=True, progress=False).fit()
+    assert "trained its 3 steps but stopped before its final eval" in capsys.readouterr().out
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["eval/accuracy"] == summary["accuracy"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 def test_aapa_prompt_without_expert_is_named_at_startup(tmp_path):
     from aapa_rl.data.rows import DataError

@@ -19,11 +19,17 @@ import torch
 import yaml
 
 from aapa_rl.local import plots
+from aapa_rl.local.recipe import Recipe, recipe_dict
+from aapa_rl.settings import ConfigError, build
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
 # What a start writes before its run log opens (Trainer.__init__: prepare, then the task's data): a directory
 # holding only these, with config.yaml a run's, is a start that failed and is not a run to protect.
 START_FILES = {"config.yaml", "data"}
+# Recipe keys a resume may change, as none changes what is trained: `steps` extends (or shortens) the run,
+# `out` is this same directory however it is spelt (or wherever it was moved), the others log, set CPU
+# threads or guard the run. A key ending in "." stands for its whole section.
+RESUME_MAY_CHANGE = ("out", "steps", "threads", "max_nonfinite", "log.", "aapa.force_discriminator")
 
 
 class RunDirError(RuntimeError):
@@ -39,13 +45,81 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next((d for d in checkpoints(run_dir) if (d / "trainer_state.pt").exists()), None)
 
 
-def _config_keys(run_dir: Path) -> set:
-    """The top-level keys of run_dir/config.yaml (empty if there is none, or it is not a YAML mapping)."""
+def _read_config(run_dir: Path) -> dict | None:
+    """run_dir/config.yaml (None if there is none, or it is not a YAML mapping)."""
     try:
         written = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return set()
-    return set(written) if isinstance(written, dict) else set()
+        return None
+    return written if isinstance(written, dict) else None
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """{"a.b.0.c": leaf}: a config under the dotted keys --set takes."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {prefix: value}
+    flat = {}
+    for key, item in items:
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _both_nan(a, b) -> bool:
+    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved config with every key of this version's recipe: a run written before a key existed trained
+    with its default. A config this version cannot read is compared as it is."""
+    try:
+        return yaml.safe_load(yaml.safe_dump(recipe_dict(build(Recipe, saved, ""))))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
+def check_resume_config(run_dir: Path, config: dict, trained: int) -> None:
+    """Refuse to resume the run in `run_dir` (`trained` steps in its newest checkpoint) with a recipe that
+    differs from its config.yaml in a key that changes what is trained, naming every such key. After the
+    changes a resume may make (RESUME_MAY_CHANGE), config.yaml is rewritten so that it describes the run."""
+    new = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # as config.yaml holds it: lists, no tuples
+    if new["steps"] < trained:
+        raise RunDirError(
+            f"{run_dir}: steps {new['steps']} is below the {trained} steps its newest checkpoint has "
+            f"trained; pass steps >= {trained}, or start a new run (another --out)"
+        )
+    saved = _read_config(run_dir)
+    if saved is None:
+        print(f"warning: {run_dir / 'config.yaml'} is missing or not a recipe, so this recipe cannot be "
+              "compared with the run's; writing this one", file=sys.stderr)
+    else:
+        old, now = _flatten(_with_defaults(saved)), _flatten(new)
+        unset = "(not set)"
+        changed = {
+            key: (old.get(key, unset), now.get(key, unset))
+            for key in {**now, **old}  # the new recipe's order, then the keys it no longer has
+            if old.get(key, unset) != now.get(key, unset) and not _both_nan(old.get(key), now.get(key))
+        }
+        refused = [
+            key for key in changed
+            if key not in RESUME_MAY_CHANGE and key.split(".")[0] + "." not in RESUME_MAY_CHANGE
+        ]
+        if refused:
+            lines = "".join(f"\n  {key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in refused)
+            allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
+            raise RunDirError(
+                f"{run_dir}: this recipe differs from the run's config.yaml in what is trained (old -> new):"
+                f"{lines}\na resume may change only {allowed}; start a new run (another --out) or replace "
+                "this one (--overwrite)"
+            )
+        for key, (before, after) in changed.items():
+            print(f"resuming with {key}: {before!r} -> {after!r} (config.yaml updated)")
+        if not changed and new == saved:
+            return
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def _remove(paths: list[Path]) -> None:
@@ -64,10 +138,11 @@ def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[
         found = checkpoints(run_dir)
         if not found:
             raise RunDirError(f"{run_dir}: no checkpoint to resume from; start over with --overwrite")
+        check_resume_config(run_dir, config, int(found[0].name.removeprefix("step_")))
         return found
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
     if entries:
-        keys = _config_keys(run_dir)
+        keys = set(_read_config(run_dir) or {})
         holds_run = {"out", "steps"} <= keys and any((run_dir / m).exists() for m in RUN_MARKERS)
         # A failed start's config.yaml has every key a run writes; a recipe of one's own (exp1/config.yaml
         # trained into exp1) leaves some out and is kept.
@@ -132,7 +207,8 @@ class RunLog:
             if path.exists():
                 keep = [row for row in plots.read_log(path) if row["step"] < step]
                 path.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_file = open(self.metrics_path, "a")
         self.scores_file = open(run_dir / "scores.jsonl", "a")
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
 
@@ -140,9 +216,7 @@ class RunLog:
         self.metrics_file.write(json.dumps(metrics) + "\n")
         self.metrics_file.flush()
         step = metrics["step"]
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        self._scalars(metrics, step)
         if scores:
             self.scores_file.write(json.dumps({"step": step, **scores}) + "\n")
             self.scores_file.flush()
@@ -151,6 +225,26 @@ class RunLog:
                 values = values[values.isfinite()]  # NaN: a prompt without an expert (missing_expert: skip)
                 if len(values):
                     self.tb.add_histogram(f"aapa/{key}", values, step)
+
+    def add(self, metrics: dict, step: int) -> None:
+        """Add `metrics` (the final eval's) to step's row, the last one written. The file is replaced whole,
+        so a kill leaves the row with or without them, never a row cut off."""
+        rows = plots.read_log(self.metrics_path)
+        if rows and rows[-1]["step"] == step:
+            rows[-1].update(metrics)
+        else:  # no row: a run killed in its final eval when the row was written after it
+            rows.append({"step": step, **metrics})
+        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        self.metrics_file.close()
+        os.replace(tmp, self.metrics_path)
+        self.metrics_file = open(self.metrics_path, "a")
+        self._scalars(metrics, step)
+
+    def _scalars(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         self.metrics_file.close()

@@ -545,16 +545,23 @@ class Trainer:
         return summary
 
     def fit(self) -> dict:
-        """Train to `steps`, evaluating and checkpointing on schedule; returns the final eval summary."""
+        """Train to `steps`, evaluating and checkpointing on schedule, then _finish; returns the final eval
+        summary. A run resumed after its last step only finishes, if it had not."""
         r = self.recipe
+        started = time.perf_counter()
         if self.step >= r.steps:
+            try:
+                done = json.loads((self.run_dir / "summary.json").read_text())
+            except (OSError, ValueError):  # none, or its write was cut short
+                done = {}
+            # Killed after its final checkpoint; or this summary is of an end before the run was extended.
+            if done.get("steps") != self.step:
+                print(f"{self.run_dir} trained its {r.steps} steps but stopped before its final eval, plots "
+                      "and summary.json; running them now")
+                return self._finish(started)
             self.close()
             print(f"{self.run_dir} already finished its {r.steps} steps; raise `steps` to train further")
-            done = self.run_dir / "summary.json"
-            if not done.exists():  # the final checkpoint is saved before the final eval
-                print(f"it stopped before its final eval: run `aapa-rl eval` on {self.run_dir / 'final'}")
-            return json.loads(done.read_text())["eval"] if done.exists() else {}
-        started = time.perf_counter()
+            return done["eval"]
         bar = tqdm(
             range(self.step, r.steps),
             initial=self.step,
@@ -563,7 +570,6 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        summary: dict = {}
         try:
             for step in bar:
                 metrics, scores = self.train_step(step)
@@ -576,29 +582,25 @@ class Trainer:
                         f"({self.nonfinite} in a row)"
                     )
                 last = self.step == r.steps
-                if last:  # before the final eval, so that an eval failure cannot lose the run
+                # The final eval comes after the last row and the final checkpoint (_finish), so that
+                # its failure or a kill during it loses neither; --resume then runs it.
+                if self.eval_rows and not last and r.log.eval_every and self.step % r.log.eval_every == 0:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                self.log.write(metrics, scores)
+                # Checkpoints come after the step's log row, so a resumed run misses no row.
+                if last:
                     final = self.run_dir / "final"  # RUN/final names the trained model, or is absent
                     final.unlink(missing_ok=True)
                     if self.nonfinite == 0:
                         final.symlink_to(self.save().relative_to(self.run_dir))
-                if self.eval_rows and ((r.log.eval_every and self.step % r.log.eval_every == 0) or last):
-                    summary = self.evaluate()
-                    metrics.update({f"eval/{k}": v for k, v in summary.items()})
-                self.log.write(metrics, scores)
+                elif self.nonfinite == 0 and r.log.save_every and self.step % r.log.save_every == 0:
+                    self.save()
                 if self.nonfinite >= r.max_nonfinite:
                     good = latest_checkpoint(self.run_dir)
                     raise NonFiniteError(
                         f"{self.nonfinite} non-finite steps in a row (last at step {step}); "
                         f"aborting. Last good checkpoint: {good or 'none'}"
                     )
-                # Periodic checkpoints come after the step's log row, so a resumed run misses no row.
-                if (
-                    not last
-                    and self.nonfinite == 0
-                    and r.log.save_every
-                    and self.step % r.log.save_every == 0
-                ):
-                    self.save()
                 bar.set_postfix(
                     {
                         k.split("/")[-1]: f"{metrics[k]:.3g}"
@@ -606,8 +608,22 @@ class Trainer:
                         if isinstance(metrics.get(k), float)
                     }
                 )
+        except BaseException:
+            self.close()
+            raise
         finally:
             bar.close()
+        return self._finish(started)
+
+    def _finish(self, started: float) -> dict:
+        """The final eval (added to the last step's row), plots and summary.json, after the last step."""
+        r = self.recipe
+        summary: dict = {}
+        try:
+            if self.eval_rows:
+                summary = self.evaluate()
+                self.log.add({f"eval/{k}": v for k, v in summary.items()}, self.step - 1)
+        finally:
             self.close()
         if r.log.plots:
             plots.plot_run(self.run_dir)
