@@ -86,15 +86,9 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         anchor_w[anchor.hard_set] = anchor.hard_weights.float()
 
         expert_term = values.objective in ("sft", "chord")
-        estimator = args.algo.advantage.estimator
         for p, group in enumerate(groups):
-            shaped = anchor.shaped_rewards[p]
-            if estimator in GROUP_ESTIMATORS and shaped.amin() == shaped.amax():
-                # Exact zeros: on equal shaped rewards OpenRLHF's float32 (r - mean) / (std + 1e-9) turns the
-                # mean's rounding into one advantage of up to +-500 for the whole group (group_advantages).
-                shaped = torch.zeros_like(shaped)
             for j, (_, exp, row) in enumerate(group):
-                exp.rewards[row] = shaped[j]
+                exp.rewards[row] = anchor.shaped_rewards[p, j]
             # One sample per prompt carries its expert to the actor: one anchor / SFT forward per prompt.
             _, exp, row = group[0]
             exp.info["aapa_w"][row] = anchor_w[p]
@@ -114,6 +108,7 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         self.last_scores = {"rollouts": scored.scores[~scored.scores.isnan()],
                             "experts": scored.expert_scores[~scored.expert_scores.isnan()]}
 
+        estimator = args.algo.advantage.estimator
         if estimator in GROUP_ESTIMATORS:  # the core's rule for the SFT stage (GAE has no group baseline)
             estimator_now = stage_estimator(values.objective, estimator)
             args.algo.advantage.estimator = self.advantage_estimator = estimator_now
