@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import trl
@@ -31,6 +32,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trl import GRPOTrainer
 
 from aapa_rl.anchor import AnchorCritic, ExpertBank, anchor_step, label_expert
+from aapa_rl.local.plots import read_log
 from aapa_rl.objectives import (
     ORACLE_NEEDS_FLAW_BONUS,
     anchor_loss,
@@ -351,13 +353,10 @@ class AapaGRPOTrainer(GRPOTrainer):
         except ValueError as e:  # another stage schedule than the checkpoint's
             raise ConfigError(f"{path}: {e}") from e
         self.aapa_anchors_total = state["anchors_total"]
-        scores = os.path.join(self.args.output_dir, SCORES_FILE)
-        if self.accelerator.is_main_process and os.path.exists(scores):  # drop the steps after the checkpoint
-            with open(scores) as f:
-                step = self.state.global_step
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] < step]
-            with open(scores, "w") as f:
-                f.writelines(kept)
+        scores = Path(self.args.output_dir) / SCORES_FILE
+        if self.accelerator.is_main_process and scores.exists():  # drop the steps after the checkpoint
+            kept = [row for row in read_log(scores) if row["step"] < self.state.global_step]
+            scores.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str]:
