@@ -143,6 +143,36 @@ def test_rewards_are_shaped_before_the_group_baseline(disc_dir):
     assert (d.view(-1, GROUP)[:, 0] > d.view(-1, GROUP)[:, 1]).all()
 
 
+def test_a_group_of_equal_rewards_gets_zero_advantages_though_openrlhf_normalised_it(disc_dir):
+    """OpenRLHF's group_norm divides by std + 1e-9 in float32: four groups of 8 equal rewards (values from a
+    GRPO + shaping run, whose mean missed them by an ulp on an AVX-512 Xeon) and one mixed group. The adapter
+    takes back the term OpenRLHF added to the equal groups and leaves the rewards it logs alone."""
+    n, problems = 8, [*PROBLEMS, (31, "+", 9)]
+    maker = make_maker(make_args(disc_dir, n=n))
+    maker.values = step_values("grpo", lam=0.5, alpha=0.0, rho=0.5)  # alpha 0: these rewards as they are
+    equal = [0.9305313229560852, 0.984295666217804, 0.9213687181472778, -6.907755374908447]
+    rewards = [v for v in equal for _ in range(n)] + [1.0, 0.0] * (n // 2)
+    rows = [(prompt_for(*p), expert_for(*p), expert_for(*p)) for p in problems for _ in range(n)]
+    samples = [rollout_sample(p, r, w, {"answer": "x", "expert": e})
+               for (p, r, e), w in zip(rows, rewards, strict=True)]
+    experiences = maker.split_rollout_samples(samples)
+    gen = torch.Generator().manual_seed(0)
+    for exp in experiences:
+        exp.action_log_probs = torch.zeros(exp.action_mask.shape)
+        exp.kl = torch.rand(exp.action_mask.shape, generator=gen) * exp.action_mask
+    maker.kl_ctl = FixedKLController(0.01)  # a per-token KL reward, which must stay in the returns
+    kl_return = torch.stack(by_index(experiences, lambda e: -0.01 * (e.kl * e.action_mask).sum(-1)))
+
+    maker.compute_advantages_and_returns(experiences)
+
+    first_token_adv = torch.stack(by_index(experiences, lambda e: e.advantages[:, 0]))
+    expected = torch.cat([torch.zeros(32), group_advantages(torch.tensor(rewards[32:]), n)]) + kl_return
+    torch.testing.assert_close(first_token_adv, expected, atol=1e-5, rtol=0)
+    returns = torch.stack(by_index(experiences, lambda e: e.info["return"]))
+    torch.testing.assert_close(returns, expected, atol=1e-5, rtol=0)
+    assert torch.equal(torch.stack(by_index(experiences, "rewards")), torch.tensor(rewards))
+
+
 def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
     args = make_args(disc_dir, aapa_flags=["--aapa.temperature", "0.5"])
     maker = make_maker(args)
