@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from aapa_rl.data.rows import DataError
+from reward_fns.combine import RewardError
 
 # Modules exposing `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
 COMMAND_MODULES: list[str] = [
@@ -23,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (DataError, FileNotFoundError) as e:
-        # Bad input data or a missing user path: its one-line message (file, row, field), not a traceback.
-        # Other exceptions are bugs and keep theirs.
+    except (DataError, FileNotFoundError, RewardError) as e:
+        # Bad input data, a missing user path or a reward that broke its contract: its one-line message (file,
+        # row, field; the reward), not a traceback. Other exceptions are bugs and keep theirs.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -178,6 +178,19 @@ def test_build_experts_names_or_skips_a_label_the_reward_rejects(tmp_path, capsy
     assert report["prompts"] == 2 and report["samples"] == 2 and report["coverage"] == 1.0
 
 
+def test_build_experts_names_a_reward_that_breaks_its_contract(gsm, tmp_path, capsys):
+    """A reward file whose output is not one reward per response: a one-line error naming the reward, not
+    every row's label and not a traceback."""
+    reward = tmp_path / "short_reward.py"
+    reward.write_text("def batch_reward(responses, labels):\n    return [1.0] * (len(responses) - 1), {}\n")
+    args = ["build-experts", "--samples", str(gsm.samples), "--prompts", str(gsm.prompts), "--output",
+            str(gsm.bank), "--prompt-key", "question", "--answer-key", "answer", "--reward", str(reward)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"reward '{reward}:batch_reward'" in err and "label" not in err and "Traceback" not in err
+    assert not gsm.bank.exists()
+
+
 def _strategy(apply_chat_template: bool = False) -> SimpleNamespace:
     data = SimpleNamespace(input_key="prompt", label_key="label", apply_chat_template=apply_chat_template)
     return SimpleNamespace(

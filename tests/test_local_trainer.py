@@ -515,6 +515,19 @@ def test_labels_are_checked_by_the_reward_at_startup(tmp_path):
     Trainer(_data_recipe(tmp_path, {"train": str(tmp_path / "good.jsonl")}), progress=False).close()
 
 
+def test_a_reward_that_breaks_its_contract_at_startup_is_named_not_blamed_on_the_labels(tmp_path):
+    from reward_fns.combine import RewardError
+
+    (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "Q: 1+1=?\nA: ", "label": "2"}) + "\n")
+    (tmp_path / "nan_reward.py").write_text(
+        "def batch_reward(responses, labels):\n    return [float('nan')] * len(responses), {}\n")
+    recipe = base_recipe(tmp_path / "run", data={"train": str(tmp_path / "good.jsonl")},
+                         reward=str(tmp_path / "nan_reward.py"), model={"path": str(warm_run() / "final")})
+    del recipe["task"]
+    with pytest.raises(RewardError, match=r"nan_reward.py:batch_reward': non-finite reward nan for sample 0"):
+        Trainer(load_recipe(None, base=recipe), progress=False)
+
+
 def test_final_checkpoint_is_saved_before_the_final_eval(tmp_path):
     recipe = _recipe(tmp_path / "run", [{"end_step": 1, "objective": "sft"}], False)
     trainer = Trainer(recipe, progress=False)

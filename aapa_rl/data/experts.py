@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aapa_rl.data.rows import BadRows, DataError, PromptRow, RowError, read_records, text
-from reward_fns.combine import RewardFn, call_reward
+from reward_fns.combine import RewardError, RewardFn, call_reward
 from reward_fns.combine import load_reward as load_any_reward
 
 
@@ -47,16 +47,21 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
 def label_problems(reward_fn: RewardFn, labels: list) -> dict[int, str]:
     """Labels the reward cannot use, by position, with its reason. Reward functions check every label before
     scoring and raise ValueError ("labels[i]: ..."), and empty responses cost nothing to score: one call
-    checks all labels, and only when it fails is each one checked on its own."""
+    checks all labels, and only when it fails is each one checked on its own. A reward that breaks its
+    output contract (RewardError) is the reward's fault, not a label's: it propagates."""
     try:
         call_reward(reward_fn, [""] * len(labels), labels, [""] * len(labels))
         return {}
+    except RewardError:
+        raise
     except ValueError:
         pass
     problems = {}
     for i, label in enumerate(labels):
         try:
             call_reward(reward_fn, [""], [label], [""])
+        except RewardError:
+            raise
         except ValueError as e:
             problems[i] = str(e).removeprefix("labels[0]: ")
     return problems
