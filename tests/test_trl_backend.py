@@ -449,7 +449,7 @@ def test_two_processes_share_one_hard_set_and_normalise_the_anchor_over_both(tmp
 
     config = write_config(tmp_path, per_device_train_batch_size=12, num_generations=8, max_steps=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "aapa_rl.cli", "trl", "--config", str(config)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
