@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from local_helpers import base_recipe, discriminator_dir, warm_run
@@ -172,7 +173,10 @@ def test_a_reward_that_breaks_its_contract_is_named_and_the_checkpoints_kept(tmp
                     "    return torch.zeros(len(responses) + 4), {}\n")
     assert main(["train", "--config", str(_reward_recipe(tmp_path, long)), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"reward '{long}:batch_reward': 5 rewards for 1 responses" in err and "Traceback" not in err
+    named = rf"error: reward '{re.escape(str(long))}:batch_reward': (\d+) rewards for (\d+) responses"
+    counts = re.search(named, err)
+    assert counts and int(counts[1]) == int(counts[2]) + 4, err  # the reward's fault, not a label's
+    assert "label" not in err and "Traceback" not in err
 
     late = tmp_path / "late.py"  # NaN from the third step's rollouts on (the label check scores "")
     late.write_text(
