@@ -172,23 +172,32 @@ def anchor_gaps(rollout_scores: torch.Tensor, expert_scores: torch.Tensor, eps: 
     return expert_scores.float().clamp(min=eps).log() - log_rollouts
 
 
+def hard_set_budget(rho: float, num_prompts: int) -> int:
+    """ceil(rho * P), the most prompts H may hold. A product within a relative 1e-12 of an integer counts as
+    that integer, so float noise (0.1 * 30 = 3.0000000000000004) adds no prompt while a real excess does."""
+    size = rho * num_prompts
+    nearest = round(size)
+    return nearest if math.isclose(size, nearest, rel_tol=1e-12) else math.ceil(size)
+
+
 def select_hard_set(
     gaps: torch.Tensor, rho: float, temperature: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """H = the ceil(rho * P) prompts with the largest positive gap; weights |H| * softmax(g / T) over H.
 
-    Uniform weights (all 1) when `temperature` is None. Ties keep the lower index first.
+    Uniform weights (all 1) when `temperature` is None. Ties keep the lower index first. A NaN gap (a prompt
+    without an expert) is never chosen.
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {rho}")
-    # The epsilon keeps float noise such as 0.25 * 8 = 2.0000000000000004 from adding a prompt.
-    budget = math.ceil(rho * gaps.numel() - 1e-9)
-    order = torch.sort(gaps.float(), descending=True, stable=True).indices
+    budget = hard_set_budget(rho, gaps.numel())
+    gaps = torch.where(gaps.isnan(), float("-inf"), gaps.float())  # a descending sort puts NaN first
+    order = torch.sort(gaps, descending=True, stable=True).indices
     chosen = order[:budget]
     chosen = chosen[gaps[chosen] > 0]
     if chosen.numel() == 0 or temperature is None:
         return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
-    weights = chosen.numel() * torch.softmax(gaps[chosen].float() / temperature, dim=0)
+    weights = chosen.numel() * torch.softmax(gaps[chosen] / temperature, dim=0)
     return chosen, weights
 
 
@@ -208,11 +217,11 @@ def choose_hard_set(
     gap, weights rho.
     """
     if selection == "gap":
-        return select_hard_set(gaps.nan_to_num(nan=float("-inf")), rho, temperature)
+        return select_hard_set(gaps, rho, temperature)
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTIONS}")
     have = torch.nonzero(~gaps.isnan()).flatten()
-    budget = math.ceil(rho * gaps.numel() - 1e-9)
+    budget = hard_set_budget(rho, gaps.numel())
     ones = torch.ones(min(budget, len(have)), dtype=torch.float32, device=gaps.device)
     if selection == "random":
         return have[torch.randperm(len(have))[:budget]], ones

@@ -3,6 +3,7 @@ controller. Every backend reads a step's values from here (aapa_rl.settings.Aapa
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +26,10 @@ class Stage:
     def __post_init__(self) -> None:
         if self.objective not in BASE_OBJECTIVES:
             raise ValueError(f"stage objective {self.objective!r} is not one of {BASE_OBJECTIVES}")
+        for name in ("lam", "alpha", "lam_end"):  # NaN passes every comparison below
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"stage {name} must be finite, got {value}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"stage rho must be in [0, 1], got {self.rho}")
         if self.lam < 0 or self.alpha < 0 or (self.lam_end is not None and self.lam_end < 0):
@@ -49,6 +54,10 @@ class AdaptiveLambda:
     """
 
     def __init__(self, target_gap: float, rate: float = 0.1, lam_min: float = 0.0, lam_max: float = 10.0):
+        settings = {"target_gap": target_gap, "rate": rate, "lam_min": lam_min, "lam_max": lam_max}
+        for name, value in settings.items():  # NaN passes every comparison below
+            if not math.isfinite(value):
+                raise ValueError(f"adaptive lambda {name} must be finite, got {value}")
         if target_gap <= 0 or rate <= 0 or not 0 <= lam_min <= lam_max:
             raise ValueError("adaptive lambda needs target_gap > 0, rate > 0 and 0 <= lam_min <= lam_max")
         self.target_gap, self.rate, self.lam_min, self.lam_max = target_gap, rate, lam_min, lam_max
@@ -57,9 +66,12 @@ class AdaptiveLambda:
     def update(self, gap_mean: float) -> float:
         if self.lam is None:
             raise RuntimeError("AdaptiveLambda.update called before its lambda was initialised")
-        factor = 1 + self.rate if gap_mean > self.target_gap else 1 / (1 + self.rate)
-        # A lambda of exactly zero could never grow multiplicatively: restart it from a small floor.
-        self.lam = min(max(max(self.lam, 1e-3) * factor, self.lam_min), self.lam_max)
+        if gap_mean > self.target_gap:
+            # A lambda of exactly zero could never grow multiplicatively: restart it from a small floor.
+            lam = max(self.lam, 1e-3) * (1 + self.rate)
+        else:
+            lam = self.lam / (1 + self.rate)
+        self.lam = min(max(lam, self.lam_min), self.lam_max)
         return self.lam
 
 

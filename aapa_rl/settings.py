@@ -9,6 +9,7 @@ any problem; the schedule, CHORD's mu and the hard-set selection are read from t
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -105,6 +106,10 @@ class AapaSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {allowed}")
+        for name in ("temperature", "eps", "shaping_floor"):  # NaN passes every comparison below
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
         if not 0 < self.eps < 0.5 or (self.temperature is not None and self.temperature <= 0):
             raise ValueError("eps must be in (0, 0.5) and temperature > 0 (or null)")
         # The floor bounds the negative tail (log and logit reach log(eps)); at or above 0 it would turn every

@@ -7,7 +7,7 @@ import json
 import pytest
 from anchor_data import make_records, write_jsonl
 
-from aapa_rl.anchor import DataError, ExpertBank
+from aapa_rl.anchor import DataError, ExpertBank, label_expert
 from aapa_rl.anchor.training import read_rollouts
 
 
@@ -87,3 +87,34 @@ def test_rollouts_need_an_expert_for_their_prompt(tmp_path):
     rows, skipped = read_rollouts(path, bank, allow_skips=True)
     assert rows == [("a", "")]  # an empty response is a legitimate (bad) rollout
     assert len(skipped) == 2 and "row 3: field 'response': missing" in skipped[1]
+
+
+def test_a_duplicate_row_with_a_new_id_still_finds_the_kept_row(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "P", "expert": "E.", "id": "a"},
+                                                 {"prompt": "P", "expert": "E.", "id": "b"},
+                                                 {"prompt": "P", "expert": "E.", "id": "a"}])
+    bank = ExpertBank.load(path)
+    assert len(bank) == 1 and bank.expert_for(id="a") == bank.expert_for(id="b") == "E."
+    assert "row 2: duplicate of row 1 (same prompt and expert); its id 'b' names row 1" in bank.skipped[0]
+    assert bank.skipped[1].endswith("row 3: duplicate of row 1 (same prompt and expert)")
+    assert label_expert({"id": "b"}, "a chat-templated prompt", bank) == ("a chat-templated prompt", "E.")
+
+
+def test_label_expert_falls_back_from_id_to_label_prompt_to_row_prompt(tmp_path):
+    bank = ExpertBank.load(write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "P", "expert": "E.", "id": "a"},
+                                                                 {"prompt": "Q", "expert": "F.", "id": "b"}]))
+    assert label_expert({"expert": "Own.", "id": "a"}, "P", bank) == ("P", "Own.")
+    assert label_expert({"id": "b", "prompt": "P"}, "P", bank) == ("P", "F.")  # the id comes first
+    assert label_expert({"id": "zzz", "prompt": "P"}, "templated", bank) == ("P", "E.")
+    assert label_expert({"id": "zzz"}, "Q", bank) == ("Q", "F.")
+    assert label_expert({"id": "zzz", "prompt": "unknown"}, "Q", bank) == ("unknown", "F.")
+    assert label_expert({"id": "zzz"}, "unknown", bank) == ("unknown", None)
+    assert label_expert("4", "P", bank) == ("P", "E.") and label_expert({}, "P", None) == ("P", None)
+
+
+@pytest.mark.parametrize("expert", ["", "   \n", 7, ["E."]])
+def test_a_blank_or_non_string_label_expert_counts_as_none(tmp_path, expert):
+    bank = ExpertBank.load(write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "P", "expert": "E.", "id": "a"}]))
+    assert label_expert({"expert": expert, "id": "a"}, "templated", bank) == ("templated", "E.")
+    assert label_expert({"expert": expert}, "unknown", bank) == ("unknown", None)
+    assert label_expert({"expert": expert}, "P", None) == ("P", None)

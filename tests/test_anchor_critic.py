@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +21,14 @@ from aapa_rl.anchor import (
     build_discriminator,
     load_discriminator,
 )
+from aapa_rl.anchor.discriminator import MAX_SENTENCES
 from aapa_rl.cli import main
 from aapa_rl.objectives import anchor_gaps, select_hard_set
 from aapa_rl.schedule import ScheduleValues, Stage
 from aapa_rl.settings import AapaSettings
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CountingEncoder(HashEncoder):
@@ -157,11 +161,68 @@ def test_a_non_finite_score_is_an_error_not_a_missing_expert(bank, monkeypatch, 
     assert scored.expert_scores[1:].isfinite().all() and step.metrics["missing_experts"] == 1
 
 
-def test_bad_batch_shapes_are_rejected(bank):
+def test_bad_batches_are_rejected_naming_the_prompt_and_rollout(bank):
+    """Checked before the batch is flattened for the discriminator, so no error names a flat position."""
     critic = AnchorCritic(build_discriminator("cosine", HashEncoder()))
-    prompts, rollouts, rewards = batch(make_records(6)[:2])
-    with pytest.raises(ValueError, match=r"of one size; got 2 experts and 2 groups \(sizes \[2, 3\]\)"):
-        evaluate(critic, bank, prompts, [rollouts[0], rollouts[1][:2]], rewards, alpha=0.1, rho=0.5)
+    prompts, rollouts, _ = batch(make_records(6)[:2])
+    experts = [bank.expert_for(prompt=p) for p in prompts]
+    with pytest.raises(ValueError, match=r"prompt 1 has 2 rollouts but prompt 0 has 3: every group must"):
+        critic.score(prompts, experts, [rollouts[0], rollouts[1][:2]])
+    with pytest.raises(ValueError, match=r"got 2 prompts, 1 experts and 2 groups"):
+        critic.score(prompts, experts[:1], rollouts)
+    # A flat list of strings is not P groups (each string would be scored character by character).
+    with pytest.raises(TypeError, match=r"the rollouts of prompt 0 are str, expected a list of str"):
+        critic.score(prompts, experts, ["ab", "cd"])
+    with pytest.raises(TypeError, match=r"prompt 1, rollout 2 is NoneType, expected str"):
+        critic.score(prompts, experts, [rollouts[0], [*rollouts[1][:2], None]])
+    with pytest.raises(TypeError, match=r"the expert of prompt 1 is int, expected str or None"):
+        critic.score(prompts, [experts[0], 7], rollouts)
+    with pytest.raises(TypeError, match=r"prompt 0 is bytes, expected str"):
+        critic.score([b"x", prompts[1]], experts, rollouts)
+    assert critic.score(prompts, experts, [tuple(g) for g in rollouts]).scores.shape == (2, 3)
+
+
+@pytest.mark.parametrize("blank", ["", "  \n "])
+def test_a_blank_expert_is_a_missing_one(bank, blank):
+    disc = build_discriminator("cosine", HashEncoder())
+    prompts, rollouts, rewards = batch(make_records(6)[:3])
+    experts = [bank.expert_for(prompt=p) for p in prompts]
+    experts[1] = blank
+    with pytest.raises(KeyError, match=r"1 of 3 prompts have no expert, first: prompt 1 .*blank expert"):
+        AnchorCritic(disc).score(prompts, experts, rollouts)
+    scored = AnchorCritic(disc, missing_expert="skip").score(prompts, experts, rollouts)
+    assert scored.missing_experts == 1 and scored.gaps[1].isnan() and scored.scores[1].isnan().all()
+    values = ScheduleValues(0, 0, "grpo", lam=1.0, alpha=0.1, rho=1.0, mu=0.0)
+    step = anchor_step(values, AapaSettings(stages=[Stage(1, "grpo", lam=1.0, rho=1.0)]), scored, rewards)
+    assert 1 not in step.hard_set.tolist() and torch.equal(step.shaped_rewards[1], rewards[1])
+
+
+def test_an_expert_over_the_sentence_cap_is_one_truncation_per_run(bank):
+    """Rollouts over the cap count on every call; the expert once, when first split (not once per pair)."""
+    critic = AnchorCritic(build_discriminator("aligned", HashEncoder()))
+    long_expert = " ".join(f"Sentence number {i}." for i in range(MAX_SENTENCES + 10))
+    long_rollout = " ".join(f"Step {i}." for i in range(MAX_SENTENCES + 1))
+    rollouts = [["Short answer."] * 7 + [long_rollout]]
+    assert critic.score(["Q"], [long_expert], rollouts).truncations == 1 + 1
+    assert critic.score(["Q"], [long_expert], rollouts).truncations == 1
+    assert critic.score(["Q2"], [long_expert], rollouts).truncations == 1  # a new pair, the same expert
+
+
+def test_the_api_snippet_in_the_docs_runs(tmp_path, monkeypatch):
+    text = (ROOT / "docs" / "anchor.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    records = make_records(4)
+    write_jsonl(tmp_path / "experts.jsonl", records)
+    build_discriminator("cosine", HashEncoder()).save(tmp_path / "runs" / "disc", {"heldout": {"auroc": 0.9}})
+    prompts, rollouts, rewards = batch(records)
+    env = {"prompts": prompts, "rollouts": rollouts, "rewards": rewards}
+    exec(code, env)
+    step = env["step"]
+    assert step.shaped_rewards.shape == (4, 3) and step.hard_set.numel() == 1
+    # Every metric anchor_step logs is the one the docs name (x_mean/std stands for x_mean and x_std).
+    documented = re.sub(r"`(\w+)_mean/std`", r"`\1_mean`, `\1_std`", text)
+    assert [key for key in step.metrics if f"`{key}`" not in documented] == []
 
 
 @pytest.mark.parametrize("variant", ["pairwise", "aligned"])

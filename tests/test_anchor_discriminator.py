@@ -18,6 +18,7 @@ from aapa_rl.anchor import (
     load_encoder,
     train_discriminator,
 )
+from aapa_rl.anchor.discriminator import split_sentences
 from aapa_rl.anchor.training import GENERIC_NEGATIVES, hard_negatives
 
 torch.set_num_threads(1)
@@ -157,6 +158,37 @@ def test_load_refuses_unreported_or_mismatched_discriminators(tmp_path, encoder)
         load_discriminator(tmp_path / "bare", force=True)
     with pytest.raises(ValueError, match="unknown discriminator variant 'bert'"):
         build_discriminator("bert", encoder)
+
+
+@pytest.mark.parametrize(
+    "file, content, message",
+    [
+        ("report.json", "{}", r"report.json: field 'heldout': missing or not an object"),
+        ("report.json", '{"heldout": {}}', r"report.json: field 'heldout.auroc': missing"),
+        ("report.json", '{"heldout": {"auroc": null}}', r"'heldout.auroc': expected a number, got null"),
+        ("report.json", '{"heldout": ', r"report.json: not valid JSON \(Expecting value"),
+        ("report.json", "[]", r"report.json: expected a JSON object, got list"),
+        ("config.json", "{", r"config.json: not valid JSON"),
+        ("config.json", "drop tau", r"config.json: field 'tau': missing"),
+    ],
+)
+def test_a_malformed_saved_discriminator_names_the_file_and_field(tmp_path, encoder, file, content, message):
+    build_discriminator("cosine", encoder).save(tmp_path, {"heldout": {"auroc": 0.9}})
+    if content == "drop tau":
+        config = json.loads((tmp_path / file).read_text())
+        content = json.dumps({k: v for k, v in config.items() if k != "tau"})
+    (tmp_path / file).write_text(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_discriminator(tmp_path)
+    assert str(tmp_path / file) in str(error.value)
+
+
+def test_cjk_sentences_end_without_a_following_space():
+    assert split_sentences("第一步。第二步！答案是四？好") == ["第一步。", "第二步！", "答案是四？", "好"]
+    assert split_sentences("先加。 再乘。\n答案是42。") == ["先加。", "再乘。", "答案是42。"]
+    assert split_sentences("Pi is 3.14. Next! e.g.x") == ["Pi is 3.14.", "Next!", "e.g.x"]
+    negatives = hard_negatives("先加。再乘。答案是42。", "其他。", random.Random(0))
+    assert negatives["reasoning_dropped"] == "答案是42。"
 
 
 def test_minilm_encoder_ranks_perturbations_and_counts_truncation():

@@ -201,6 +201,25 @@ def test_select_hard_set_edge_cases():
         obj.select_hard_set(gaps, 1.5)
 
 
+def test_the_hard_set_budget_forgives_float_noise_only():
+    """ceil(rho * P) with a relative tolerance: an absolute 1e-9 also swallowed real excesses."""
+    assert obj.hard_set_budget(0.1, 30) == 3  # 0.1 * 30 = 3.0000000000000004
+    assert obj.hard_set_budget(0.2500000001, 4) == 2  # 1.0000000004: a real excess over 1
+    assert obj.hard_set_budget(0.3, 4) == 2 and obj.hard_set_budget(1e-9, 5) == 1
+    assert obj.hard_set_budget(0.0, 5) == 0 and obj.hard_set_budget(0.5, 0) == 0
+    gaps = torch.ones(4)
+    assert obj.select_hard_set(gaps, 0.2500000001)[0].numel() == 2
+    assert obj.choose_hard_set(gaps, 0.2500000001, selection="random")[0].numel() == 2
+
+
+def test_select_hard_set_never_chooses_a_nan_gap():
+    gaps = torch.tensor([float("nan"), 3.0, 2.0, 1.0])
+    idx, w = obj.select_hard_set(gaps, 0.5, temperature=1.0)
+    assert idx.tolist() == [1, 2] and w.isfinite().all()
+    assert obj.choose_hard_set(gaps, 0.5)[0].tolist() == [1, 2]
+    assert obj.select_hard_set(torch.tensor([float("nan")] * 2), 1.0)[0].numel() == 0
+
+
 def test_gap_and_random_selections_are_unchanged():
     """The spec's rule is select_hard_set's; random makes one randperm draw over the prompts with a gap, so
     runs from before the oracle and all selections existed reproduce."""

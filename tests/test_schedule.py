@@ -65,6 +65,28 @@ def test_adaptive_lambda_restarts_from_zero():
     assert schedule.at(1).lam > 0.0
 
 
+def test_adaptive_lambda_lowers_below_the_restart_floor():
+    """The 1e-3 floor restarts a raise from (near) zero; a lowering step must never raise lambda."""
+    controller = AdaptiveLambda(target_gap=1.0, rate=0.1)
+    for lam in (1e-4, 0.0):
+        controller.lam = lam
+        assert controller.update(0.0) == pytest.approx(lam / 1.1)
+    controller.lam = 1e-4
+    assert controller.update(2.0) == pytest.approx(1.1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_naming_the_key(bad):
+    for key in ("lam", "alpha", "lam_end"):
+        with pytest.raises(ValueError, match=f"stage {key} must be finite, got {bad}"):
+            Stage(10, "grpo", rho=0.5, **{key: bad})
+    with pytest.raises(ValueError, match="rho must be in"):
+        Stage(10, "grpo", rho=bad)
+    for key in ("target_gap", "rate", "lam_min", "lam_max"):
+        with pytest.raises(ValueError, match=f"adaptive lambda {key} must be finite, got {bad}"):
+            AdaptiveLambda(**{"target_gap": 0.5, key: bad})
+
+
 def test_state_dict_round_trip():
     make = lambda: StageSchedule(  # noqa: E731
         [Stage(5, "sft", lam=1.0), Stage(50, "grpo", lam=0.5)], adaptive=AdaptiveLambda(0.2, rate=0.3)

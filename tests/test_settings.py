@@ -14,7 +14,7 @@ import pytest
 from aapa_rl.local.recipe import Recipe, load_recipe
 from aapa_rl.openrlhf_adapter.settings import parser, split_argv
 from aapa_rl.schedule import Stage
-from aapa_rl.settings import AapaSettings
+from aapa_rl.settings import AapaSettings, ConfigError, build
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = [f.name for f in dataclasses.fields(AapaSettings)]
@@ -47,6 +47,29 @@ def test_shaping_floor_must_be_negative():
     for bad in (0.0, 1.0):
         with pytest.raises(ValueError, match="shaping_floor must be < 0"):
             AapaSettings(stages=stages, shaping_floor=bad)
+
+
+@pytest.mark.parametrize(
+    "aapa, message",
+    [
+        ({"temperature": float("nan")}, r"^aapa: temperature must be finite, got nan"),
+        ({"temperature": float("inf")}, r"^aapa: temperature must be finite, got inf"),
+        ({"shaping_floor": float("nan")}, r"^aapa: shaping_floor must be finite, got nan"),
+        ({"shaping_floor": float("-inf")}, r"^aapa: shaping_floor must be finite, got -inf"),
+        ({"eps": float("nan")}, r"^aapa: eps must be finite, got nan"),
+        ({"adaptive": {"target_gap": float("nan")}}, r"^aapa.adaptive: .* target_gap must be finite"),
+        ({"adaptive": {"target_gap": 0.5, "lam_max": float("inf")}}, r"^aapa.adaptive: .* lam_max must be"),
+        ({"stages": [{"end_step": 5, "objective": "grpo", "lam": float("nan"), "rho": 0.5}]},
+         r"^aapa.stages\[0\]: stage lam must be finite, got nan"),
+        ({"stages": [{"end_step": 5, "objective": "grpo", "alpha": float("inf")}]},
+         r"^aapa.stages\[0\]: stage alpha must be finite, got inf"),
+    ],
+)
+def test_non_finite_settings_are_refused_naming_the_key(aapa, message):
+    """NaN passes every range check (all its comparisons are false), so it is refused by name first."""
+    data = {"stages": [{"end_step": 5, "objective": "grpo", "alpha": 0.5}]} | aapa
+    with pytest.raises(ConfigError, match=message):
+        build(AapaSettings, data, "aapa")
 
 
 def test_openrlhf_refuses_the_oracle_selection(tmp_path):

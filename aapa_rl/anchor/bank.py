@@ -25,15 +25,16 @@ class ExpertRecord:
 
 
 class ExpertBank:
-    """Expert responses looked up by prompt text or id."""
+    """Expert responses looked up by prompt text or id. One record may have several ids (exact duplicate rows
+    with different ids): `ids` maps each to its record; by default each record's own id."""
 
     def __init__(self, records: list[ExpertRecord], source: str = "<memory>",
-                 skipped: list[str] | None = None):
+                 skipped: list[str] | None = None, ids: dict[str, ExpertRecord] | None = None):
         self.records = records
         self.source = source
         self.skipped = skipped or []
         self._by_prompt = {r.prompt: r for r in records}
-        self._by_id = {r.id: r for r in records if r.id is not None}
+        self._by_id = ids if ids is not None else {r.id: r for r in records if r.id is not None}
 
     @classmethod
     def load(cls, path: str | Path, *, allow_skips: bool = False) -> ExpertBank:
@@ -63,7 +64,11 @@ class ExpertBank:
                 skipped.append(str(e))
                 continue
             if seen is not None:
-                skipped.append(f"{path}: row {number}: duplicate of row {seen.row} (same prompt and expert)")
+                message = f"{path}: row {number}: duplicate of row {seen.row} (same prompt and expert)"
+                if id_ is not None and id_ not in ids:  # the row adds no record, but a label may use its id
+                    ids[id_] = seen
+                    message += f"; its id {id_!r} names row {seen.row}"
+                skipped.append(message)
                 continue
             records[prompt] = ExpertRecord(prompt, expert, id_, row.get("label"), number)
             if id_ is not None:
@@ -73,7 +78,7 @@ class ExpertBank:
         if skipped:
             print(f"expert bank {path}: {len(records)} rows kept, {len(skipped)} skipped "
                   f"(first: {skipped[0]})", file=sys.stderr)
-        return cls(list(records.values()), str(path), skipped)
+        return cls(list(records.values()), str(path), skipped, ids)
 
     def expert_for(self, prompt: str | None = None, id: str | None = None) -> str | None:
         """The expert for this prompt text (or id); None when the bank has none."""
@@ -89,12 +94,18 @@ class ExpertBank:
 def label_expert(label: Any, prompt: str, bank: ExpertBank | None) -> tuple[str, str | None]:
     """(the prompt the discriminator sees, the expert) for one sample, the one rule every backend and the
     dry run use: the label dict's `expert`, else the bank by the label's `id`, else by the label's `prompt`
-    (the raw prompt, before any chat template: what the discriminator was trained on), else by `prompt`."""
+    (the raw prompt, before any chat template: what the discriminator was trained on), else by `prompt`.
+    A blank or non-string `expert` in the label counts as none; no expert found gives None."""
     if not isinstance(label, dict):
         return prompt, None if bank is None else bank.expert_for(prompt=prompt)
     disc_prompt = label.get("prompt") or prompt
     expert = label.get("expert")
-    if expert is None and bank is not None:
-        has_id = label.get("id") is not None
-        expert = bank.expert_for(id=label["id"]) if has_id else bank.expert_for(prompt=disc_prompt)
+    if isinstance(expert, str) and expert.strip():
+        return disc_prompt, expert
+    if bank is None:
+        return disc_prompt, None
+    expert = None if label.get("id") is None else bank.expert_for(id=label["id"])
+    for text in (label.get("prompt"), prompt):
+        if expert is None and isinstance(text, str):
+            expert = bank.expert_for(prompt=text)
     return disc_prompt, expert

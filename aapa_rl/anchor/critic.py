@@ -5,6 +5,7 @@ H with its weights, and the metrics every backend logs under `aapa/`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -45,25 +46,38 @@ class AnchorCritic:
         self._expert_scores: dict[tuple[str, str], float] = {}  # D(x, y*) is fixed: score it once
 
     def score(self, prompts: list[str], experts: list[str | None], rollouts: list[list[str]]) -> CriticScores:
-        """D for P groups of G rollouts and for each prompt's expert (None: the prompt has none)."""
+        """D for P groups of G rollouts and for each prompt's expert (None or blank: the prompt has none).
+        The inputs are checked here, so an error names the prompt and rollout, not a flattened position."""
         num_prompts = len(prompts)
+        if len(experts) != num_prompts or len(rollouts) != num_prompts:
+            raise ValueError(f"expected one expert and one group of rollouts per prompt; got {num_prompts} "
+                             f"prompts, {len(experts)} experts and {len(rollouts)} groups")
+        for i, ys in enumerate(rollouts):
+            if not isinstance(ys, list | tuple):  # a flat list of strings would score each character
+                raise TypeError(f"the rollouts of prompt {i} are {type(ys).__name__}, expected a list of str")
+            if len(ys) != len(rollouts[0]):
+                raise ValueError(f"prompt {i} has {len(ys)} rollouts but prompt 0 has {len(rollouts[0])}: "
+                                 "every group must be of one size")
         group = len(rollouts[0]) if rollouts else 0
-        if (
-            len(rollouts) != num_prompts
-            or len(experts) != num_prompts
-            or any(len(r) != group for r in rollouts)
-        ):
-            sizes = sorted({len(r) for r in rollouts})
-            raise ValueError(
-                f"expected {num_prompts} prompts, experts and groups of rollouts of one size; got "
-                f"{len(experts)} experts and {len(rollouts)} groups (sizes {sizes})"
-            )
+        for i, (prompt, expert) in enumerate(zip(prompts, experts, strict=True)):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
+            if not isinstance(expert, str | None):
+                raise TypeError(f"the expert of prompt {i} is {type(expert).__name__}, expected str or None")
+        if not set(map(type, chain.from_iterable(rollouts))) <= {str}:  # one pass in C when all are fine
+            for i, ys in enumerate(rollouts):
+                for j, y in enumerate(ys):
+                    if not isinstance(y, str):
+                        raise TypeError(f"prompt {i}, rollout {j} is {type(y).__name__}, expected str "
+                                        "(decode bytes first)")
+        # A blank expert cannot anchor anything: it is a missing one.
+        experts = [None if e is not None and not e.strip() else e for e in experts]
         missing = [i for i, e in enumerate(experts) if e is None]
         if missing and self.missing_expert == "error":
             raise KeyError(
                 f"{len(missing)} of {num_prompts} prompts have no expert, first: prompt {missing[0]} "
-                f"{prompts[missing[0]][:120]!r}. Add them to the expert bank or labels, or set "
-                "missing_expert: skip."
+                f"{prompts[missing[0]][:120]!r} (a blank expert counts as none). Add them to the expert bank "
+                "or labels, or set missing_expert: skip."
             )
         disc = self.discriminator
         truncated_before = disc.truncated

@@ -22,7 +22,9 @@ N_STATS = 4
 MAX_SENTENCES = 64  # sentences per text that get embedded; the rest count as unmatched
 TERMINAL = set(".!?;:)]}>\"'`*|。！？")
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")
-SENTENCE_END_RE = re.compile(r"(?<=[.!?。！？])\s+|\n")  # split_sentences strips what is around a \n
+# A Latin sentence ends at .!? followed by whitespace (so "3.14" stays whole); CJK text puts no space after
+# 。！？, so they end one anyway. split_sentences strips what is around a split.
+SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\n")
 
 
 class DiscriminatorQualityError(RuntimeError):
@@ -184,18 +186,26 @@ class Discriminator(nn.Module):
             y[:, 1:] -= e[:, 1:]
         return torch.from_numpy(y.astype(np.float32)).to(self.encoder.device)
 
+    def _recurring_sentences(self, texts: list[str]) -> list[list[str]]:
+        """split_sentences of recurring texts (experts), each split once per run; one over MAX_SENTENCES
+        counts as one truncation when first split, not on every pair and call that reuses it."""
+        for text in dict.fromkeys(texts):
+            if text not in self._expert_sentences:
+                self._expert_sentences[text] = split_sentences(text)
+                self.capped += len(self._expert_sentences[text]) > MAX_SENTENCES
+        return [self._expert_sentences[text] for text in texts]
+
     def _alignment(self, responses: list[str], experts: list[str], cached: bool) -> torch.Tensor:
         """(precision, recall, F) of a one-to-one greedy matching of response and expert sentences. All
         pairs at once: similarities fill a (pair, response sentence, expert sentence) array padded with -1,
         and each greedy step takes every pair's best remaining cell, then retires its row and column."""
         unique = list(dict.fromkeys(experts))  # a group shares its expert: embed its sentences once
-        for expert in unique:
-            if expert not in self._expert_sentences:
-                self._expert_sentences[expert] = split_sentences(expert)
-        e_sents = [self._expert_sentences[e] for e in unique]
-        r_sents = [split_sentences(r) for r in responses]
-        self.capped += sum(len(ss) > MAX_SENTENCES for ss in r_sents)
-        self.capped += sum(len(self._expert_sentences[e]) > MAX_SENTENCES for e in experts)
+        e_sents = self._recurring_sentences(unique)
+        if cached:  # recurring texts (experts scored as responses): split, and counted, once like experts
+            r_sents = self._recurring_sentences(responses)
+        else:
+            r_sents = [split_sentences(r) for r in responses]
+            self.capped += sum(len(ss) > MAX_SENTENCES for ss in r_sents)
         embed = self.cache.embed if cached else self.encoder.encode
         r_emb = embed([s for ss in r_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
         e_emb = self.cache.embed([s for ss in e_sents for s in ss[:MAX_SENTENCES]]).cpu().numpy()
@@ -286,10 +296,32 @@ def build_discriminator(variant: str, encoder: HashEncoder | SentenceEncoder | s
     return Discriminator(variant, encoder, **options)
 
 
+def _read_json(path: Path) -> dict:
+    """A saved discriminator's JSON file (config.json, report.json); a bad one is an error naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def heldout_auroc(path: str | Path) -> float | None:
-    """Held-out AUROC from a saved discriminator's report.json; None when it has no report."""
-    report = Path(path) / "report.json"
-    return json.loads(report.read_text())["heldout"]["auroc"] if report.exists() else None
+    """Held-out AUROC from a saved discriminator's report.json (NaN: undefined); None when it has no report.
+    A report without a numeric `heldout.auroc` is an error naming the file and the field."""
+    report_path = Path(path) / "report.json"
+    if not report_path.exists():
+        return None
+    heldout = _read_json(report_path).get("heldout")
+    if not isinstance(heldout, dict):
+        raise ValueError(f"{report_path}: field 'heldout': missing or not an object (the held-out metrics)")
+    if "auroc" not in heldout:
+        raise ValueError(f"{report_path}: field 'heldout.auroc': missing")
+    auroc = heldout["auroc"]
+    if isinstance(auroc, bool) or not isinstance(auroc, int | float):
+        raise ValueError(f"{report_path}: field 'heldout.auroc': expected a number, got {json.dumps(auroc)}")
+    return float(auroc)
 
 
 def quality_problem(path: str | Path) -> str | None:
@@ -309,7 +341,10 @@ def load_discriminator(path: str | Path, *, force: bool = False, device: str | N
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a discriminator directory (no config.json)")
-    config = json.loads((path / "config.json").read_text())
+    config = _read_json(path / "config.json")
+    for key in ("variant", "encoder", "encoder_id", "margin", "tau", "hidden"):
+        if key not in config:
+            raise ValueError(f"{path / 'config.json'}: field {key!r}: missing")
     report_path = path / "report.json"
     found = None if force else quality_problem(path)
     if found:
@@ -323,5 +358,5 @@ def load_discriminator(path: str | Path, *, force: bool = False, device: str | N
     disc = Discriminator(config["variant"], encoder, margin=config["margin"], tau=config["tau"],
                          hidden=config["hidden"], cache_dir=cache_dir or path / "embedding_cache")
     disc.head.load_state_dict(load_file(str(path / "head.safetensors"), device=str(encoder.device)))
-    disc.report = json.loads(report_path.read_text()) if report_path.exists() else None
+    disc.report = _read_json(report_path) if report_path.exists() else None
     return disc
