@@ -207,6 +207,27 @@ def test_recipe_then_flags(tmp_path):
         gen.sampling_params({"n": 3, "temperature": 0.0}, None)
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"temperature": -1.0, "n": 2}, r"temperature must be >= 0 \(0 is greedy\), got -1.0"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),  # not greedy decoding in disguise
+        ({"temperature": float("nan")}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),  # not the default 32
+    ],
+)
+def test_out_of_range_sampling_values_are_named(flags, message):
+    with pytest.raises(DataError, match=message):
+        gen.sampling_params(flags, None)
+
+
+def test_negative_temperature_stops_before_loading_the_model(model_dir, prompt_file, tmp_path, capsys):
+    assert _run(model_dir, prompt_file, tmp_path / "samples.jsonl", "--temperature", "-1") == 2
+    assert "error: temperature must be >= 0 (0 is greedy), got -1.0" in capsys.readouterr().err
+
+
 def test_vllm_adapter_arguments(model_dir, prompt_file, tmp_path, monkeypatch):
     """The vLLM branch gets the same token ids as the transformers one and the flags' sampling params."""
     seen: dict = {}

@@ -356,3 +356,76 @@ def test_prepare_data_keeps_ifeval_and_code_label_fields(tmp_path):
         "expert": "OK",
     }
     assert [r["id"] for r in train] == ["1", "2"]
+
+
+def _prepare(gsm, out: Path, *extra: str) -> int:
+    return main(["prepare-data", "--prompts", str(gsm.prompts), "--out-dir", str(out), *MAP, *extra])
+
+
+def test_prepare_data_refuses_to_overwrite_its_input(gsm, capsys):
+    assert _build(gsm, "--reward", "math") == 0
+    bank = gsm.bank.read_bytes()
+    link = gsm.dir / "link"  # the same directory under another name
+    link.symlink_to(gsm.dir)
+    assert _prepare(gsm, link, "--experts", str(gsm.bank), "--missing-expert", "drop") == 2
+    err = capsys.readouterr().err
+    assert f"error: --out-dir {link}: its experts.jsonl is the input --experts {gsm.bank}" in err
+    assert gsm.bank.read_bytes() == bank
+    prompts = gsm.dir / "train.jsonl"
+    prompts.write_bytes(gsm.prompts.read_bytes())
+    gsm.prompts = prompts
+    assert _prepare(gsm, gsm.dir) == 2
+    assert f"its train.jsonl is the input --prompts {prompts}" in capsys.readouterr().err
+
+
+def test_prepare_data_writes_no_empty_eval_split(gsm, capsys):
+    # OpenRLHF's load_dataset fails on an empty eval file, so none is written or suggested.
+    out = gsm.dir / "prepared"
+    assert _prepare(gsm, out) == 0  # the default 5% of 6 prompts rounds to 0
+    printed = capsys.readouterr().out
+    assert "no held-out rows (--eval-size 0.05 of 6 prompts): eval.jsonl not written" in printed
+    assert f"OpenRLHF: --data.prompt_dataset {out / 'train.jsonl'} --data.input_key" in printed
+    assert not (out / "eval.jsonl").exists()
+    assert json.loads((out / "report.json").read_text())["eval"] == 0
+    assert len(_jsonl(out / "train.jsonl")) == 6
+
+
+def test_prepare_data_refuses_to_leave_stale_outputs(gsm, capsys):
+    assert _build(gsm, "--reward", "math") == 0
+    out = gsm.dir / "prepared"
+    assert _prepare(gsm, out, "--experts", str(gsm.bank), "--missing-expert", "drop", "--eval-size", "1") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # Without --experts, experts.jsonl and sft.jsonl of the first run would be read with the new train.jsonl.
+    assert _prepare(gsm, out, "--eval-size", "1") == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: experts.jsonl, sft.jsonl from an earlier run would be left" in err
+    assert _prepare(gsm, out, "--experts", str(gsm.bank), "--missing-expert", "drop", "--eval-size", "0") == 2
+    assert f"error: {out}: eval.jsonl from an earlier run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing removed
+
+
+def test_prompt_template_mismatch_is_named_with_counts(gsm, capsys):
+    assert _build(gsm, "--reward", "math") == 0
+    capsys.readouterr()
+    template = ["--prompt-template", "{prompt} Think."]
+    bank = gsm.bank.read_bytes()
+    for skip in ([], ["--skip-bad-rows"]):  # skipping every sample would write an empty bank
+        assert _build(gsm, "--reward", "math", *template, *skip) == 2
+        err = capsys.readouterr().err
+        assert "error: none of the 10 sample rows matches one of the 6 prompts by id and prompt" in err
+        assert "--prompt-template" in err and "--skip-bad-rows" not in err
+    assert gsm.bank.read_bytes() == bank
+
+    out = gsm.dir / "prepared"
+    assert _prepare(gsm, out, "--experts", str(gsm.bank), "--missing-expert", "drop", *template) == 2
+    err = capsys.readouterr().err
+    assert f"error: {gsm.bank}: none of its 5 rows matches one of the 6 prompts" in err
+    assert "--prompt-template" in err
+
+    # Only the held-out prompt has an expert (seed 1 holds out question 1).
+    gsm.bank.write_text(json.dumps({"prompt": GSM[1][0], "expert": "E"}) + "\n")
+    args = ["--experts", str(gsm.bank), "--missing-expert", "drop", "--eval-size", "1", "--seed", "1"]
+    assert _prepare(gsm, out, *args) == 2
+    err = capsys.readouterr().err
+    assert f"no training rows left: all 5 training prompts have no expert in {gsm.bank}" in err
+    assert "and 0 of its 1 rows match no prompt; was it built with another --prompt-template" in err

@@ -4,6 +4,7 @@ are skipped, counted and reported; outputs are written atomically."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ import pytest
 from aapa_rl.cli import main
 from aapa_rl.data.experts import read_samples
 from aapa_rl.data.prepare import read_bank
-from aapa_rl.data.rows import BadRows, DataError, FieldMap, atomic_writer, prompt_id, read_prompts
+from aapa_rl.data.rows import (
+    BadRows,
+    DataError,
+    FieldMap,
+    atomic_writer,
+    prompt_id,
+    read_prompts,
+    write_jsonl,
+)
 
 FIELDS = FieldMap(prompt="question", id="uid", answer="answer", answer_after="####")
 GOOD = {"uid": "a", "question": "What is 1+1?", "answer": "1+1=2 #### 2"}
@@ -39,6 +48,8 @@ def _write(path: Path, rows: list) -> Path:
             {"uid": "a", "question": "Other?", "answer": "#### 1"},
             "row 2: field 'uid': duplicate id 'a' (first at row 1)",
         ),
+        # Ids do not make the same prompt text twice acceptable: the expert bank is keyed by prompt too.
+        (dict(GOOD, uid="b"), "row 2: field 'question': duplicate prompt (first at row 1)"),
         (
             {"uid": [1], "question": "Q?", "answer": "#### 1"},
             "row 2: field 'uid': expected a string or an integer",
@@ -163,6 +174,25 @@ def test_skipped_rows_are_counted_and_reported(tmp_path, capsys):
     assert report["bad_rows_skipped"] == 3 and len(report["bad_rows"]) == 3
 
 
+@pytest.mark.parametrize("field, id_args", [("question", []), ("uid", ["--id-key", "uid"])])
+def test_lone_surrogate_is_a_bad_row(tmp_path, capsys, field, id_args):
+    # json.loads accepts the escape of a lone surrogate, which hashing the prompt or writing the id cannot
+    # encode.
+    bad = dict(GOOD, uid="b", question="Q: 1+1=?")
+    bad[field] = "\ud800 " + bad[field]
+    src = _write(tmp_path / "data.jsonl", [GOOD, bad])  # json.dumps writes it as the escape \ud800
+    out = tmp_path / "out"
+    args = ["prepare-data", "--prompts", str(src), "--out-dir", str(out), "--prompt-key", "question"]
+    args += ["--answer-key", "answer", "--answer-after", "####", "--eval-size", "0", *id_args]
+    assert main(args) == 2
+    assert f"error: {src}: row 2: field '{field}': holds a lone surrogate escape" in capsys.readouterr().err
+    assert main([*args, "--skip-bad-rows"]) == 0
+    assert "bad rows skipped: 1" in capsys.readouterr().out
+    assert [json.loads(line)["prompt"] for line in (out / "train.jsonl").read_text().splitlines()] == [
+        GOOD["question"]
+    ]
+
+
 def test_generate_names_bad_prompt_rows(tmp_path, capsys):
     src = _write(tmp_path / "p.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
     code = main(
@@ -188,6 +218,22 @@ def test_unsupported_input_and_missing_split(tmp_path):
     )
 
 
+def test_split_needs_a_source_with_splits(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "a"}]
+    jsonl = _write(tmp_path / "data.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    for source, problem in [
+        (jsonl, "a file has no splits"),
+        (tmp_path / "data.parquet", "a file has no splits"),
+        (tmp_path / "ds", "a single dataset without splits"),
+    ]:
+        with pytest.raises(DataError, match=f"{source}: --split test: {problem}; drop --split"):
+            read_prompts(source, FieldMap(), BadRows(skip=False), split="test")
+
+
 def test_atomic_write_leaves_old_file_on_crash(tmp_path):
     path = tmp_path / "bank.jsonl"
     path.write_text("old\n")
@@ -199,6 +245,19 @@ def test_atomic_write_leaves_old_file_on_crash(tmp_path):
     with atomic_writer(path) as fh:
         fh.write("new\n")
     assert path.read_text() == "new\n"
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    path = tmp_path / "bank.jsonl"
+    old = os.umask(0o027)
+    try:
+        write_jsonl(path, [{"a": 1}])
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        write_jsonl(path, [{"a": 2}])  # a rewrite, as generate's resume does
+        assert path.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
 
 
 def test_prompt_template_wraps_prompts_and_is_checked(tmp_path, capsys):

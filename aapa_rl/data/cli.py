@@ -94,9 +94,15 @@ def _build_experts(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
-    from aapa_rl.data.prepare import prepare, read_bank, write_outputs
-    from aapa_rl.data.rows import BadRows, field_map, read_prompts
+    from aapa_rl.data.prepare import OUTPUTS, prepare, read_bank, write_outputs
+    from aapa_rl.data.rows import BadRows, DataError, field_map, read_prompts
 
+    out = Path(args.out_dir)
+    for flag, source in (("--prompts", args.prompts), ("--experts", args.experts)):
+        for name in OUTPUTS:
+            if source is not None and (out / name).exists() and (out / name).samefile(source):
+                raise DataError(f"--out-dir {out}: its {name} is the input {flag} {source}, which this "
+                                "command would overwrite; choose another --out-dir")
     bad_rows = BadRows(args.skip_bad_rows)
     prompts = read_prompts(args.prompts, field_map(args), bad_rows, args.split)
     bank = read_bank(args.experts, bad_rows) if args.experts else None
@@ -104,11 +110,16 @@ def _prepare_data(args: argparse.Namespace) -> int:
                             missing_expert=args.missing_expert, prompts_path=args.prompts,
                             bank_path=args.experts, bad_rows=bad_rows)
     report["bad_rows"] = bad_rows.messages
-    write_outputs(args.out_dir, files, report)
-    out = Path(args.out_dir)
+    write_outputs(out, files, report)
     print("\n".join(f"{k}: {v}" for k, v in report.items() if k != "bad_rows"))
     print(bad_rows.report())
-    print(f"wrote {', '.join(f'{name}.jsonl' for name in files)} and report.json to {out}\n"
-          f"OpenRLHF: --data.prompt_dataset {out / 'train.jsonl'} --eval.dataset {out / 'eval.jsonl'} "
+    print(f"wrote {', '.join(f'{name}.jsonl' for name in files)} and report.json to {out}")
+    if "eval" in files:
+        eval_flag = f" --eval.dataset {out / 'eval.jsonl'}"
+    else:
+        eval_flag = ""  # OpenRLHF cannot load an empty eval file
+        print(f"no held-out rows (--eval-size {args.eval_size:g} of {report['prompts']} prompts): eval.jsonl "
+              "not written; pass --eval-size N to hold out N rows")
+    print(f"OpenRLHF: --data.prompt_dataset {out / 'train.jsonl'}{eval_flag} "
           "--data.input_key prompt --data.label_key label")
     return 0

@@ -25,22 +25,33 @@ def load_reward(name: str) -> RewardFn:
 
 def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_rows: BadRows
                  ) -> dict[str, list[str]]:
-    """Responses per prompt id, in file order, checked against the prompt data."""
+    """Responses per prompt id, in file order, checked against the prompt data. A sample whose id or prompt
+    does not match is a bad row, reported after the others: when no sample matches at all, the commands
+    were given different prompt flags, and that is one error instead of a bad row per sample."""
     responses: dict[str, list[str]] = {}
+    unmatched: list[str] = []
     for path in paths:
         for row, record in read_records(path, bad_rows):
             try:
                 sample_id = text(record, "id")
-                if sample_id not in prompts:
-                    raise RowError("id", f"{sample_id!r} is not in the prompt data "
-                                         "(use the same --id-key as for generate)")
-                if text(record, "prompt") != prompts[sample_id].prompt:
-                    raise RowError("prompt", "differs from the prompt data's prompt with this id")
+                prompt = text(record, "prompt")
                 response = text(record, "response", may_be_empty=True)
             except RowError as e:
                 bad_rows.handle(f"{path}: row {row}: {e}")
                 continue
-            responses.setdefault(sample_id, []).append(response)
+            if sample_id not in prompts:
+                unmatched.append(f"{path}: row {row}: field 'id': {sample_id!r} is not in the prompt data")
+            elif prompt != prompts[sample_id].prompt:
+                unmatched.append(f"{path}: row {row}: field 'prompt': differs from the prompt data's prompt "
+                                 "with this id")
+            else:
+                responses.setdefault(sample_id, []).append(response)
+    flags = "--prompt-key, --prompt-template and --id-key as for generate"
+    if unmatched and not responses:
+        raise DataError(f"none of the {len(unmatched)} sample rows matches one of the {len(prompts)} prompts "
+                        f"by id and prompt (first: {unmatched[0]}); give build-experts the same {flags}")
+    for message in unmatched:
+        bad_rows.handle(f"{message} (give build-experts the same {flags})")
     return responses
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -60,10 +61,16 @@ def sampling_params(flags: dict[str, Any], recipe_path: str | None) -> dict[str,
     params.update({key: value for key, value in flags.items() if value is not None and key in params})
     params["temperature"] = float(params["temperature"])
     params["top_p"] = float(params["top_p"])
-    params["batch_size"] = flags.get("batch_size") or recipe.get("batch_size", 32)
+    batch_size = flags.get("batch_size")
+    params["batch_size"] = batch_size if batch_size is not None else recipe.get("batch_size", 32)
     for key in ("n", "max_new_tokens", "batch_size"):
         if params[key] < 1:
             raise DataError(f"{key} must be >= 1, got {params[key]}")
+    # A flag may be nan: the checks are written so that it fails them.
+    if not (math.isfinite(params["temperature"]) and params["temperature"] >= 0):
+        raise DataError(f"temperature must be >= 0 (0 is greedy), got {params['temperature']}")
+    if not 0 < params["top_p"] <= 1:
+        raise DataError(f"top_p must be in (0, 1], got {params['top_p']}")
     if params["n"] > 1 and params["temperature"] == 0:
         raise DataError("n > 1 needs temperature > 0 (greedy decoding gives identical samples)")
     return params

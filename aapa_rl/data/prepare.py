@@ -5,7 +5,8 @@ Into OUT_DIR (each written atomically):
                  --data.label_key label); label = {answer / tests / cases / instruction_id_list / kwargs as
                  mapped, expert}
   eval.jsonl     {id, prompt, label, expert}: the held-out split (--eval.dataset); experts, when known, are in
-                 the label and, for the local trainer's eval, at the top level
+                 the label and, for the local trainer's eval, at the top level; not written when the split is
+                 empty (--eval-size 0, or a fraction of few prompts), as OpenRLHF cannot load an empty file
   experts.jsonl  {id, prompt, expert, label}: the expert bank of the training split (discriminator, critic)
   sft.jsonl      {id, prompt, expert}: the SFT data of the training split (local trainer's SFT stage)
   report.json    the counts printed at the end
@@ -31,6 +32,8 @@ from aapa_rl.data.rows import (
 )
 
 MISSING_EXPERT = ("error", "drop", "keep")
+# Everything prepare-data may write into --out-dir.
+OUTPUTS = ("train.jsonl", "eval.jsonl", "experts.jsonl", "sft.jsonl", "report.json")
 
 
 def read_bank(path: str | Path, bad_rows: BadRows) -> dict[str, tuple[int, str, str]]:
@@ -70,12 +73,21 @@ def prepare(prompts: list[PromptRow], bank: dict[str, tuple[int, str, str]] | No
     experts: dict[str, str] = {}
     if bank is not None:
         by_id = {p.id: p for p in prompts}
+        differ = []
         for rid, (row, prompt, expert) in bank.items():
             if rid in by_id and by_id[rid].prompt != prompt:
-                bad_rows.handle(f"{bank_path}: row {row}: field 'prompt': differs from {prompts_path} row "
-                                f"{by_id[rid].row} with the same id {rid!r}")
+                differ.append(f"{bank_path}: row {row}: field 'prompt': differs from {prompts_path} row "
+                              f"{by_id[rid].row} with the same id {rid!r}")
             elif rid in by_id:
                 experts[rid] = expert
+        # No match at all is a mismatch of the commands' flags, not a few bad rows.
+        if not experts:
+            first = f" (first: {differ[0]})" if differ else ""
+            raise DataError(f"{bank_path}: none of its {len(bank)} rows matches one of the {len(prompts)} "
+                            f"prompts of {prompts_path} by id and prompt{first}; was it built with another "
+                            "--prompt-template, --prompt-key or --id-key? Give every command the same ones")
+        for message in differ:
+            bad_rows.handle(message)
     out: dict[str, list[dict]] = {"train": [], "eval": []}
     dropped = 0
     for i, p in enumerate(prompts):
@@ -97,8 +109,11 @@ def prepare(prompts: list[PromptRow], bank: dict[str, tuple[int, str, str]] | No
                 dropped += 1
                 continue
         out["train"].append({"id": p.id, "prompt": p.prompt, "label": label})
-    if not out["train"]:
-        raise DataError(f"{prompts_path}: no training rows left")
+    if not out["train"]:  # only --missing-expert drop empties it, when the bank matches held-out rows only
+        raise DataError(f"{prompts_path}: no training rows left: all {dropped} training prompts have no "
+                        f"expert in {bank_path} (--missing-expert drop), and {len(bank) - len(experts)} of "
+                        f"its {len(bank)} rows match no prompt; was it built with another --prompt-template "
+                        "or --prompt-key?")
     if bank is not None:
         train_experts = [r for r in out["train"] if r["label"]["expert"] is not None]
         out["experts"] = [
@@ -124,11 +139,21 @@ def prepare(prompts: list[PromptRow], bank: dict[str, tuple[int, str, str]] | No
             "train_without_expert_dropped": dropped,
             "eval_with_expert": sum(r["label"]["expert"] is not None for r in out["eval"]),
         }
+    if not out["eval"]:
+        del out["eval"]
     return out, report
 
 
 def write_outputs(out_dir: str | Path, files: dict[str, list[dict]], report: dict[str, Any]) -> None:
+    """The files as OUT_DIR/NAME.jsonl and report.json. Stops, before writing, when an output of an earlier
+    run is there that this run does not rewrite: read beside the new files it would mix two runs, and
+    removing it could delete a file put there by hand."""
     out_dir = Path(out_dir)
+    written = {f"{name}.jsonl" for name in files} | {"report.json"}
+    stale = [name for name in OUTPUTS if name not in written and (out_dir / name).exists()]
+    if stale:
+        raise DataError(f"{out_dir}: {', '.join(stale)} from an earlier run would be left beside this run's "
+                        "outputs; delete them or choose another --out-dir")
     for name, rows in files.items():
         write_jsonl(out_dir / f"{name}.jsonl", rows)
     write_json(out_dir / "report.json", report)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import IO, Any
 
 # Label fields the reward functions read (reward_fns label dicts), with the flag that maps each one.
 LABEL_FIELDS = ("answer", "tests", "cases", "instruction_id_list", "kwargs")
+# A JSON escape of a surrogate code point: json.loads accepts a lone one, which no UTF-8 writer does.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class DataError(ValueError):
@@ -68,11 +71,14 @@ def prompt_id(prompt: str) -> str:
 
 def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int, dict | DataError]]:
     """(row number, record) pairs from a JSON Lines file (.jsonl or .json), a .parquet file or a `datasets`
-    save_to_disk dir, in file order. A row that is not UTF-8, not JSON or not an object comes as a DataError
-    instead of a record, so that the caller decides whether it stops the run or is a counted skip."""
+    save_to_disk dir, in file order. A row that is not UTF-8, not JSON, not an object or holds a lone
+    surrogate comes as a DataError instead of a record, so that the caller decides whether it stops the run
+    or is a counted skip. `split` names a split of a DatasetDict directory; other sources have none."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    if split is not None and not path.is_dir():
+        raise DataError(f"{path}: --split {split}: a file has no splits; drop --split")
     if path.is_dir():
         yield from enumerate(_load_dataset_dir(path, split), start=1)
         return
@@ -103,6 +109,14 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int,
                 continue
             if not isinstance(record, dict):
                 record = DataError(f"{path}: row {row}: expected a JSON object, got {type(record).__name__}")
+            elif SURROGATE_ESCAPE.search(line):  # most often a valid pair (an emoji): only then look closer
+                for key, value in record.items():
+                    try:
+                        json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError:
+                        record = DataError(f"{path}: row {row}: field {key!r}: holds a lone surrogate escape "
+                                           "(\\ud800-\\udfff without its pair), not valid Unicode")
+                        break
             yield row, record
 
 
@@ -128,6 +142,8 @@ def _load_dataset_dir(path: Path, split: str | None) -> list[dict]:
         if split not in data:
             raise DataError(f"{path}: choose a split with --split (this dataset has: {', '.join(data)})")
         data = data[split]
+    elif split is not None:
+        raise DataError(f"{path}: --split {split}: a single dataset without splits; drop --split")
     return data.to_list()
 
 
@@ -281,23 +297,26 @@ def field_map(args: argparse.Namespace) -> FieldMap:
 
 def read_prompts(path: str | Path, fields: FieldMap, bad_rows: BadRows, split: str | None = None
                  ) -> list[PromptRow]:
-    """Validated prompt rows with their reward labels; a duplicate id (or prompt) is a bad row."""
+    """Validated prompt rows with their reward labels; a duplicate id or a duplicate prompt is a bad row
+    (the expert bank and the discriminator key experts by prompt text as well as by id)."""
     rows: list[PromptRow] = []
-    first_row: dict[str, int] = {}
+    first_id: dict[str, int] = {}
+    first_prompt: dict[str, int] = {}
     for row, record in read_records(path, bad_rows, split):
         try:
             prompt = text(record, fields.prompt)
             if fields.prompt_template is not None:
                 prompt = fields.prompt_template.replace("{prompt}", prompt)
             rid = row_id(record, fields.id, prompt)
-            if rid in first_row:
-                what = f"duplicate id {rid!r}" if fields.id else "duplicate prompt"
-                raise RowError(fields.id or fields.prompt, f"{what} (first at row {first_row[rid]})")
+            if fields.id is not None and rid in first_id:
+                raise RowError(fields.id, f"duplicate id {rid!r} (first at row {first_id[rid]})")
+            if prompt in first_prompt:
+                raise RowError(fields.prompt, f"duplicate prompt (first at row {first_prompt[prompt]})")
             label = fields.label(record)
         except RowError as e:
             bad_rows.handle(f"{path}: row {row}: {e}")
             continue
-        first_row[rid] = row
+        first_id[rid] = first_prompt[prompt] = row
         rows.append(PromptRow(rid, prompt, label, row))
     if not rows:
         raise DataError(f"{path}: no valid rows")
@@ -310,8 +329,13 @@ def atomic_writer(path: str | Path) -> Iterator[IO[str]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp makes the file 0600; give it the mode open() would: 0666 less the umask (which can only be
+    # read by setting it).
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.chmod(tmp, 0o666 & ~umask)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
