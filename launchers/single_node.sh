@@ -14,7 +14,8 @@ if [[ -z "$CONFIG" ]]; then
     exit 2
 fi
 shift
-PYTHON=${PYTHON:-python3}
+# The project's environment (make install) when there is one, else the python3 on PATH.
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 mkdir -p runs
 
 "$PYTHON" -m aapa_rl.cli launch --config "$CONFIG" --dry-run -- "$@"

@@ -19,7 +19,8 @@ if [[ -z "$CONFIG" ]]; then
     exit 2
 fi
 shift
-PYTHON=${PYTHON:-python3}
+# The project's environment (make install) when there is one, else the python3 on PATH.
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 
 # The job runs in Ray's temporary copy of this checkout: --output-root keeps checkpoints, the final model and
 # TensorBoard logs here (on shared storage when the run spans several nodes).

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import openrlhf.utils
 import pytest
 import ray
 import yaml
+from openrlhf.datasets.utils import blending_datasets
 from openrlhf.trainer import ppo_trainer
 from openrlhf.trainer.ray import ppo_actor
 from openrlhf.utils import config
@@ -26,7 +30,7 @@ from aapa_rl.local.task import expert_for, prompt_for
 from aapa_rl.openrlhf_adapter import launch
 from aapa_rl.openrlhf_adapter.ppo_actor import AapaPolicyModelActor
 from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
-from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, command, openrlhf_flags
+from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, RecipeError, command, openrlhf_flags
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.glob("configs/qwen3-*.yaml"))
@@ -116,8 +120,10 @@ def test_module_entry_strips_aapa_flags_attaches_them_and_injects_classes(stop_a
 
     walk(args)
     flat = {k: v for k, v in flat.items() if not k.startswith("aapa")}
-    assert set(flat) - {"local_rank", "use_ms"} <= openrlhf_flags()
-    assert openrlhf_flags() - set(flat) == {"actor.muon.no_nesterov", "critic.muon.no_nesterov"}
+    flags = openrlhf_flags()
+    assert set(flat) - {"local_rank", "use_ms"} <= set(flags)
+    assert set(flags) - set(flat) == {"actor.muon.no_nesterov", "critic.muon.no_nesterov"}
+    assert flags["actor.muon.nesterov"]["default"] is flat["actor.muon.nesterov"] is True
     given = {"actor.model_name_or_path", "reward.remote_url", "vllm.num_engines", "algo.advantage.estimator",
              "rollout.n_samples_per_prompt"}
     defaults = {k: v for k, v in DEFAULTS.items() if k not in given}
@@ -258,6 +264,95 @@ def test_output_root_keeps_run_outputs_out_of_rays_temporary_copy(data, monkeypa
     assert cli.main([*args, *data_flags(data)]) == 0, capsys.readouterr().out
 
 
+def recipe_without(tmp_path: Path, prefix: str) -> Path:
+    """configs/qwen3-0.6b-grpo-aapa.yaml without its `prefix*` flags, so that OpenRLHF's defaults apply."""
+    recipe = yaml.safe_load((REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml").read_text())
+    recipe["openrlhf"] = {k: v for k, v in recipe["openrlhf"].items() if not k.startswith(prefix)}
+    path = tmp_path / f"without-{prefix}yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_colocated_reference_model_takes_the_actors_layout_by_default(data, monkeypatch, capsys, tmp_path):
+    """Without ref.* flags OpenRLHF's defaults (ints) meet the recipe's actor flags (strings)."""
+    monkeypatch.chdir(REPO)
+    args = ["launch", "--config", str(recipe_without(tmp_path, "ref.")), "--dry-run", "--", *data_flags(data)]
+    assert cli.main(args) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    assert cli.main([*args, "--ref.num_gpus_per_node", "4"]) == 1
+    assert "a colocated reference model needs" in capsys.readouterr().out
+
+
+MALFORMED = [  # (flags, the dry run's problem)
+    (["--ckpt.load_enable", "false"], "--ckpt.load_enable takes no value (a bare flag, which cannot be "
+                                      "turned off): OpenRLHF's parser stops on false"),
+    (["--eval.steps", "10", "stray"], "--eval.steps takes one value: OpenRLHF's parser stops on stray"),
+    (["--rollout.batch_size", "64", "32"],
+     "--rollout.batch_size takes one value: OpenRLHF's parser stops on 32"),
+    (["--actor.eps_clip_low_high", "0.2"], "argument --actor.eps_clip_low_high: expected 2 arguments"),
+]
+
+
+@pytest.mark.parametrize("extra, problem", MALFORMED, ids=[" ".join(extra) for extra, _ in MALFORMED])
+def test_dry_run_rejects_what_openrlhfs_parser_rejects(extra, problem, data, stop_at_strategy, monkeypatch,
+                                                       capsys):
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
+    flags = [*data_flags(data), *extra]
+    assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *flags]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert len(fails) == 1 and problem in fails[0], fails
+    with pytest.raises(SystemExit) as stopped:  # OpenRLHF's own parser stops with argparse's usage error
+        launch.main(command(recipe, flags)[3:])
+    assert stopped.value.code == 2 and "args" not in stop_at_strategy
+
+
+def test_a_recipe_cannot_turn_off_a_flag_that_defaults_to_true(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("openrlhf: {ckpt.load_enable: false, actor.muon.nesterov: false}\n")
+    with pytest.raises(RecipeError, match=r"openrlhf.actor.muon.nesterov: false cannot be passed: OpenRLHF's "
+                                          r"default is true .*; write `actor.muon.no_nesterov: true`"):
+        command(recipe)
+    recipe.write_text("openrlhf: {ckpt.load_enable: false, actor.muon.no_nesterov: true}\n")
+    assert command(recipe)[3:] == ["--actor.muon.no_nesterov"]  # false leaves out a flag defaulting to false
+
+
+def test_output_root_also_covers_openrlhfs_default_output_paths(data, monkeypatch, capsys, tmp_path):
+    """A recipe without ckpt.* writes where OpenRLHF's relative defaults say: the launchers' --output-root
+    covers them, so that the local dry run and the one inside the Ray job agree."""
+    monkeypatch.chdir(REPO)
+    recipe = recipe_without(tmp_path, "ckpt.")
+    cmd = command(recipe, data_flags(data), output_root=str(tmp_path))
+    assert cmd[cmd.index("--ckpt.path") + 1] == str(tmp_path / "ckpt" / "checkpoints_ppo_ray")
+    assert cmd[cmd.index("--ckpt.output_dir") + 1] == str(tmp_path / "ckpt")
+    args = ["launch", "--config", str(recipe), "--output-root", str(tmp_path), "--dry-run", "--"]
+    args += data_flags(data)
+    assert cli.main(args) == 0, capsys.readouterr().out  # locally, as launchers/submit.sh runs it
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # inside the Ray job
+    assert cli.main(args) == 0, capsys.readouterr().out
+
+
+def test_dry_run_checks_each_blended_dataset_and_refuses_an_empty_one(data, monkeypatch, capsys, tmp_path):
+    """OpenRLHF's blending_datasets reads `a,b@data_dir` lists; its load_dataset fails on an empty file."""
+    monkeypatch.chdir(REPO)
+    recipe = str(REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml")
+    blend, empty = f"{data / 'train.jsonl'}, {data / 'eval.jsonl'}@part", tmp_path / "empty.jsonl"
+    empty.write_text("")
+    flags = [*data_flags(data), "--data.prompt_dataset", blend]
+    assert cli.main(["launch", "--config", recipe, "--dry-run", "--", *flags]) == 0, capsys.readouterr().out
+    assert f"ok    {data / 'eval.jsonl'} (6 rows): experts for 6 rows" in capsys.readouterr().out
+    flags += ["--eval.dataset", f"{data / 'eval.jsonl'},{empty},missing.jsonl"]
+    assert cli.main(["launch", "--config", recipe, "--dry-run", "--", *flags]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert fails == [f"  FAIL  --eval.dataset {empty}: empty file",
+                     "  FAIL  --eval.dataset missing.jsonl: no such file or directory"]
+    # What OpenRLHF does with both.
+    strategy = SimpleNamespace(print=print, is_rank_0=lambda: False, args=SimpleNamespace(use_ms=False))
+    assert len(blending_datasets(blend, None, strategy)) == 12
+    with pytest.raises(StopIteration):
+        blending_datasets(str(empty), None, strategy)
+
+
 def test_launch_runs_exactly_the_printed_command(data, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     recipe = REPO / "configs" / "qwen3-0.6b-staged-aapa.yaml"
@@ -294,24 +389,60 @@ def test_launcher_scripts_parse_and_ship_the_plugin():
     for script in ("submit.sh", "slurm.sbatch"):
         text = (REPO / "launchers" / script).read_text()
         assert text.count('--output-root "$PWD"') == 2, script  # the dry run and the job
+    # Slurm opens its log before the script runs and cannot create a directory (a fresh clone has no runs/).
+    output = re.search(r"^#SBATCH --output=(.+)$", (REPO / "launchers" / "slurm.sbatch").read_text(), re.M)[1]
+    assert Path(output).parent == Path("."), output
 
 
-def submit_environment(script: str, tmp_path: Path) -> dict[str, str]:
-    """Run a launcher with `ray` (and Slurm's commands) stubbed; the environment `ray job submit` ran in."""
-    stubs, seen = tmp_path / "bin", tmp_path / "submit.env"
-    stubs.mkdir()
+# A stub interpreter: appends its path and arguments, shell-quoted, as one line to $CALLS.
+PYTHON_STUB = '#!/usr/bin/env bash\nprintf "%q " "$0" "$@" >> "$CALLS"; echo >> "$CALLS"\n'
+
+
+def run_launcher(script: str, run: Path, checkout: Path = REPO, **env_vars: str):
+    """Run a launcher of `checkout` with `ray`, `python3` (PYTHON unless env_vars say otherwise) and Slurm's
+    commands stubbed: (the environment `ray job submit` ran in, empty if none; each python call)."""
+    stubs, seen, calls = run / "bin", run / "submit.env", run / "python.calls"
+    stubs.mkdir(parents=True)
     record = f'if [ "$1 $2" = "job submit" ]; then env -0 > {seen}; fi'
-    for name, body in (("ray", record), ("python", ""), ("sleep", ""), ("scontrol", "echo n1; echo n2"),
+    for name, body in (("ray", record), ("sleep", ""), ("scontrol", "echo n1; echo n2"),
                        ("srun", "echo 10.0.0.1")):
         (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (stubs / name).chmod(0o755)
+    (stubs / "python3").write_text(PYTHON_STUB)
+    (stubs / "python3").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # only what the launcher sets
-    env.update(PATH=f"{stubs}:{env['PATH']}", PYTHON=str(stubs / "python"), SLURM_SUBMIT_DIR=str(REPO),
-               SLURM_JOB_NODELIST="n[1-2]")
-    result = subprocess.run(["bash", str(REPO / "launchers" / script), "configs/qwen3-0.6b-grpo-aapa.yaml"],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and seen.exists(), (script, result.stderr)
-    return dict(item.split("=", 1) for item in seen.read_text().split("\0") if item)
+    env.update(PATH=f"{stubs}:{env['PATH']}", PYTHON=str(stubs / "python3"), CALLS=str(calls),
+               SLURM_SUBMIT_DIR=str(checkout), SLURM_JOB_NODELIST="n[1-2]")
+    env.update(env_vars)
+    launcher = checkout / "launchers" / script
+    result = subprocess.run(["bash", str(launcher), "configs/qwen3-0.6b-grpo-aapa.yaml"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (script, result.stderr)
+    job = dict(item.split("=", 1) for item in seen.read_text().split("\0") if item) if seen.exists() else {}
+    return job, [shlex.split(line) for line in calls.read_text().splitlines()]
+
+
+def test_slurm_spreads_the_recipe_over_every_gpu_of_every_node(data, tmp_path, monkeypatch, capsys):
+    _, calls = run_launcher("slurm.sbatch", tmp_path, GPUS_PER_NODE="4", SLURM_JOB_NUM_NODES="2")
+    layout = calls[0][calls[0].index("--") + 1:]  # the local dry run: ... --dry-run -- LAYOUT
+    monkeypatch.chdir(REPO)
+    recipe = str(REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml")
+    assert cli.main(["launch", "--config", recipe, "--dry-run", "--", *layout, *data_flags(data)]) == 0, \
+        capsys.readouterr().out
+    assert "layout: 8 GPUs" in capsys.readouterr().out
+
+
+def test_launchers_run_the_checkouts_venv_by_default(tmp_path):
+    """After `make install` the project's packages are in .venv, not in the python3 on PATH."""
+    checkout = tmp_path / "checkout"
+    (checkout / "launchers").mkdir(parents=True)
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    (checkout / ".venv" / "bin" / "python").write_text(PYTHON_STUB)
+    (checkout / ".venv" / "bin" / "python").chmod(0o755)
+    for script in ("submit.sh", "single_node.sh", "slurm.sbatch"):
+        shutil.copy(REPO / "launchers" / script, checkout / "launchers")
+        _, calls = run_launcher(script, tmp_path / script, checkout, PYTHON="")
+        assert calls and all(call[0] == ".venv/bin/python" for call in calls), (script, calls)
 
 
 @pytest.mark.parametrize("script", ["submit.sh", "slurm.sbatch"])
@@ -323,7 +454,9 @@ def test_ray_job_submit_ships_the_discriminator_and_no_run_outputs(script, tmp_p
     from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
     # As ray/dashboard/modules/dashboard_sdk.py decides for `ray job submit`.
-    include_gitignore = submit_environment(script, tmp_path).get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    job, _ = run_launcher(script, tmp_path)
+    assert job, script  # it ran `ray job submit`
+    include_gitignore = job.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     discs = {yaml.safe_load(r.read_text()).get("aapa", {}).get("discriminator") for r in RECIPES} - {None}
     assert discs == {"runs/gsm8k-disc"}  # what every AAPA recipe reads, relative to the working_dir
     checkout = tmp_path / "checkout"
@@ -331,7 +464,7 @@ def test_ray_job_submit_ships_the_discriminator_and_no_run_outputs(script, tmp_p
               "data/prepared/train.jsonl", "data/prepared/experts.jsonl"]
     run = "runs/qwen3-0.6b-grpo-aapa"  # OpenRLHF's outputs, as the recipes name them
     outputs = [f"{run}/ckpt/shard.pt", f"{run}/final/model.safetensors", f"{run}/tensorboard/ev",
-               f"{run}.log", "runs/slurm-7.out", "ckpt/shard.pt",
+               f"{run}.log", "runs/slurm-7.out", "slurm-7.out", "ckpt/shard.pt",
                "runs/bench/runs/r1/checkpoints/step_000120/model.safetensors",
                "runs/bench/start/sft0/discriminator/config.json", "runs/demo/grpo/checkpoints/step_1/m.pt",
                "runs/demo/grpo/tb/ev", "runs/demo/grpo/eval/step_1.jsonl", "runs/demo/grpo/scores.jsonl"]

@@ -1,8 +1,9 @@
 """Recipes (YAML) -> the exact OpenRLHF command, and the dry-run checks that need no GPU.
 
 A recipe has two sections: `openrlhf:` (stock train_ppo_ray flags without the leading `--`; `true` is a bare
-flag, a list gives several values) and, for AAPA runs, `aapa:` (the `--aapa.*` flags). Flags given after `--`
-on the command line come last, so they override the recipe (argparse keeps the last value).
+flag, `false` leaves it out, a list gives several values) and, for AAPA runs, `aapa:` (the `--aapa.*` flags).
+Flags given after `--` on the command line come last, so they override the recipe's values (argparse keeps
+the last one; a bare flag cannot be turned off).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from . import pinned  # noqa: F401  (refuses another OpenRLHF version before usi
 
 # isort: split
 
+import argparse
+import ast
+import contextlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shlex
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from aapa_rl.objectives import hard_set_budget
 from aapa_rl.settings import AapaSettings
 
 from .settings import GROUP_ESTIMATORS, AapaConfigError, check_files, dests, refused, split_argv
@@ -53,11 +57,23 @@ class RecipeError(ValueError):
     """A recipe entry that cannot become a command; the message names the file and key."""
 
 
-def openrlhf_flags() -> set[str]:
-    """Every flag name train_ppo_ray.py defines, read from its source (importing it needs vLLM)."""
+def openrlhf_flags() -> dict[str, dict]:
+    """Every flag train_ppo_ray.py defines, read from its source (importing it needs vLLM): name -> the
+    literal `action`, `nargs` and `default` of its add_argument call, which the dry run's parser copies."""
     package = Path(importlib.util.find_spec("openrlhf").submodule_search_locations[0])
-    names = re.findall(r'add_argument\(\s*f?"--([^"]+)"', (package / "cli" / "train_ppo_ray.py").read_text())
-    return {n.replace("{prefix}", p) for n in names for p in ("actor", "critic")}
+    flags = {}
+    for call in ast.walk(ast.parse((package / "cli" / "train_ppo_ray.py").read_text())):
+        if not (isinstance(call, ast.Call) and getattr(call.func, "attr", None) == "add_argument"):
+            continue
+        spec = {}
+        for keyword in call.keywords:
+            if keyword.arg in ("action", "nargs", "default"):
+                with contextlib.suppress(ValueError):  # a computed default (a date, a per-prefix rate)
+                    spec[keyword.arg] = ast.literal_eval(keyword.value)
+        # '--ref.num_nodes', or f'--{prefix}.optim' for the flags it adds for both actor and critic
+        name = ast.unparse(call.args[0]).removeprefix("f").strip("'\"").removeprefix("--")
+        flags.update({name.replace("{prefix}", prefix): spec for prefix in ("actor", "critic")})
+    return flags
 
 
 def _flag_tokens(key: str, value) -> list[str]:
@@ -85,6 +101,12 @@ def command(path: str | Path, extra: list[str] | None = None, output_root: str |
     for key, value in recipe["openrlhf"].items():
         if isinstance(value, dict) or str(key).startswith("-"):
             raise RecipeError(f"{path}: openrlhf.{key}: write a flag as `section.name: value` (no dashes)")
+        # `false` leaves a bare flag out, which cannot turn off one whose default is true.
+        if value is False and openrlhf_flags().get(key, {}).get("default") is True:
+            negation = "{}.no_{}".format(*key.rpartition(".")[::2])
+            instead = f"; write `{negation}: true`" if negation in openrlhf_flags() else ""
+            raise RecipeError(f"{path}: openrlhf.{key}: false cannot be passed: OpenRLHF's default is true "
+                              f"and --{key} can only turn it on{instead}")
         argv += _flag_tokens(key, value)
     aapa = recipe.get("aapa")
     if aapa is not None:
@@ -106,22 +128,44 @@ def command(path: str | Path, extra: list[str] | None = None, output_root: str |
                 argv[i] = f"--{key}={root / value}"
             elif not has_value and i + 1 < len(argv) and not Path(argv[i + 1]).is_absolute():
                 argv[i + 1] = str(root / argv[i + 1])
+        # OpenRLHF's own defaults are relative too: without these the run would write into Ray's copy.
+        given = {token[2:].partition("=")[0] for token in argv if token.startswith("--")}
+        argv += [token for name in OUTPUT_FLAGS if name not in given and DEFAULTS[name] is not None
+                 for token in (f"--{name}", str(root / DEFAULTS[name]))]
     return [sys.executable, "-m", module, *argv]
 
 
-def parse_flags(tokens: list[str]) -> dict[str, list[str]]:
-    """`--name v1 v2 --flag` -> {name: [v1, v2], flag: []}; a repeated flag keeps its last values."""
-    flags: dict[str, list[str]] = {}
-    key = None
-    for token in tokens:
-        if token.startswith("--"):
-            key, has_value, value = token[2:].partition("=")
-            flags[key] = [value] if has_value else []
-        elif key is None:
-            raise RecipeError(f"value {token!r} does not follow a flag")
-        else:
-            flags[key].append(token)
-    return flags
+def parse_flags(tokens: list[str]) -> tuple[dict, list[str]]:
+    """The given flags' values as train_ppo_ray's parser reads them (strings, lists, True for a bare flag),
+    and a problem naming the flag for each token that parser stops on: an unknown flag, a missing value, a
+    value after a bare flag, one value too many."""
+    flags = openrlhf_flags()
+    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
+                                     argument_default=argparse.SUPPRESS)
+    for name, spec in flags.items():
+        parser.add_argument(f"--{name}", **{k: v for k, v in spec.items() if k != "default"})
+    values, problems = argparse.Namespace(), []
+    if tokens and not tokens[0].startswith("--"):
+        problems.append(f"value {tokens[0]!r} does not follow a flag")
+    starts = [i for i, token in enumerate(tokens) if token.startswith("--")]
+    # One flag and the tokens up to the next at a time, so that each problem names its flag.
+    for start, end in zip(starts, [*starts[1:], len(tokens)], strict=True):
+        name, group = tokens[start][2:].partition("=")[0], tokens[start:end]
+        if name not in flags:
+            problems.append(f"--{name} is not a train_ppo_ray flag of OpenRLHF 0.11.2")
+            continue
+        try:
+            _, extra = parser.parse_known_args(group, values)
+        except argparse.ArgumentError as e:
+            problems.append(f"{e} (OpenRLHF's parser stops on it)")
+            continue
+        if extra:
+            spec = flags[name]
+            takes = ("no value (a bare flag, which cannot be turned off)" if "action" in spec
+                     else f"{spec['nargs']} values" if "nargs" in spec else "one value")
+            problems.append(f"--{name} takes {takes}: OpenRLHF's parser stops on {shlex.join(extra)} "
+                            "(unrecognized arguments)")
+    return vars(values), problems
 
 
 def check(cmd: list[str]) -> tuple[list[str], list[str]]:
@@ -132,19 +176,12 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
             aapa, _, args = split_argv(args)
         except AapaConfigError as e:
             return [], [str(e)]
-    flags = parse_flags(args)
+    flags, bad = parse_flags(args)
 
     def get(name: str):
-        if name not in flags:
-            return DEFAULTS[name]
-        values = flags[name]
-        return True if not values else values[0] if len(values) == 1 else values
+        return flags.get(name, DEFAULTS[name])
 
-    ok, bad = [], []
-    unknown = sorted(set(flags) - openrlhf_flags())
-    bad += [f"--{f} is not a train_ppo_ray flag of OpenRLHF 0.11.2" for f in unknown]
-    if not unknown:
-        ok.append(f"{len(flags)} OpenRLHF flags, all known to train_ppo_ray 0.11.2")
+    ok = [] if bad else [f"{len(flags)} OpenRLHF flags, all known to train_ppo_ray 0.11.2"]
     if aapa is not None:
         bad += refused(get)
     _check_files(get, aapa, ok, bad)
@@ -160,7 +197,7 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
             decay = "" if stage.lam_end is None else f" -> {stage.lam_end}"
             ok.append(f"AAPA stage {i}, steps < {stage.end_step}: {stage.objective}, lam {stage.lam}{decay}, "
                       f"alpha {stage.alpha}, rho {stage.rho} "
-                      f"(|H| <= {math.ceil(stage.rho * prompts - 1e-9)} of {prompts} prompts)")
+                      f"(|H| <= {hard_set_budget(stage.rho, prompts)} of {prompts} prompts)")
         if aapa.adaptive is not None:
             ok.append(f"adaptive lambda: target gap {aapa.adaptive.target_gap}, rate {aapa.adaptive.rate}")
     return ok, bad
@@ -171,17 +208,30 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _check_files(get: Callable, aapa: AapaSettings | None, ok: list[str], bad: list[str]) -> None:
+    prompt_files = []
     for name in ("actor.model_name_or_path", "data.prompt_dataset", "eval.dataset"):
         value = get(name)
         if value is None:
             if name != "eval.dataset":
                 bad.append(f"--{name} is required")
-        elif Path(value).exists():
-            ok.append(f"--{name} {value}: found")
-        elif _is_hub_id(value):
-            ok.append(f"--{name} {value}: no such local path, taken as a Hugging Face hub id (not checked)")
-        else:
-            bad.append(f"--{name} {value}: no such file or directory")
+            continue
+        # OpenRLHF's blending_datasets reads a comma-separated list of datasets, each `path` or `path@dir`.
+        parts = [value] if name.startswith("actor.") else [p.split("@")[0].strip() for p in value.split(",")]
+        for part in parts:
+            path = Path(part)
+            # load_dataset fails on a file without rows (StopIteration on an empty JSONL); only a small file
+            # can be blank.
+            if path.is_file() and path.stat().st_size < 4096 and not path.read_bytes().strip():
+                bad.append(f"--{name} {part}: empty file")
+            elif path.exists():
+                ok.append(f"--{name} {part}: found")
+                if name == "data.prompt_dataset":
+                    prompt_files.append(part)
+            elif _is_hub_id(part):
+                ok.append(f"--{name} {part}: no such local path, taken as a Hugging Face hub id "
+                          "(not checked)")
+            else:
+                bad.append(f"--{name} {part}: no such file or directory")
     for url in (get("reward.remote_url") or "").split(","):
         if not url.endswith(".py"):
             continue
@@ -200,9 +250,9 @@ def _check_files(get: Callable, aapa: AapaSettings | None, ok: list[str], bad: l
 
         auroc = heldout_auroc(aapa.discriminator)
         ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
-    data = get("data.prompt_dataset")
-    if data and Path(data).exists() and not any(p.startswith("--aapa.expert_bank") for p in problems):
-        _check_labels(aapa, data, get, ok, bad)
+    if not any(p.startswith("--aapa.expert_bank") for p in problems):
+        for data in prompt_files:
+            _check_labels(aapa, data, get, ok, bad)
 
 
 def _check_labels(aapa: AapaSettings, data: str, get: Callable, ok: list[str], bad: list[str]) -> None:
@@ -271,7 +321,9 @@ def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
     if colocate_all and engines * tp != actor:
         bad.append(f"--train.colocate_all needs vllm.num_engines x vllm.tensor_parallel_size "
                    f"({engines} x {tp}) == actor GPUs ({actor})")
-    same_layout = all(get(f"ref.{k}") == get(f"actor.{k}") for k in ("num_nodes", "num_gpus_per_node"))
+    # Given flags are strings and the defaults ints: compare numbers.
+    same_layout = all(int(get(f"ref.{k}")) == int(get(f"actor.{k}"))
+                      for k in ("num_nodes", "num_gpus_per_node"))
     if uses_ref and (colocate_all or colocate_ref) and not same_layout:
         bad.append("a colocated reference model needs --ref.num_nodes / --ref.num_gpus_per_node equal to the "
                    "actor's")
