@@ -290,6 +290,7 @@ MALFORMED = [  # (flags, the dry run's problem)
     (["--rollout.batch_size", "64", "32"],
      "--rollout.batch_size takes one value: OpenRLHF's parser stops on 32"),
     (["--actor.eps_clip_low_high", "0.2"], "argument --actor.eps_clip_low_high: expected 2 arguments"),
+    (["--rollout.batch_size", "abc"], "argument --rollout.batch_size: invalid int value: 'abc'"),
 ]
 
 

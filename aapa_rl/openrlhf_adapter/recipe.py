@@ -59,7 +59,8 @@ class RecipeError(ValueError):
 
 def openrlhf_flags() -> dict[str, dict]:
     """Every flag train_ppo_ray.py defines, read from its source (importing it needs vLLM): name -> the
-    literal `action`, `nargs` and `default` of its add_argument call, which the dry run's parser copies."""
+    literal `action`, `nargs`, `default` and the `type` (int, float or str) of its add_argument call, which
+    the dry run's parser copies."""
     package = Path(importlib.util.find_spec("openrlhf").submodule_search_locations[0])
     flags = {}
     for call in ast.walk(ast.parse((package / "cli" / "train_ppo_ray.py").read_text())):
@@ -67,7 +68,9 @@ def openrlhf_flags() -> dict[str, dict]:
             continue
         spec = {}
         for keyword in call.keywords:
-            if keyword.arg in ("action", "nargs", "default"):
+            if keyword.arg == "type" and getattr(keyword.value, "id", None) in ("int", "float", "str"):
+                spec["type"] = {"int": int, "float": float, "str": str}[keyword.value.id]
+            elif keyword.arg in ("action", "nargs", "default"):
                 with contextlib.suppress(ValueError):  # a computed default (a date, a per-prefix rate)
                     spec[keyword.arg] = ast.literal_eval(keyword.value)
         # '--ref.num_nodes', or f'--{prefix}.optim' for the flags it adds for both actor and critic
