@@ -189,6 +189,10 @@ def test_cjk_sentences_end_without_a_following_space():
     assert split_sentences("Pi is 3.14. Next! e.g.x") == ["Pi is 3.14.", "Next!", "e.g.x"]
     negatives = hard_negatives("先加。再乘。答案是42。", "其他。", random.Random(0))
     assert negatives["reasoning_dropped"] == "答案是42。"
+    # Rejoined without spaces, as the expert is: a space would tell every such negative apart.
+    assert " " not in negatives["sentences_shuffled"] and " " not in negatives["span_repeated"]
+    shuffled = split_sentences(negatives["sentences_shuffled"])
+    assert sorted(shuffled) == sorted(split_sentences("先加。再乘。答案是42。"))
 
 
 def test_minilm_encoder_ranks_perturbations_and_counts_truncation():

@@ -49,13 +49,15 @@ class Example:
 def hard_negatives(expert: str, other_expert: str | None, rng: random.Random) -> dict[str, str | None]:
     """The generic negatives of one expert; None where a type does not apply (e.g. one sentence)."""
     sentences = split_sentences(expert)
+    # Rejoined as the expert joins them: a space would mark every shuffled or repeated CJK negative.
+    sep = " " if " " in expert else ""
     cut = max(1, int(len(expert) * rng.uniform(0.3, 0.7)))
     space = expert.rfind(" ", 0, cut)
     repeated = rng.choice(sentences) if sentences else None
     span_repeated = None
     if repeated:
         end = expert.find(repeated) + len(repeated)
-        span_repeated = expert[:end] + f" {repeated}" * rng.randint(2, 3) + expert[end:]
+        span_repeated = expert[:end] + f"{sep}{repeated}" * rng.randint(2, 3) + expert[end:]
     shuffled = sentences[:]
     rng.shuffle(shuffled)
     if shuffled == sentences and len(set(sentences)) > 1:
@@ -70,7 +72,7 @@ def hard_negatives(expert: str, other_expert: str | None, rng: random.Random) ->
         "truncated": expert[: space if space > 0 else cut].rstrip(),
         "span_repeated": span_repeated,
         "reasoning_dropped": sentences[-1] if len(sentences) > 1 else None,
-        "sentences_shuffled": " ".join(shuffled),
+        "sentences_shuffled": sep.join(shuffled),
         "answer_corrupted": corrupted,
         "filler_appended": f"{expert.rstrip()} {rng.choice(FILLERS)}",
         "other_expert": other_expert,
