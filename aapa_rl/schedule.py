@@ -117,7 +117,9 @@ class StageSchedule:
                               alpha=stage.alpha, rho=stage.rho, mu=mu)
 
     def observe(self, gap_mean: float) -> None:
-        if self.adaptive is not None and self.adaptive.lam is not None:
+        """Adaptive lambda's step on a batch's mean gap; a NaN gap (no prompt of the batch has an expert)
+        leaves lambda as it is."""
+        if self.adaptive is not None and self.adaptive.lam is not None and math.isfinite(gap_mean):
             self.adaptive.update(gap_mean)
 
     def state_dict(self) -> dict:

@@ -47,6 +47,8 @@ def test_adaptive_lambda_moves_in_the_right_direction_within_bounds():
     assert schedule.at(0).lam == 1.0
     schedule.observe(gap_mean=1.0)  # drifting more than the budget: raise
     assert schedule.at(1).lam == pytest.approx(1.5)
+    schedule.observe(gap_mean=float("nan"))  # a batch without experts: no step, whichever backend calls
+    assert schedule.at(1).lam == pytest.approx(1.5)
     for _ in range(5):
         schedule.observe(gap_mean=3.0)
     assert schedule.at(2).lam == 2.0  # upper bound

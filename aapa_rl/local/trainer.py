@@ -321,9 +321,8 @@ class Trainer:
                 m.update(extra)
                 if anchor_loss_value is not None:
                     losses["anchor"] = anchor_loss_value
-                gap = m.get("aapa/gap_mean", math.nan)
-                if anchor is not None and math.isfinite(gap):
-                    self.schedule.observe(gap)
+                if anchor is not None:
+                    self.schedule.observe(m["aapa/gap_mean"])
             m["grad_norm"], m["time/optimizer"] = self.update(lr)
             m["nonfinite_skipped"] = 0
         except _SkipStep:

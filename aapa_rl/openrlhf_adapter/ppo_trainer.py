@@ -192,8 +192,7 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
         status, next_step = super().train_step(rollout_samples, global_step)
 
         aapa_metrics = self.experience_maker.last_metrics
-        if not math.isnan(aapa_metrics["aapa/gap_mean"]):  # NaN when no prompt of the batch has an expert
-            self.aapa_schedule.observe(aapa_metrics["aapa/gap_mean"])
+        self.aapa_schedule.observe(aapa_metrics["aapa/gap_mean"])
         self.aapa_counters["anchors"] += int(aapa_metrics["aapa/hard_set_size"])
         self.aapa_counters["prompts_scored"] += len(rollout_samples) // self.args.rollout.n_samples_per_prompt
         self.aapa_counters["missing_experts"] += int(aapa_metrics["aapa/missing_experts"])

@@ -204,8 +204,7 @@ class AapaGRPOTrainer(GRPOTrainer):
                 row[key] = [v for v in d.reshape(-1).tolist() if math.isfinite(v)]  # NaN: no expert
             with open(os.path.join(self.args.output_dir, SCORES_FILE), "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if math.isfinite(anchor.metrics["gap_mean"]):
-            self.aapa_schedule.observe(anchor.metrics["gap_mean"])
+        self.aapa_schedule.observe(anchor.metrics["gap_mean"])
         return rewards
 
     def _expert_rows(self, output: dict, values) -> list[list]:
