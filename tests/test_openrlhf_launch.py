@@ -146,6 +146,8 @@ def test_bad_aapa_settings_stop_the_launcher(stop_at_strategy, data, tmp_path):
     base = [*BASE, *aapa_flags(data)]
     with pytest.raises(SystemExit, match="unknown AAPA flag --aapa.lamda"):
         launch.main([*base, "--aapa.lamda", "1"])
+    with pytest.raises(SystemExit, match="--aapa.anchor_phi takes no value .*, got 'false'"):
+        launch.main([*base, "--aapa.anchor_phi", "false"])
     chord = [*aapa_flags(data, [{"end_step": 10, "objective": "chord", "lam": 0.5, "rho": 0.25}])]
     with pytest.raises(SystemExit, match=r"--aapa.chord: chord needs 0 <= valley <= peak <= 1"):
         launch.main([*BASE, *chord, "--aapa.chord", '{"peak": 2}'])

@@ -79,6 +79,10 @@ def dests() -> set[str]:
 
 def split_argv(argv: list[str]) -> tuple[AapaSettings, str, list[str]]:
     """Take the `--aapa.*` flags out of `argv`: (AAPA settings, where to score, the flags for OpenRLHF)."""
+    bare = {f"{PREFIX}{name}" for name, hint in typing.get_type_hints(AapaSettings).items() if hint is bool}
+    for flag, token in zip(argv, argv[1:], strict=False):
+        if flag in bare and not token.startswith("--"):  # else OpenRLHF's parser blames the flag before it
+            raise AapaConfigError(f"{flag} takes no value (give it to turn it on), got {token!r}")
     flat, rest = parser().parse_known_args(argv)
     unknown = [arg for arg in rest if arg.startswith(PREFIX)]
     if unknown:
