@@ -8,14 +8,17 @@
    OUT/start/sftN and reused while the config's task, sft and discriminator sections are unchanged.
 2. Run every arm x start x RL seed of the config through `aapa-rl train`, a start's runs as soon as it is
    built; starts and runs share `workers` slots (one torch thread each). Run directories go to OUT/runs
-   (--quick: OUT/runs-quick); a finished run whose recipe and start are unchanged is reused, so a bench run
-   again after an interruption only trains what is missing.
+   (--quick: OUT/runs-quick); a finished run whose recipe (RUN.yaml) and start (RUN.start: the start's
+   config and weights fingerprint) are unchanged is reused, so a bench run again after an interruption only
+   trains what is missing.
 3. Judge every run by the config's `verdict` (drifted: final greedy format below `drift_below`; held: at
    least `hold_at_least`); a comparison with the baseline counts only in the (start, seed) pairs where the
    baseline drifted, and is marked "not evidence" elsewhere.
-4. Write one JSON per run, summary.json, table.md and PNG curves to OUT/results/drift[-quick] (with
-   --publish: to the committed bench/results/drift[-quick] instead), and print the table (mean +- std over
-   all runs of an arm), the drift and hold counts and the targets of issues 8 and 17, met or not.
+4. Write one JSON per run, summary.json, table.md and PNG curves to OUT/results/NAME, NAME the config's
+   file name (drift.yaml: drift) with -quick for --quick (with --publish: to the committed
+   bench/results/NAME instead; not for a subset: --arms, --starts, --seeds), and print the table (mean +- std
+   over all runs of an arm; failed runs counted), the drift and hold counts and the targets of issues 8 and
+   17, met or not (incomplete when a run failed).
 
 Runs are bit-for-bit repeatable on one machine, not across CPUs: see docs/benchmarks.md, "What reproduces
 where". The entry point pins torch's CPU kernels to AVX2 where the CPU has it (aapa_rl.local.demo).
@@ -162,16 +165,39 @@ def arm_recipe(cfg: dict, name: str, seed: int, run_dir: Path, start: Path) -> d
     return recipe
 
 
-def reusable(run_dir: Path, recipe: dict, start_rebuilt: bool) -> bool:
-    """Whether a finished run has this recipe (in RUN.yaml) and an unchanged start: it would come out
-    bit-identical on this machine, so it is reused instead of trained again."""
-    config_path = run_dir.with_suffix(".yaml")
+def reusable(run_dir: Path, recipe: dict, start: dict, last: str = "summary.json") -> bool:
+    """Whether a finished run (`last`: the file a run writes last) has this recipe (RUN.yaml) and was trained
+    from this start (RUN.start: its config and weights fingerprint): it would come out bit-identical on this
+    machine, so it is reused instead of trained again."""
+    config_path, start_path = run_dir.with_suffix(".yaml"), run_dir.with_suffix(".start")
     return (
-        not start_rebuilt
-        and (run_dir / "summary.json").exists()
+        (run_dir / last).exists()
         and config_path.exists()
+        and start_path.exists()
         and yaml.safe_load(config_path.read_text()) == recipe
+        and json.loads(start_path.read_text()) == {"key": start["key"], "fingerprint": start["fingerprint"]}
     )
+
+
+def write_run_config(run_dir: Path, recipe: dict, start: dict) -> Path:
+    """RUN.yaml and RUN.start of a run about to train; returns RUN.yaml. The run's old summary.json goes
+    first: should the bench stop before the run trains, its old result must not pass for the new recipe."""
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    config_path = run_dir.with_suffix(".yaml")
+    config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    start_id = {"key": start["key"], "fingerprint": start["fingerprint"]}
+    run_dir.with_suffix(".start").write_text(json.dumps(start_id) + "\n")
+    return config_path
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    """--results, else OUT/results/NAME or with --publish the committed bench/results/NAME, NAME the config's
+    file name with -quick for --quick: a variant's results never replace the bench's. Only the config's
+    runs are published, not a subset of them."""
+    if args.publish and (args.arms or args.starts or args.seeds):
+        raise SystemExit("--publish: not with --arms, --starts or --seeds (a subset); use --results")
+    name = args.config.stem + ("-quick" if args.quick else "")
+    return args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
 
 
 def run_cli(args: list[str], log: Path) -> tuple[int, float]:
@@ -247,9 +273,12 @@ def judge(records: list[dict], cfg: dict) -> None:
 
 
 def table(start_evals: dict[int, dict], records: list[dict], cfg: dict) -> tuple[dict, str]:
-    """Per arm over all its (start, seed) runs: mean and std of every column, how many runs drifted and
-    held, and how many held where the baseline drifted; and a markdown table (the SFT starts first)."""
-    base = cfg["arms"][cfg["verdict"]["baseline"]]["label"]
+    """Per arm over all its finished (start, seed) runs: mean and std of every column, how many runs failed,
+    drifted and held, and how many held where the baseline drifted; and a markdown table (the SFT starts
+    first)."""
+    v = cfg["verdict"]
+    base = cfg["arms"].get(v["baseline"], {}).get("label", v["baseline"])  # --arms may leave it out
+    expected = len(cfg["starts"]) * len(cfg["seeds"])
     stats: dict = {}
     for name in cfg["arms"]:
         runs = [r for r in records if r["arm"] == name]
@@ -258,6 +287,7 @@ def table(start_evals: dict[int, dict], records: list[dict], cfg: dict) -> tuple
             stats[name] = {
                 "label": runs[0]["label"],
                 "runs": [[r["start"], r["seed"]] for r in runs],
+                "failed": expected - len(runs),
                 "drifted": sum(r["drifted"] for r in runs),
                 "held": sum(r["held"] for r in runs),
                 # None for the baseline; else runs whose baseline drifted, and how many of those held
@@ -284,8 +314,9 @@ def table(start_evals: dict[int, dict], records: list[dict], cfg: dict) -> tuple
             if s["evidence"] < n:
                 evidence += f" ({n - s['evidence']} not evidence)"
         cells = [f"{s[k][0]:.3f} +- {s[k][1]:.3f}" if k in s else "-" for k, _ in COLUMNS]
+        runs = f"{n}/{expected}, {s['failed']} failed" if s["failed"] else f"{n}"
         lines.append(
-            f"| {s['label']} | {n} | {s['drifted']}/{n} | {s['held']}/{n} | {evidence} | "
+            f"| {s['label']} | {runs} | {s['drifted']}/{n} | {s['held']}/{n} | {evidence} | "
             + " | ".join(cells)
             + " |"
         )
@@ -294,7 +325,7 @@ def table(start_evals: dict[int, dict], records: list[dict], cfg: dict) -> tuple
 
 def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict], cfg: dict) -> list[dict]:
     """The targets of issues 17 and 8, met or not, with the numbers. Comparisons between arms use only the
-    (start, seed) pairs where the baseline drifted."""
+    (start, seed) pairs where the baseline drifted; every target is marked incomplete when a run failed."""
     out = []
     base = cfg["verdict"]["baseline"]
     if base in stats:
@@ -314,24 +345,31 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
                 "met": s["reward/format"][0] < 0.3,
             }
         )
-    start_acc = mean_std([e["accuracy"] for e in start_evals.values()])[0]
-    # The spec's default, with the bounded shaping option, and the smaller-alpha analysis (drift-variants)
+    # The spec's default, with the bounded shaping option, and the smaller-alpha analysis (drift-variants).
+    # Only runs whose baseline drifted are evidence: one where nothing drifts would count as held and lend
+    # its accuracy to the arm.
     for arm in ("aapa", "aapa_floor", "alpha_small"):
         if arm not in stats:
             continue
         s = stats[arm]
+        evidence = [r for r in records if r["arm"] == arm and r["evidence"]]
         out.append(
             {
-                "target": f"{s['label']} holds greedy format >= 0.9 in >= 90% of runs",
-                "value": f"{s['held']}/{len(s['runs'])}",
-                "met": s["held"] / len(s["runs"]) >= 0.9,
+                "target": f"{s['label']} holds greedy format >= 0.9 in >= 90% of its runs where the baseline "
+                f"drifted ({len(evidence)} of {len(s['runs'])})",
+                "value": f"{s['held_where_baseline_drifted']}/{len(evidence)}",
+                "met": bool(evidence) and s["held_where_baseline_drifted"] >= 0.9 * len(evidence),
             }
         )
+        accuracy = mean_std([r["final"]["accuracy"] for r in evidence] or [math.nan])[0]
+        # the starts of those runs' (start, seed) pairs, not of all pairs
+        start_acc = mean_std([start_evals[r["start"]]["accuracy"] for r in evidence] or [math.nan])[0]
         out.append(
             {
-                "target": f"{s['label']} mean accuracy within 3 points of the starts' ({start_acc:.3f})",
-                "value": s["accuracy"][0],
-                "met": s["accuracy"][0] >= start_acc - 0.03,
+                "target": f"{s['label']} mean accuracy in those runs within 3 points of their starts' "
+                f"({start_acc:.3f})",
+                "value": accuracy,
+                "met": accuracy >= start_acc - 0.03,
             }
         )
     if "anchor" in stats and "random_anchor" in stats:
@@ -349,6 +387,10 @@ def check_targets(start_evals: dict[int, dict], stats: dict, records: list[dict]
         else:
             means = [mean_std(formats[a])[0] for a in ("anchor", "random_anchor")]
             out.append({"target": target, "value": means, "met": means[0] > means[1]})
+    expected = len(cfg["arms"]) * len(cfg["starts"]) * len(cfg["seeds"])
+    if len(records) < expected:  # the failed runs are missing from every count above
+        for t in out:
+            t["incomplete"] = f"{expected - len(records)} of {expected} runs failed"
     return out
 
 
@@ -384,7 +426,8 @@ def plot(records: list[dict], start_evals: dict[int, dict], cfg: dict, out: Path
                     if len(r["eval_curve"]) == len(steps)
                 ]
             )
-            m, sd = ys.mean(0), ys.std(0)
+            m = ys.mean(0)
+            sd = ys.std(0, ddof=1) if len(ys) > 1 else np.zeros_like(m)  # the table's sample std
             style = "o-" if i < 10 else "s--"  # tab10 has ten colours; later arms repeat them dashed
             ax.plot(steps, m, style, color=colors(i % 10), markersize=3, label=runs[0]["label"])
             ax.fill_between(steps, m - sd, m + sd, color=colors(i % 10), alpha=0.12)
@@ -441,25 +484,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, nargs="+", help="these SFT seeds instead of the config's")
     parser.add_argument("--seeds", type=int, nargs="+", help="these RL seeds instead of the config's")
     parser.add_argument("--arms", nargs="+", help="only these arms of the config")
-    parser.add_argument("--results", type=Path, help="JSON and PNG (default OUT/results/drift[-quick])")
+    parser.add_argument("--results", type=Path, help="JSON and PNG (default OUT/results/CONFIG[-quick])")
     parser.add_argument(
         "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
     )
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # run recipes hold paths: runs stay reusable however OUT is spelled
+    results = results_dir(args)
     from aapa_rl.local.demo import machine, pin_cpu_kernels
 
     pin_cpu_kernels()  # before torch loads, in this process and the `aapa-rl train` ones it starts
     cfg = load_config(args.config, args.quick)
-    cfg["starts"] = args.starts or cfg["starts"]
-    cfg["seeds"] = args.seeds or cfg["seeds"]
+    # Without duplicates: a repeated seed would train the same run directory twice at once
+    cfg["starts"] = list(dict.fromkeys(args.starts or cfg["starts"]))
+    cfg["seeds"] = list(dict.fromkeys(args.seeds or cfg["seeds"]))
     if args.arms:
         unknown = [a for a in args.arms if a not in cfg["arms"]]
         if unknown:
             raise SystemExit(f"--arms: unknown arms {unknown}")
         cfg["arms"] = {a: cfg["arms"][a] for a in cfg["arms"] if a in args.arms}
-    name = "drift-quick" if args.quick else "drift"
-    results = args.results or (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
 
     from tqdm import tqdm
@@ -506,15 +549,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     for arm, seed in runs_of_a_start:
                         run_dir = runs_dir / f"{arm}-sft{sft_seed}-seed{seed}"
-                        config_path = run_dir.with_suffix(".yaml")
                         recipe = arm_recipe(cfg, arm, seed, run_dir, start_dirs[sft_seed])
-                        if reusable(run_dir, recipe, start["rebuilt"]):
+                        if reusable(run_dir, recipe, start):
                             rec = run_record(cfg, arm, sft_seed, seed, run_dir, start["eval"], math.nan)
                             records.append(rec)
                             reused += 1
                             bar.update()
                             continue
-                        config_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+                        config_path = write_run_config(run_dir, recipe, start)
                         load_recipe(config_path)  # a bad arm fails here, before it runs
                         pending[slots.submit(train, config_path, run_dir)] = (sft_seed, arm, seed, run_dir)
                     continue
@@ -562,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
         "plots": [p.name for p in plots],
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (results / "table.md").write_text(text + "\n")
+    # A failed run is in no row of the table: named under it
+    (results / "table.md").write_text(text + "\n" + "".join(f"\nFAILED: {f}\n" for f in failed))
     v = cfg["verdict"]
     print()
     print(
@@ -576,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         "an arm."
     )
     for t in targets:
-        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}")
+        incomplete = f", incomplete: {t['incomplete']}" if "incomplete" in t else ""
+        print(f"  [{'met' if t['met'] else 'NOT met'}{incomplete}] {t['target']}: {t['value']}")
     print(f"wall time {wall / 60:.1f} min; results in {results}")
     if failed:
         print("FAILED runs: " + "; ".join(failed))

@@ -1,6 +1,7 @@
 """What AAPA costs per step: GRPO + AAPA against GRPO, and CHORD + AAPA against CHORD, in one run.
 
-    .venv/bin/python bench/overhead.py [--steps 20] [--quick] [--out runs/bench]
+    .venv/bin/python bench/overhead.py [--steps 20] [--warmup 2] [--quick] [--config bench/drift.yaml]
+                                       [--out runs/bench] [--results FILE] [--publish]
 
 Every trainer starts from the same SFT model with the same seed, so they draw the same prompts at each
 step; their steps are interleaved (A, B, A, B, ...) so that the load of this shared machine falls on both
@@ -162,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             f"= {a['us_per_token']:.0f} us/token"
         )
     text = "\n".join(lines)
-    command = (
-        "python bench/overhead.py"
-        + (" --quick" if args.quick else "")
-        + (f" --steps {args.steps}" if args.steps else "")
-    )
+    command = " ".join(["python bench/overhead.py"] + (argv if argv is not None else sys.argv[1:]))
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(
         json.dumps(

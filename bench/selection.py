@@ -3,7 +3,7 @@ equal anchor budgets, on flaws that pay on a subset of the prompts only (issue 1
 
     .venv/bin/python bench/selection.py [--config bench/selection.yaml] [--quick] [--flaws F ...]
                                         [--starts S ...] [--seeds R ...] [--arms A ...]
-                                        [--out runs/bench] [--publish]
+                                        [--out runs/bench] [--results DIR] [--publish]
 
 1. Per flaw, the SFT starts and discriminators of bench/drift.py (prepare_start) with the flaw's task keys:
    a flaw that changes none shares the drift bench's OUT/start/sftN, the others get OUT/start/sftN-FLAW.
@@ -12,9 +12,11 @@ equal anchor budgets, on flaws that pay on a subset of the prompts only (issue 1
    while their recipe and start are unchanged (bench/drift.py's rule).
 3. Judge each run on the flawed subset (format_on_subset = held-out format_flawed / flawed_subset) by the
    config's verdict, and write one JSON per run, summary.json, table.md and FLAW.png (format on the subset
-   against the anchor tokens spent) to OUT/results/selection[-quick] (with --publish: to the committed
-   bench/results/ instead); print per flaw the table, the smallest budget at which each selection holds every
-   run where the baseline drifted, and the issue's target, met or not.
+   against the anchor tokens spent) to OUT/results/NAME, NAME the config's file name with -quick for
+   --quick (with --publish: to the committed bench/results/NAME instead, refused for --arms, --starts,
+   --seeds, or --flaws other than the published ones); print per flaw the table, the smallest budget at
+   which each selection holds every run where the baseline drifted, and the issue's target, met or not
+   (incomplete when a run failed).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import drift  # noqa: E402
@@ -81,7 +81,7 @@ def anchor_arms(cfg: dict) -> dict:
     arms = dict(cfg["arms"])
     for rho, lam in cfg["budgets"]:
         for selection in cfg["selections"]:
-            # No dots in the name: drift.train writes RUN.yaml and RUN.log with Path.with_suffix.
+            # No dots in the name: RUN.yaml, RUN.start and RUN.log are named with Path.with_suffix.
             arms[f"{selection}-rho{rho}-lam{lam}".replace(".", "_")] = {
                 "label": f"{selection}, rho {rho}, lam {lam}",
                 "aapa": {
@@ -106,9 +106,11 @@ def complete(record: dict, flaw: str) -> dict:
 
 
 def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> dict:
-    """Per arm: runs, drifted, held, held where the baseline drifted, and mean +- std of COLUMNS; per
-    selection the smallest budget rho x lam at which every evidence run held; and the issue's target."""
+    """Per arm: runs, failed, drifted, held, held where the baseline drifted, and mean +- std of COLUMNS; per
+    selection the smallest budget rho x lam at which every evidence run held; and the issue's targets
+    (incomplete when a run failed)."""
     v = cfg["verdict"]
+    expected = len(start_evals) * len(cfg["seeds"])
     arms = {}
     for name, arm in cfg["arms"].items():
         runs = [r for r in records if r["arm"] == name]
@@ -121,6 +123,7 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
             "selection": arm["aapa"].get("selection", "gap") if anchored else None,
             "budget": [stage["rho"], stage["lam"]] if anchored else None,
             "runs": len(runs),
+            "failed": expected - len(runs),
             "drifted": sum(r["drifted"] for r in runs),
             "held": sum(r["held"] for r in runs),
             "evidence": None if name == v["baseline"] else len(evidence),
@@ -137,7 +140,6 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
         mine = [a for a in arms.values() if a["selection"] == selection and a["evidence"]]
         held = [a["budget"] for a in mine if a["held_where_baseline_drifted"] == a["evidence"]]
         smallest[selection] = min(held, key=lambda b: b[0] * b[1]) if held else None
-    starts_accuracy = drift.mean_std([e["accuracy"] for e in start_evals.values()])[0]
     targets = []
     base = arms.get(v["baseline"])
     if base:
@@ -154,23 +156,32 @@ def summarize(records: list[dict], cfg: dict, start_evals: dict[int, dict]) -> d
         gap, rand = smallest["gap"], smallest["random"]
         need = rand[0] * rand[1] if rand else largest
         gap_arm = next((n for n, a in arms.items() if a["selection"] == "gap" and a["budget"] == gap), None)
-        evidence = [r["final"]["accuracy"] for r in records if r["arm"] == gap_arm and r["evidence"]]
-        accuracy = drift.mean_std(evidence or [math.nan])[0]
+        evidence = [r for r in records if r["arm"] == gap_arm and r["evidence"]]
+        accuracy = drift.mean_std([r["final"]["accuracy"] for r in evidence] or [math.nan])[0]
+        # the starts of those runs' (start, seed) pairs, not of all pairs
+        starts = [start_evals[r["start"]]["accuracy"] for r in evidence]
+        starts_accuracy = drift.mean_std(starts or [math.nan])[0]
         targets.append(
             {
                 "target": "gap selection holds the flawed subset at <= half the budget random needs, with "
-                f"accuracy within 3 points of the SFT starts' ({starts_accuracy:.3f}), in the runs where the "
-                "baseline drifted",
+                f"accuracy within 3 points of their SFT starts' ({starts_accuracy:.3f}), in the "
+                f"{len(evidence)} runs where the baseline drifted",
                 "value": {"gap": gap, "random": rand, "gap_accuracy": accuracy},
                 "met": gap is not None and 2 * gap[0] * gap[1] <= need and accuracy >= starts_accuracy - 0.03,
             }
         )
+    missing = len(cfg["arms"]) * expected - len(records)
+    if missing:  # the failed runs are missing from every count above
+        for t in targets:
+            t["incomplete"] = f"{missing} of {len(cfg['arms']) * expected} runs failed"
     return {"arms": arms, "smallest_holding_budget": smallest, "targets": targets}
 
 
-def table(result: dict, start_evals: dict[int, dict]) -> str:
+def table(result: dict, cfg: dict, start_evals: dict[int, dict]) -> str:
     """A markdown table: the SFT starts, then one row per arm."""
-    headers = ["arm", "b = rho x lam", "runs", "drifted", "held", "held where GRPO drifted"]
+    baseline = cfg["verdict"]["baseline"]
+    base = cfg["arms"].get(baseline, {}).get("label", baseline)  # --arms may leave it out
+    headers = ["arm", "b = rho x lam", "runs", "drifted", "held", f"held where {base} drifted"]
     headers += [h for _, h in COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
 
@@ -189,8 +200,9 @@ def table(result: dict, start_evals: dict[int, dict]) -> str:
     for a in result["arms"].values():
         budget = f"{a['budget'][0] * a['budget'][1]:g}" if a["budget"] else "0"
         evidence = "-" if a["evidence"] is None else f"{a['held_where_baseline_drifted']}/{a['evidence']}"
+        runs = f"{a['runs']}/{a['runs'] + a['failed']}, {a['failed']} failed" if a["failed"] else a["runs"]
         lines.append(
-            f"| {a['label']} | {budget} | {a['runs']} | {a['drifted']}/{a['runs']} | "
+            f"| {a['label']} | {budget} | {runs} | {a['drifted']}/{a['runs']} | "
             f"{a['held']}/{a['runs']} | {evidence} | {cells(a)} |"
         )
     return "\n".join(lines)
@@ -250,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--starts", type=int, nargs="+", help="these SFT seeds instead of the config's")
     parser.add_argument("--seeds", type=int, nargs="+", help="these RL seeds instead of the config's")
     parser.add_argument("--arms", nargs="+", help="only these arms (e.g. grpo: the baselines' drift check)")
+    parser.add_argument("--results", type=Path, help="JSON and PNG (default OUT/results/CONFIG[-quick])")
     parser.add_argument(
         "--publish", action="store_true", help="write the results to the committed bench/results/ instead"
     )
     args = parser.parse_args(argv)
     args.out = args.out.resolve()  # run recipes hold paths: runs stay reusable however OUT is spelled
+    results = drift.results_dir(args)
     from aapa_rl.local.demo import machine, pin_cpu_kernels
 
     pin_cpu_kernels()  # before torch loads, in this process and the `aapa-rl train` ones it starts
@@ -264,19 +278,25 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.config}: missing key {key!r}")
     if args.quick:
         cfg["budgets"] = cfg.get("quick", {}).get("budgets", cfg["budgets"])
-    cfg["starts"] = args.starts or cfg["starts"]
-    cfg["seeds"] = args.seeds or cfg["seeds"]
+    # Without duplicates: a repeated seed would train the same run directory twice at once
+    cfg["starts"] = list(dict.fromkeys(args.starts or cfg["starts"]))
+    cfg["seeds"] = list(dict.fromkeys(args.seeds or cfg["seeds"]))
     unknown = sorted(set(args.flaws or []) - set(cfg["flaws"]))
     if unknown:
         raise SystemExit(f"--flaws: unknown flaws {unknown}")
     flaws = {f: cfg["flaws"][f] for f in cfg["flaws"] if not args.flaws or f in args.flaws}
+    if args.publish and (results / "summary.json").exists():
+        # --flaws picks some of the config's flaws: others than the published ones would replace them
+        published = list(json.loads((results / "summary.json").read_text())["flaws"])
+        if sorted(published) != sorted(flaws):
+            raise SystemExit(
+                f"--publish: {results} holds the flaws {published}; use --results for {list(flaws)}"
+            )
     cfg["arms"] = anchor_arms(cfg)
     unknown = sorted(set(args.arms or []) - set(cfg["arms"]))
     if unknown:
         raise SystemExit(f"--arms: unknown arms {unknown}")
     cfg["arms"] = {a: spec for a, spec in cfg["arms"].items() if not args.arms or a in args.arms}
-    name = "selection-quick" if args.quick else "selection"
-    results = (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     started = time.perf_counter()
 
     # A flaw's config is the bench's with its task keys; a flaw that changes none shares the drift starts.
@@ -320,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                     recipe = drift.arm_recipe(flaw_cfgs[flaw], arm, seed, run_dir, start)
                     recipe["reward"] = str(ROOT / flaws[flaw]["reward"])
                     job = (flaw, arm, sft_seed, seed, run_dir)
-                    if drift.reusable(run_dir, recipe, starts[flaw, sft_seed]["rebuilt"]):
+                    if drift.reusable(run_dir, recipe, starts[flaw, sft_seed]):
                         finished.append((job, math.nan))
                         continue
-                    run_dir.with_suffix(".yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-                    load_recipe(run_dir.with_suffix(".yaml"))  # a bad arm fails here, before anything runs
+                    # a bad arm fails here, before anything runs
+                    load_recipe(drift.write_run_config(run_dir, recipe, starts[flaw, sft_seed]))
                     jobs.append(job)
     print(
         f"{len(jobs) + len(finished)} runs ({len(flaws)} flaws x {len(cfg['arms'])} arms x "
@@ -359,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         drift.judge(mine, cfg)  # per flaw: the baseline of the same (flaw, start, seed)
         evals = {s: start_evals[flaw, s] for s in cfg["starts"]}
         by_flaw[flaw] = summarize(mine, cfg, evals)
-        tables.append(f"## {flaw}\n\n{table(by_flaw[flaw], evals)}")
+        tables.append(f"## {flaw}\n\n{table(by_flaw[flaw], cfg, evals)}")
         if mine:
             plot(by_flaw[flaw], cfg, flaw, results / f"{flaw}.png")
     for rec in records:
@@ -383,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (results / "table.md").write_text("\n\n".join(tables) + "\n")
+    # A failed run is in no row of the tables: named under them
+    (results / "table.md").write_text(
+        "\n\n".join(tables) + "\n" + "".join(f"\nFAILED: {f}\n" for f in failed)
+    )
     v = cfg["verdict"]
     print(
         f"\nHeld-out greedy metrics after RL (mean +- std over {len(cfg['starts'])} SFT starts x "
@@ -399,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{s} {b if b else 'none in the grid'}" for s, b in smallest.items())
         )
         for t in by_flaw[flaw]["targets"]:
-            print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['value']}")
+            incomplete = f", incomplete: {t['incomplete']}" if "incomplete" in t else ""
+            print(f"  [{'met' if t['met'] else 'NOT met'}{incomplete}] {t['target']}: {t['value']}")
     print(f"wall time {wall / 60:.1f} min; results in {results}")
     if failed:
         print("FAILED runs: " + "; ".join(failed))

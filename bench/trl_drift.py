@@ -8,26 +8,29 @@ the same task, flawed reward, discriminator and hyper-parameters (bench/drift.ya
 2. For each (start, RL seed) pair (default: the config's 3 starts, seed 1), both arms side by side (one
    torch thread each, so that they share the machine's load alike), each saving a checkpoint every
    `eval_every` steps. The GRPO arm is the same trainer with every AAPA term off (no discriminator, no
-   expert rows): TRL's own GRPO step plus a reward column of zeros.
+   expert rows): TRL's own GRPO step plus a reward column of zeros. A pair whose two runs finished with the
+   same configs from the same starts is reused (bench/drift.py's rule), only whole: its step times compare.
 3. Every checkpoint evaluated greedily on the held-out prompts (aapa_rl.local.evaluation.evaluate, as the
    local bench does), judged by bench/drift.yaml's verdict; a comparison counts only where TRL's GRPO
    drifted in the same pair. Overhead two ways: the step-time ratio AAPA / GRPO of the side-by-side arms
    (median over steps, the first 5 dropped), and AAPA's own work inside its step (scoring, H, the expert
    rows' forward) as a share of that step, which the machine's load cannot skew between arms.
-4. summary.json, table.md and curves.png to OUT/results/trl-drift (--publish: bench/results/trl-drift).
+4. summary.json, table.md and curves.png to OUT/results/trl-NAME, NAME the config's file name (drift.yaml:
+   trl-drift; --publish: bench/results/trl-NAME, not with --starts or --seeds), the pairs that finished when
+   another failed too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,26 +118,29 @@ def evaluate_checkpoints(run: Path, cfg: dict, start: Path) -> list[dict]:
     return points
 
 
-def run_seed(cfg: dict, seed: int, start: Path, started: dict, runs: Path) -> dict:
-    """Both arms of one RL seed side by side, then their evaluation: {arm: record}."""
-    configs = {}
-    for arm in ARMS:
-        run = runs / f"{arm}-sft{started['sft_seed']}-seed{seed}"
-        shutil.rmtree(run, ignore_errors=True)
-        configs[arm] = run.with_suffix(".yaml")
-        configs[arm].write_text(yaml.safe_dump(trl_config(cfg, arm, seed, start, run), sort_keys=False))
-    with ThreadPoolExecutor(len(ARMS)) as pool:
-        done = dict(zip(ARMS, pool.map(train, configs.values()), strict=True))
+def run_seed(cfg: dict, seed: int, start: Path, started: dict, runs: Path) -> tuple[dict, list[str]]:
+    """Both arms of one RL seed side by side (or both reused), then their evaluation: ({arm: record}, the
+    failures; no records when an arm failed)."""
+    dirs = {arm: runs / f"{arm}-sft{started['sft_seed']}-seed{seed}" for arm in ARMS}
+    recipes = {arm: trl_config(cfg, arm, seed, start, dirs[arm]) for arm in ARMS}
+    # Reused only both at once: the step-time ratio holds for arms that ran side by side
+    if all(drift.reusable(dirs[arm], recipes[arm], started, "metrics.jsonl") for arm in ARMS):
+        done = {arm: (0, math.nan) for arm in ARMS}
+    else:
+        configs = []
+        for arm in ARMS:
+            shutil.rmtree(dirs[arm], ignore_errors=True)  # TRL refuses to train over an old run's checkpoints
+            configs.append(drift.write_run_config(dirs[arm], recipes[arm], started))
+        with ThreadPoolExecutor(len(ARMS)) as pool:
+            done = dict(zip(ARMS, pool.map(train, configs), strict=True))
     failed = [
-        f"{arm} seed {seed}: exit {code}, see {configs[arm].with_suffix('.log')}"
-        for arm, (code, _) in done.items()
-        if code
+        f"{dirs[arm].name}: exit {code}, see {dirs[arm]}.log" for arm, (code, _) in done.items() if code
     ]
     if failed:
-        raise SystemExit("FAILED: " + "; ".join(failed))
+        return {}, failed
     v, records = cfg["verdict"], {}
     for arm, label in ARMS.items():
-        run = configs[arm].with_suffix("")
+        run = dirs[arm]
         history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         steps = [row for row in history if "step_time" in row]
         curve = [{"step": 0, **started["eval"]}] + evaluate_checkpoints(run, cfg, start)
@@ -145,7 +151,7 @@ def run_seed(cfg: dict, seed: int, start: Path, started: dict, runs: Path) -> di
         records[arm] = {
             "label": label,
             "seed": seed,
-            "wall_seconds": round(done[arm][1], 1),
+            "wall_seconds": round(done[arm][1], 1) if math.isfinite(done[arm][1]) else None,  # None: reused
             "median_step_seconds": statistics.median(row["step_time"] for row in steps[5:]),
             "median_aapa_seconds": statistics.median(aapa_seconds[5:]),
             "final": curve[-1],
@@ -157,7 +163,7 @@ def run_seed(cfg: dict, seed: int, start: Path, started: dict, runs: Path) -> di
                 for k in ("reward/flaw_bonus", "reward/format", "aapa/gap_mean", "aapa/anchor_loss")
             },
         }
-    return records
+    return records, []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--publish", action="store_true", help="results to the committed bench/results/")
     args = parser.parse_args(argv)
+    if args.publish and (args.starts or args.seeds != parser.get_default("seeds")):
+        raise SystemExit(
+            "--publish: the default runs only, not --starts or --seeds; their results stay in --out"
+        )
+    args.seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would train the same runs twice
     from aapa_rl.local.demo import machine, pin_cpu_kernels
 
     pin_cpu_kernels()
@@ -188,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{runs}/*.log",
         flush=True,
     )
-    by_pair = {
-        (st, seed): run_seed(cfg, seed, starts[st]["path"], starts[st], runs)
-        for st, seed in tqdm(pairs, desc="(start, seed) pairs")
-    }
+    by_pair, failed = {}, []
+    for st, seed in tqdm(pairs, desc="(start, seed) pairs"):  # a failed pair stops none of the others
+        records, failures = run_seed(cfg, seed, starts[st]["path"], starts[st], runs)
+        failed += failures
+        if records:
+            by_pair[st, seed] = records
 
     columns = [c for c in drift.COLUMNS if c[0] in starts[pairs[0][0]]["eval"]]
     lines = [
@@ -215,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
                 + " | ".join(f"{rec['final'][k]:.3f}" for k, _ in columns)
                 + " |"
             )
-    table = "\n".join(lines)
+    # A failed pair is in no row of the table: named under it
+    table = "\n".join(lines) + "".join(f"\n\nFAILED: {f}" for f in failed)
     ratios = [r["aapa"]["median_step_seconds"] / r["grpo"]["median_step_seconds"] for r in by_pair.values()]
     shares = [r["aapa"]["median_aapa_seconds"] / r["aapa"]["median_step_seconds"] for r in by_pair.values()]
-    results = (ROOT / "bench" / "results" if args.publish else args.out / "results") / "trl-drift"
+    name = f"trl-{args.config.stem}"  # another config's runs never replace the bench's
+    results = (ROOT / "bench" / "results" if args.publish else args.out / "results") / name
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
     command = " ".join(["python bench/trl_drift.py"] + (argv if argv is not None else sys.argv[1:]))
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "starts": {st: {"eval": v["eval"], "fingerprint": v["fingerprint"]} for st, v in starts.items()},
         "seeds": args.seeds,
+        "failed": failed,
         "step_time_ratio_aapa_over_grpo": [round(x, 3) for x in ratios],
         "aapa_share_of_aapa_step": [round(x, 3) for x in shares],
         "runs": {
@@ -249,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{x:.1%}" for x in shares)
     )
     print(f"results in {results}")
+    if failed:
+        print("FAILED runs: " + "; ".join(failed))
+        return 1
     return 0
 
 
@@ -274,7 +293,7 @@ def plot(by_pair: dict, path: Path) -> None:
                     [p.get(key) for p in curve],
                     "o-",
                     color=f"C{i}",
-                    alpha=1.0 - 0.25 * j,
+                    alpha=max(0.25, 1.0 - 0.25 * j),  # from the 5th pair on, all alike
                     label=f"{records[arm]['label']}, start {st} seed {seed}",
                 )
         ax.set_title(title)
