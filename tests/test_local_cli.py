@@ -144,6 +144,40 @@ def test_eval_names_a_missing_checkpoint(tmp_path, capsys):
     missing = tmp_path / "runs" / "step_9"
     assert main(["eval", "--checkpoint", str(missing), "--data", str(data), "--reward", "arithmetic"]) == 2
     assert f"error: --checkpoint {missing}: no such directory" in capsys.readouterr().err
+    # Each stops before the model loads, naming what to pass instead.
+    final = str(warm_run() / "final")
+    for flags, message in [
+        (["--checkpoint", str(warm_run())], f"--checkpoint {warm_run()} is a run: pass {final}"),
+        (["--checkpoint", str(tmp_path)], "not a model directory (no config.json)"),
+        (["--checkpoint", final, "--limit", "-1"], "--limit -1: must be >= 0"),
+        (["--checkpoint", final, "--k", "2", "--temperature", "0"], "--k 2 needs --temperature > 0"),
+        (["--checkpoint", final, "--out", str(tmp_path / "x.jsonl")], "name the summary .json"),
+    ]:
+        assert main(["eval", *flags, "--data", str(data), "--reward", "arithmetic"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_analyze_refuses_runs_that_share_a_label_and_skips_a_nan_final_eval(tmp_path, capsys):
+    run = tmp_path / "a" / "grpo"
+    run.mkdir(parents=True)
+    rows = [{"step": 0, "eval/accuracy": 0.5}, {"step": 1, "eval/accuracy": float("nan")}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "b").mkdir()
+    twin = tmp_path / "b" / "grpo"
+    twin.mkdir()
+    (twin / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
+    assert main(["analyze", str(run), str(twin), "--out", str(tmp_path / "out")]) == 2
+    assert "two runs share a label (grpo, grpo)" in capsys.readouterr().err
+    assert main(["analyze", str(run), str(twin), "--labels", "a", "b", "--out", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "0.500" in table and "nan" not in table
+
+
+def test_histograms_leave_out_nan_scores():
+    from aapa_rl.local.plots import _late
+
+    scores = [{"step": 0, "logp_rollout": [-1.0, float("nan"), -2.0]}]
+    assert _late(scores, "logp_rollout").tolist() == [-1.0, -2.0]
 
 
 def _reward_recipe(tmp_path, reward, steps: int = 3):

@@ -108,3 +108,13 @@ def test_summary_names_an_unfinished_run_and_a_bad_record(tmp_path, capsys):
     _write_jsonl(tmp_path / "start" / "eval.jsonl", [{"label": "2", "reward": 1.0}])
     assert main(["--out", str(tmp_path)]) == 2
     assert "start/eval.jsonl: row 1: field 'label': not an IFEval record" in capsys.readouterr().err
+
+
+def test_a_cut_off_eval_file_is_a_named_error(tmp_path):
+    from aapa_rl.data.rows import DataError
+    from aapa_rl.local.real_summary import read_jsonl
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"label": {"instruction_id_list": []}}\n{"label": {"instr')
+    with pytest.raises(DataError, match=r"eval.jsonl: line 2: not valid JSON"):
+        read_jsonl(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -124,8 +125,21 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not Path(args.checkpoint).is_dir():
-        print(f"error: --checkpoint {args.checkpoint}: no such directory", file=sys.stderr)
+    checkpoint, problem = Path(args.checkpoint), None
+    if not checkpoint.is_dir():
+        problem = f"--checkpoint {checkpoint}: no such directory"
+    elif (checkpoint / "metrics.jsonl").exists():
+        problem = f"--checkpoint {checkpoint} is a run: pass {checkpoint / 'final'} or a checkpoints/step_N"
+    elif not (checkpoint / "config.json").exists():
+        problem = f"--checkpoint {checkpoint}: not a model directory (no config.json)"
+    elif args.limit < 0:
+        problem = f"--limit {args.limit}: must be >= 0 (0: all rows)"
+    elif args.k and args.temperature <= 0:
+        problem = f"--k {args.k} needs --temperature > 0 (greedy samples are all the same)"
+    elif args.out and Path(args.out).suffix == ".jsonl":
+        problem = f"--out {args.out}: the per-sample records take the .jsonl name; name the summary .json"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.limit:
         rows = rows[: args.limit]
@@ -180,9 +194,14 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"error: {len(args.labels)} labels for {len(runs)} runs", file=sys.stderr)
         return 2
     labels = args.labels or [r.name for r in runs]
+    if len(set(labels)) < len(labels):  # the table and the plots key runs by label: one would hide another
+        print(f"error: two runs share a label ({', '.join(labels)}); name them with --labels",
+              file=sys.stderr)
+        return 2
     finals = {}
     for label, run in zip(labels, runs, strict=True):
-        evals = [row for row in read_log(run / "metrics.jsonl") if "eval/accuracy" in row]
+        evals = [row for row in read_log(run / "metrics.jsonl")
+                 if isinstance(row.get("eval/accuracy"), int | float) and math.isfinite(row["eval/accuracy"])]
         finals[label] = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
     print(format_table(finals, EVAL_COLUMNS))
     for path in plot_compare(runs, args.out, labels):

@@ -116,7 +116,8 @@ def _late(scores: list[dict], key: str, fraction: float = 0.2, first: bool = Fal
         return np.array([])
     n = max(1, int(len(rows) * fraction))
     picked = rows[:n] if first else rows[-n:]
-    return np.array([v for s in picked for v in s[key]], dtype=float)
+    values = np.array([v for s in picked for v in s[key]], dtype=float)
+    return values[np.isfinite(values)]  # NaN: a prompt without an expert, or a failed score
 
 
 CURVES = {

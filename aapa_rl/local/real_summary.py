@@ -44,7 +44,15 @@ NEGATIVES = [
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: not found; run `make example-real` (it resumes where it stopped)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:  # e.g. cut off by a killed run
+            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    return records
 
 
 def eval_metrics(records: list[dict], source: Path) -> dict[str, float]:
