@@ -116,5 +116,5 @@ def test_a_cut_off_eval_file_is_a_named_error(tmp_path):
 
     path = tmp_path / "eval.jsonl"
     path.write_text('{"label": {"instruction_id_list": []}}\n{"label": {"instr')
-    with pytest.raises(DataError, match=r"eval.jsonl: line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"eval.jsonl: row 2: not valid JSON"):
         read_jsonl(path)

@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from aapa_rl.data.rows import DataError
+from aapa_rl.data.rows import DataError, read_rows
 from aapa_rl.local.evaluation import format_table
 
 RUNS = {"grpo": "GRPO", "grpo-aapa": "GRPO + AAPA"}
@@ -45,13 +45,10 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise DataError(f"{path}: not found; run `make example-real` (it resumes where it stopped)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:  # e.g. cut off by a killed run
-            raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    for _, record in read_rows(path):
+        if isinstance(record, DataError):  # e.g. a line cut off by a killed run
+            raise record
+        records.append(record)
     return records
 
 
