@@ -118,31 +118,27 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         finally:
             args.algo.advantage.estimator = self.advantage_estimator = estimator
         if normalised:
-            self._take_back_equal_group_terms(experiences, n)
+            self._take_back_equal_group_terms(groups)
         return experiences
 
-    def _take_back_equal_group_terms(self, experiences: list[Experience], n: int) -> None:
+    def _take_back_equal_group_terms(self, groups: list[list[tuple]]) -> None:
         """A group of equal rewards has no signal (the core's group_advantages gives it 0), but OpenRLHF's
         float32 (r - mean) / (std + 1e-9) turns its mean's one-ulp miss into +-60..500 for the whole group.
-        Recompute that term as OpenRLHF did, on the rewards it normalised, and subtract it where it was added:
-        the return and advantage of every position up to the last action token, and the logged return. The
-        rewards stay as logged."""
-        indices = torch.tensor([i for exp in experiences for i in exp.index])
-        rewards = torch.empty_like(flat := torch.cat([exp.rewards for exp in experiences]))
-        rewards[indices] = flat
-        rewards = rewards.reshape(-1, n)
+        Recompute that term as OpenRLHF did, on the rewards it normalised (the same (groups, n) float32
+        tensor, so the mean rounds alike), and subtract it where it was added: the return and advantage of
+        every position up to the last action token, and the logged return. The rewards stay as logged."""
+        rewards = torch.stack([torch.stack([exp.rewards[row] for _, exp, row in group]) for group in groups])
         term = (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)
-        equal = rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True)
-        term = torch.where(equal, term, 0.0)
+        term = torch.where(rewards.amax(-1, keepdim=True) == rewards.amin(-1, keepdim=True), term, 0.0)
         if self.args.reward.clip_range:
             term = term.clamp(*self.args.reward.clip_range)
-        for exp, t in zip(experiences, term.reshape(-1)[indices].split([len(e.index) for e in experiences]),
-                          strict=True):
-            up_to_last_action = exp.action_mask.flip(1).cumsum(1).flip(1) > 0
-            per_token = t[:, None].to(exp.returns.dtype) * up_to_last_action
-            exp.returns = exp.returns - per_token
-            exp.advantages = exp.advantages - per_token
-            exp.info["return"] = exp.info["return"] - t.to(exp.info["return"].dtype)
+        for p, group in enumerate(groups):
+            for j, (_, exp, row) in enumerate(group):
+                up_to_last_action = exp.action_mask[row].flip(0).cumsum(0).flip(0) > 0
+                per_token = term[p, j].to(exp.returns.dtype) * up_to_last_action
+                exp.returns[row] -= per_token
+                exp.advantages[row] -= per_token
+                exp.info["return"][row] -= term[p, j].to(exp.info["return"].dtype)
 
     def _response_text(self, exp: Experience, row: int) -> str:
         # Same alignment as openrlhf's Actor.forward: the action mask covers the last A target tokens.
