@@ -139,9 +139,9 @@ def command(path: str | Path, extra: list[str] | None = None, output_root: str |
 
 
 def parse_flags(tokens: list[str]) -> tuple[dict, list[str]]:
-    """The given flags' values as train_ppo_ray's parser reads them (strings, lists, True for a bare flag),
-    and a problem naming the flag for each token that parser stops on: an unknown flag, a missing value, a
-    value after a bare flag, one value too many."""
+    """The given flags' values as train_ppo_ray's parser reads them (of its types: numbers, strings, lists,
+    True for a bare flag), and a problem naming the flag for each token that parser stops on: an unknown
+    flag, a missing value or type, a value after a bare flag, one value too many."""
     flags = openrlhf_flags()
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False,
                                      argument_default=argparse.SUPPRESS)
@@ -195,7 +195,7 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
     _check_layout(get, ok, bad)
     _check_batches(get, ok, bad)
     if aapa is not None:
-        prompts = int(get("rollout.batch_size"))
+        prompts = get("rollout.batch_size")
         for i, stage in enumerate(aapa.stages):
             decay = "" if stage.lam_end is None else f" -> {stage.lam_end}"
             ok.append(f"AAPA stage {i}, steps < {stage.end_step}: {stage.objective}, lam {stage.lam}{decay}, "
@@ -312,11 +312,11 @@ def _check_labels(aapa: AapaSettings, data: str, get: Callable, ok: list[str], b
 
 def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
     def gpus(group: str) -> int:
-        return int(get(f"{group}.num_nodes")) * int(get(f"{group}.num_gpus_per_node"))
+        return get(f"{group}.num_nodes") * get(f"{group}.num_gpus_per_node")
 
     actor = gpus("actor")
-    engines, tp = int(get("vllm.num_engines") or 0), int(get("vllm.tensor_parallel_size"))
-    uses_ref = float(get("algo.kl.init_coef")) > 0
+    engines, tp = get("vllm.num_engines") or 0, get("vllm.tensor_parallel_size")
+    uses_ref = get("algo.kl.init_coef") > 0
     colocate_all, colocate_ref = bool(get("train.colocate_all")), bool(get("train.colocate_actor_ref"))
     uses_critic = get("algo.advantage.estimator") == "gae"
     if engines < 1:
@@ -324,9 +324,7 @@ def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
     if colocate_all and engines * tp != actor:
         bad.append(f"--train.colocate_all needs vllm.num_engines x vllm.tensor_parallel_size "
                    f"({engines} x {tp}) == actor GPUs ({actor})")
-    # Given flags are strings and the defaults ints: compare numbers.
-    same_layout = all(int(get(f"ref.{k}")) == int(get(f"actor.{k}"))
-                      for k in ("num_nodes", "num_gpus_per_node"))
+    same_layout = all(get(f"ref.{k}") == get(f"actor.{k}") for k in ("num_nodes", "num_gpus_per_node"))
     if uses_ref and (colocate_all or colocate_ref) and not same_layout:
         bad.append("a colocated reference model needs --ref.num_nodes / --ref.num_gpus_per_node equal to the "
                    "actor's")
@@ -344,10 +342,10 @@ def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
 
 def _check_batches(get: Callable, ok: list[str], bad: list[str]) -> None:
     # Every rank must get the same number of micro-batches, or its collectives wait for ever.
-    actor = int(get("actor.num_nodes")) * int(get("actor.num_gpus_per_node"))
-    n, prompts = int(get("rollout.n_samples_per_prompt")), int(get("rollout.batch_size"))
-    rollouts, train_bs = prompts * n, int(get("train.batch_size"))
-    micro, rollout_micro = int(get("train.micro_batch_size")), int(get("rollout.micro_batch_size"))
+    actor = get("actor.num_nodes") * get("actor.num_gpus_per_node")
+    n, prompts = get("rollout.n_samples_per_prompt"), get("rollout.batch_size")
+    rollouts, train_bs = prompts * n, get("train.batch_size")
+    micro, rollout_micro = get("train.micro_batch_size"), get("rollout.micro_batch_size")
     problems = []
     if actor < 1 or train_bs % (micro * actor):
         problems.append(f"--train.batch_size {train_bs} must be a multiple of train.micro_batch_size x actor "

@@ -31,9 +31,9 @@ REFUSALS: list[tuple[str, Callable[[object], bool], str]] = [
     ("train.dynamic_batch_enable", bool,
      "dynamic batching re-splits micro-batches and rescales losses per sample; the anchor normaliser "
      "assumes fixed micro-batches"),
-    ("ds.ring_attn_size", lambda v: int(v) > 1,
+    ("ds.ring_attn_size", lambda v: v > 1,
      "ring attention shards each sequence across ranks; the anchor forward does not"),
-    ("ds.tensor_parallel_size", lambda v: int(v) > 1,
+    ("ds.tensor_parallel_size", lambda v: v > 1,
      "tensor parallel ranks duplicate micro-batches; anchor weights would be counted once per duplicate"),
 ]
 
