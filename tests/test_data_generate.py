@@ -216,6 +216,8 @@ def test_recipe_then_flags(tmp_path):
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),  # not the default 32
+        ({"top_k": 0}, r"top_k must be -1 \(off\) or >= 1, got 0"),  # off for transformers, not for vLLM
+        ({"top_k": -5}, r"top_k must be -1 \(off\) or >= 1, got -5"),
     ],
 )
 def test_out_of_range_sampling_values_are_named(flags, message):

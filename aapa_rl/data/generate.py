@@ -71,6 +71,9 @@ def sampling_params(flags: dict[str, Any], recipe_path: str | None) -> dict[str,
         raise DataError(f"temperature must be >= 0 (0 is greedy), got {params['temperature']}")
     if not 0 < params["top_p"] <= 1:
         raise DataError(f"top_p must be in (0, 1], got {params['top_p']}")
+    # -1 is "off" for both engines; vLLM refuses other values below 1, transformers reads 0 as off.
+    if params["top_k"] != -1 and params["top_k"] < 1:
+        raise DataError(f"top_k must be -1 (off) or >= 1, got {params['top_k']}")
     if params["n"] > 1 and params["temperature"] == 0:
         raise DataError("n > 1 needs temperature > 0 (greedy decoding gives identical samples)")
     return params
