@@ -239,6 +239,26 @@ def test_a_stolen_output_channel_reveals_no_other_verdict(host):
     assert reward(STEAL_OUTPUT_CHANNEL, ABS)[0] == pytest.approx(1 / 3)
 
 
+PRIME = "".join(f"assert is_prime({n}) == {n in (2, 7, 11)}\n" for n in (2, 4, 7, 9, 11, 15))
+# A forked process is a copy of the harness, tokens included: each copy answers every test its own way, so
+# if every copy's verdicts counted, the union would pass all of them. Honest constant answers get 1/2.
+FORK_GUESSES = {
+    "fork_before_the_tests": (
+        "import os, atexit\nANSWER = True\nif os.fork() == 0:\n    ANSWER = False\n"
+        "else:\n    atexit.register(os.wait)\ndef is_prime(n): return ANSWER\n"
+    ),
+    "fork_in_each_test": (
+        "import os\ndef is_prime(n):\n    if os.fork() == 0: return False\n    os.wait()\n    return True\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("program", FORK_GUESSES.values(), ids=FORK_GUESSES.keys())
+def test_forked_copies_write_no_verdicts(host, program):
+    assert reward("def is_prime(n): return True\n", PRIME)[0] == 0.5
+    assert reward(program, PRIME)[0] <= 0.5
+
+
 @pytest.mark.parametrize(
     "name",
     [
