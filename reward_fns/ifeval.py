@@ -327,14 +327,20 @@ def parse_ifeval_label(label: Any, index: int) -> list[tuple[str, Callable[..., 
         ids, all_kwargs = label, [{}] * len(label)
     else:
         ids = label_field(label, "instruction_id_list", index, plain_ok=False)
+        if not isinstance(ids, list):
+            raise ValueError(f"labels[{index}]: field 'instruction_id_list' must be a list, got {ids!r:.80}")
         all_kwargs = label["kwargs"] if label.get("kwargs") is not None else [{}] * len(ids)
-    if not isinstance(ids, list) or not isinstance(all_kwargs, list) or len(all_kwargs) != len(ids):
+    if not isinstance(all_kwargs, list) or len(all_kwargs) != len(ids):
         raise ValueError(f"labels[{index}]: 'instruction_id_list' and 'kwargs' must be lists of equal length")
+    if not ids:  # no instruction would be a reward of 1 for any response, the empty one included
+        raise ValueError(f"labels[{index}]: field 'instruction_id_list' is empty")
     parsed = []
     for k, (instruction, raw) in enumerate(zip(ids, all_kwargs, strict=True)):
         where = f"labels[{index}]: instruction {k} ({instruction!r})"
-        if instruction not in CHECKS:
+        if not isinstance(instruction, str) or instruction not in CHECKS:
             raise ValueError(f"{where}: unknown instruction id; known: {sorted(CHECKS)}")
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"{where}: kwargs[{k}] must be a dict, got {raw!r:.80}")
         given = {key: value for key, value in (raw or {}).items() if value is not None}
         wanted = _arguments(CHECKS[instruction])
         if unexpected := sorted(set(given) - set(wanted)):
@@ -344,17 +350,32 @@ def parse_ifeval_label(label: Any, index: int) -> list[tuple[str, Callable[..., 
         for key in wanted:
             value = given[key]
             if key in _INTEGER_ARGS:
-                if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-                    raise ValueError(f"{where}: kwargs.{key} must be an integer, got {value!r}")
+                # A count below 0 is met by any response or by none (IFEval replaces all but capital_frequency
+                # by a random count); 0 is kept, as in IFEval.
+                if (
+                    isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+                    or (isinstance(value, float) and not value.is_integer())
+                ):
+                    raise ValueError(f"{where}: kwargs.{key} must be an integer >= 0, got {value!r}")
                 given[key] = int(value)
             elif key in _RELATION_ARGS and value not in RELATIONS:
                 raise ValueError(f"{where}: kwargs.{key} must be one of {RELATIONS}, got {value!r}")
             elif key in _LIST_ARGS and not (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)
+                isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
             ):
-                raise ValueError(f"{where}: kwargs.{key} must be a list of strings, got {value!r}")
+                raise ValueError(f"{where}: kwargs.{key} must be a non-empty list of strings, got {value!r}")
             elif key not in _INTEGER_ARGS | _LIST_ARGS and not isinstance(value, str):
                 raise ValueError(f"{where}: kwargs.{key} must be a string, got {value!r}")
+        # Arguments IFEval replaces by a random one, as no response could fail (or pass) the check with them.
+        if "letter" in given and len(given["letter"]) != 1:
+            raise ValueError(f"{where}: kwargs.letter must be one character, got {given['letter']!r}")
+        if "keyword" in given and not given["keyword"].strip():
+            raise ValueError(f"{where}: kwargs.keyword is empty")
+        if "nth_paragraph" in given and not 1 <= given["nth_paragraph"] <= given["num_paragraphs"]:
+            raise ValueError(
+                f"{where}: kwargs.nth_paragraph must be from 1 to kwargs.num_paragraphs "
+                f"({given['num_paragraphs']}), got {given['nth_paragraph']}"
+            )
         parsed.append((instruction, CHECKS[instruction], given))
     return parsed
 
@@ -397,7 +418,7 @@ def batch_reward(
     for i, (response, instructions) in enumerate(zip(responses, parsed, strict=True)):
         strict, loose = follows(final_answer(response, answer_only), instructions)
         for name, flags in (("strict", strict), ("loose", loose)):
-            metrics[f"ifeval_{name}_instruction"][i] = sum(flags) / len(flags) if flags else 1.0
+            metrics[f"ifeval_{name}_instruction"][i] = sum(flags) / len(flags)
             metrics[f"ifeval_{name}_prompt"][i] = float(all(flags))
     rewards = metrics[f"ifeval_{mode}_{'prompt' if all_instructions else 'instruction'}"].clone()
     return rewards, metrics

@@ -103,6 +103,10 @@ CASES = {
 }
 
 
+NO_COMMA, LETTER = "punctuation:no_comma", "keywords:letter_frequency"
+WORDS, NTH = "length_constraints:number_words", "length_constraints:nth_paragraph_first_word"
+
+
 def label(instruction: str, kwargs: dict) -> dict:
     return {"instruction_id_list": [instruction], "kwargs": [kwargs]}
 
@@ -182,11 +186,49 @@ def test_labels_json_string_plain_list_and_none_kwargs():
         (label("keywords:existence", {"keywords": "fox"}), "list of strings"),
         (label("punctuation:no_comma", {"keywords": ["x"]}), "unexpected kwargs"),
         ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, "equal length"),
+        # Ill-typed: a ValueError naming the label, the instruction and the kwargs entry, not a TypeError.
+        ({"instruction_id_list": [NO_COMMA], "kwargs": ["oops"]}, r"instruction 0 .* kwargs\[0\] must be a"),
+        ({"instruction_id_list": [NO_COMMA], "kwargs": [[1]]}, r"kwargs\[0\] must be a dict"),
+        ({"instruction_id_list": [[NO_COMMA]], "kwargs": [{}]}, "unknown instruction id"),
+        ({"instruction_id_list": 5}, "'instruction_id_list' must be a list"),
+        # No instruction, or arguments no response could fail (or pass): IFEval's data has none of these.
+        ([], "'instruction_id_list' is empty"),
+        ({"instruction_id_list": [], "kwargs": []}, "'instruction_id_list' is empty"),
+        (label(LETTER, {"letter": "ab", "let_frequency": 2, "let_relation": "less than"}), "one character"),
+        (label("keywords:existence", {"keywords": []}), "non-empty list of strings"),
+        (label("keywords:existence", {"keywords": [""]}), "non-empty list of strings"),
+        (label("keywords:forbidden_words", {"forbidden_words": []}), "non-empty list of strings"),
+        (label("keywords:frequency", {"keyword": " ", "frequency": 1, "relation": "at least"}), "is empty"),
+        (label(WORDS, {"num_words": -5, "relation": "at least"}), "integer >= 0"),
+        (label(WORDS, {"num_words": float("inf"), "relation": "at least"}), "integer >= 0"),
+        (label(NTH, {"num_paragraphs": 2, "nth_paragraph": 0, "first_word": "x"}), "from 1 to kwargs.num_"),
+        (label(NTH, {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "x"}), "from 1 to kwargs.num_"),
     ],
 )
 def test_label_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         ifeval.batch_reward(["text"], [bad])
+
+
+def test_bad_labels_are_named_by_the_data_layer():
+    from aapa_rl.data.experts import label_problems, load_reward
+
+    good = label(NO_COMMA, {})
+    bad = {"instruction_id_list": [NO_COMMA], "kwargs": ["oops"]}
+    assert label_problems(load_reward("ifeval"), [good, bad, []]) == {
+        1: "instruction 0 ('punctuation:no_comma'): kwargs[0] must be a dict, got 'oops'",
+        2: "field 'instruction_id_list' is empty",
+    }
+
+
+def test_arguments_at_the_edges_of_ifevals_data_are_accepted():
+    # IFEval's data counts a non-letter ("#"), asks for the last paragraph, and IFEval keeps a count of 0.
+    edges = [
+        label(LETTER, {"letter": "#", "let_frequency": 2, "let_relation": "at least"}),
+        label(NTH, {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "then"}),
+        label("detectable_format:number_bullet_lists", {"num_bullets": 0}),
+    ]
+    assert ifeval.batch_reward(["#1 #2", "First.\n\nThen.", "No bullets."], edges)[0].tolist() == [1.0] * 3
 
 
 def test_reward_func_and_threads():
