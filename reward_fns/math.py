@@ -44,15 +44,15 @@ METRICS = (
 _NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")
 _INTEGER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)")
 _BOX = re.compile(r"\\(?:boxed|fbox)\b(\s*)")  # group 1: the spacing before the box's content
-_BRACE = re.compile(r"[{}]")
+_BRACE = re.compile(r"\\.|[{}]")  # a brace, or an escaped character (`\{`, `\}`, `\\`), which is no brace
 _TOKEN = re.compile(r"\S+")
-_SPACING = re.compile(r"\s+|\\[,;:! ]|\\left|\\right")
+_SPACING = re.compile(r"\s+|\\[,;:! ]|\\(?:left|right)(?![A-Za-z])")  # not `\leftarrow`, `\rightarrow`
 _DEGREES = re.compile(r"\^(?:\\circ(?![A-Za-z])|\{\\circ\})")  # after _compact: no spacing left
 _TEXT = re.compile(r"\\text\{([^{}]*)\}")
-# A number as written: integer, decimal, a fraction of two integers, optionally a percentage; "x=" before it.
-_PLAIN_NUMBER = re.compile(
-    r"(?:[A-Za-z]\w*=)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+|\\frac\{\d+\}\{\d+\}|\d+/\d+)(?:\\?%)?"
-)
+# A number as written: integer, decimal, a fraction of two integers, optionally signed or a percentage, in
+# at most one pair of parentheses; "x=" before it. Gold and answer are tested alike.
+_SIGNED_NUMBER = r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+|\\frac\{[-+]?\d+\}\{[-+]?\d+\}|\d+/\d+)(?:\\?%)?"
+_PLAIN_NUMBER = re.compile(rf"(?:[A-Za-z]\w*=)?(?:{_SIGNED_NUMBER}|\({_SIGNED_NUMBER}\))")
 
 
 def last_boxed(text: str) -> str | None:
@@ -62,7 +62,7 @@ def last_boxed(text: str) -> str | None:
     for brace in _BRACE.finditer(text):
         if brace.group() == "{":
             stack.append(brace.start())
-        elif stack:
+        elif brace.group() == "}" and stack:
             closing[stack.pop()] = brace.start()
     for match in reversed(list(_BOX.finditer(text))):
         start = match.end()

@@ -100,6 +100,37 @@ def test_degrees_and_text_wrapped_numbers_are_numbers():
     assert scores.tolist() == [0.0] * 3 and metrics["math_unsimplified"].tolist() == [1.0, 1.0, 0.0]
 
 
+def test_signed_fractions_plus_signs_and_parentheses_are_numbers():
+    """The plain-number test is applied to gold and answer alike: a form it accepts as an answer it also
+    recognises in a gold, which then refuses expressions (`2+2` for `+4`) as any numeric gold does."""
+    honest = ["\\boxed{\\frac{-1}{2}}", "\\boxed{\\frac{1}{-2}}", "\\boxed{-\\frac{1}{2}}", "\\boxed{+4}"]
+    honest += ["\\boxed{(4)}", "\\boxed{\\left(\\frac{1}{2}\\right)}", "\\boxed{x = (-3)}"]
+    golds = ["-\\frac{1}{2}", "-\\frac{1}{2}", "\\frac{-1}{2}", "4", "4", "\\frac{1}{2}", "-3"]
+    scores, metrics = math_reward.batch_reward(honest, golds)
+    assert scores.tolist() == [1.0] * 7 and metrics["math_unsimplified"].tolist() == [0.0] * 7
+    gamed = ["\\boxed{2+2}", "\\boxed{\\frac{1}{2} - 1}", "\\boxed{(1)(4)}"]
+    scores, metrics = math_reward.batch_reward(gamed, ["+4", "\\frac{-1}{2}", "(4)"])
+    assert scores.tolist() == [0.0] * 3 and metrics["math_unsimplified"].tolist() == [1.0] * 3
+    # math-verify reads `\text{4 dollars}` as one symbol, `4dollars`, not as a number and a unit (see docs).
+    assert rewards([("\\boxed{\\text{4 dollars}}", "4"), ("\\boxed{4 \\text{ dollars}}", "4")]) == [0.0, 1.0]
+
+
+def test_left_and_right_are_not_the_start_of_arrows():
+    assert math_reward.fast_verdict("A \\leftarrow B", "A \\rightarrow B") is None
+    assert math_reward.fast_verdict("x \\rightarrow 0", "x \\leftarrow 0") is None
+    assert math_reward.fast_verdict("\\left( 1, 2 \\right]", "(1,2]") is True
+    assert rewards([("\\boxed{A \\leftarrow B}", "A \\rightarrow B")]) == [0.0]
+
+
+def test_escaped_braces_do_not_open_or_close_a_box():
+    """A one-sided `\\left\\{` (piecewise functions, set-builder notation) must not hide the last box."""
+    last = "\\left\\{ x \\mid x > 2 \\right."
+    assert math_reward.last_boxed(f"first \\boxed{{7}} then \\boxed{{{last}}}") == last
+    assert math_reward.last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert math_reward.last_boxed("\\boxed{a \\\\{b}}") == "a \\\\{b}"  # `\\` is a line break, `{b}` a group
+    assert rewards([(f"first \\boxed{{7}} then \\boxed{{{last}}}", "7")]) == [0.0]
+
+
 def test_without_a_box_only_the_last_number_counts():
     """math-verify re-reading the text would accept an earlier "final answer is 4": a second guess."""
     hedged = ["The final answer is 4. Hmm, or maybe 5", "The final answer is 5. Hmm, or maybe 4"]
