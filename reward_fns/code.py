@@ -10,7 +10,8 @@ or {"cases": [{"stdin": ..., "stdout": ...}, ...]} (a plain list means the same)
   graph, tracing, ctypes, its memory) and keeps it from changing what the tests and their libraries
   call (its globals named like a builtin are not the tests', loaded modules are checked after each test).
 - cases: the program runs once per case with that stdin; it passes when it exits 0 and its stdout
-  equals the expected one up to trailing whitespace on each line and blank lines at the ends.
+  equals the expected one up to trailing whitespace on each line ("\r" included) and blank lines at the
+  ends; leading whitespace and line breaks other than "\n" count.
 `strict`: reward 1 only when every test passes (cases stop at the first failure).
 Sandbox: see reward_fns/_sandbox.py; `code_isolated` in the metrics says whether namespaces were used,
 and `require_isolation=True` turns their absence into an error (reward 0, `code_error` 1).
@@ -188,7 +189,9 @@ def parse_code_label(label: Any, index: int) -> tuple[str, Any]:
 
 
 def _normalise_output(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines()).strip()
+    """What a case compares: the lines (split at "\n" only) less their trailing whitespace, which takes a
+    "\r" too, and less blank lines at both ends. Leading whitespace counts, on the first line as on others."""
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
 
 
 def _score(program: str, kind: str, spec: Any, strict: bool, limits: dict) -> tuple[int, int, set[str]]:

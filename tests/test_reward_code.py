@@ -114,6 +114,16 @@ def test_cases_label(host):
     assert reward("import sys\nprint(3)\nsys.exit(1)\n", cases[:1])[0] == 0.0  # right output, failed exit
 
 
+def test_cases_compare_lines_up_to_trailing_whitespace_and_blank_ends(host):
+    same = ["1 2\n3", "\n  \n1 2  \r\n3\t\n\n", "1 2\r\n3\r\n"]
+    assert {code._normalise_output(text) for text in same} == {"1 2\n3"}
+    different = ["  1 2\n3", "1 2\x0c3", "1 2\u20283", "1  2\n3", "1 2\n\n3"]
+    assert all(code._normalise_output(text) != "1 2\n3" for text in different)
+    expected = [{"stdin": "", "stdout": "   1 2\n"}]
+    assert reward("print('1 2')", expected)[0] == 0.0  # leading whitespace counts, on the first line too
+    assert reward("print('   1 2  ', end='\\r\\n\\n')", expected)[0] == 1.0
+
+
 def test_program_extraction_and_think():
     text = "```python\nprint(1)\n```\nthen\n```\nprint(2)\n```\n```py\nprint(3)\n```\n```bash\nls\n```"
     assert code.extract_program(text) == "print(3)\n"
