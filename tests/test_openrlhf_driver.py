@@ -10,6 +10,7 @@ import pytest
 import torch
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 from openrlhf.trainer.ppo_utils.replay_buffer import NaiveReplayBuffer
 
 from aapa_rl.anchor import build_discriminator, load_discriminator
@@ -171,6 +172,43 @@ def test_a_group_of_equal_rewards_gets_zero_advantages_though_openrlhf_normalise
     returns = torch.stack(by_index(experiences, lambda e: e.info["return"]))
     torch.testing.assert_close(returns, expected, atol=1e-5, rtol=0)
     assert torch.equal(torch.stack(by_index(experiences, "rewards")), torch.tensor(rewards))
+
+
+@pytest.mark.parametrize("penalty", ["stop_properly", "overlong"])
+@pytest.mark.parametrize("objective", ["grpo", "sft"])
+def test_length_penalties_act_once_on_the_task_reward_before_shaping(disc_dir, objective, penalty):
+    """OpenRLHF's ProRL stop-properly and DAPO overlong penalties change the task reward r of
+    r + alpha * g(D), once; an SFT stage's reward is alpha * g(D) alone. Scaling the shaped (negative) reward
+    instead would raise a truncated rollout's reward toward 0. The logged shaped mean is the reward OpenRLHF
+    optimises."""
+    args = make_args(disc_dir, estimator="dr_grpo")
+    if penalty == "stop_properly":
+        args.reward.stop_properly_penalty_coef = 0.5
+    else:
+        args.reward.overlong_buffer_len, args.reward.overlong_penalty_factor = 40, 1.0
+    maker = make_maker(args)
+    maker.values = step_values(objective, lam=0.5, alpha=0.3, rho=0.5)
+    (experiences, rows), (penalised, _) = make_experiences(maker), make_experiences(maker)
+    for exp in experiences + penalised:  # each group's expert (reward 1) and noise rollout hit the limit
+        exp.truncated = torch.tensor([int(i) % GROUP in (0, 3) for i in exp.index])
+    apply_length_penalties(penalised, args)  # OpenRLHF's own penalties on the task rewards alone
+    raw, penalised = torch.tensor([r[2] for r in rows]), torch.stack(by_index(penalised, "rewards"))
+    assert not torch.allclose(penalised, raw)
+
+    maker.compute_advantages_and_returns(experiences)
+
+    task = torch.zeros_like(raw) if objective == "sft" else penalised
+    shaped = task + 0.3 * shaping_signal(expected_scores(disc_dir, rows), "log", 1e-6)
+    torch.testing.assert_close(torch.stack(by_index(experiences, "rewards")), shaped, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(by_index(experiences, lambda e: e.info["reward"])), shaped,
+                               atol=1e-5, rtol=0)
+    first_token_adv = torch.stack(by_index(experiences, lambda e: e.advantages[:, 0]))
+    torch.testing.assert_close(first_token_adv, group_advantages(shaped, GROUP, "dr_grpo"), atol=1e-5, rtol=0)
+    assert maker.last_metrics["aapa/reward_shaped_mean"] == pytest.approx(shaped.mean().item(), abs=1e-5)
+    logged_raw = torch.stack(by_index(experiences, lambda e: e.info["aapa/raw_reward"]))
+    torch.testing.assert_close(logged_raw, raw if objective == "sft" else penalised)
+    assert args.reward.stop_properly_penalty_coef == (0.5 if penalty == "stop_properly" else None)
+    assert args.reward.overlong_buffer_len == (40 if penalty == "overlong" else None)
 
 
 def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):

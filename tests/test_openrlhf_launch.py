@@ -142,6 +142,30 @@ def test_unsupported_modes_are_refused_before_gpu_work(stop_at_strategy, data, f
     assert "args" not in stop_at_strategy
 
 
+@pytest.mark.parametrize("estimator", ["reinforce", "flash_reinforce", "gae"])
+def test_an_sft_stage_needs_a_group_estimator(stop_at_strategy, data, monkeypatch, capsys, estimator):
+    """The SFT stage's reward alpha * g(D) needs a group-mean baseline: reinforce whitens it over the batch
+    (alpha then has no effect), flash_reinforce uses the batch mean, gae a critic. Refused when launching and
+    in the dry run; a stage list without an sft stage keeps the estimator."""
+    sft = [{"end_step": 2, "objective": "sft", "lam": 1.0, "alpha": 0.1, "rho": 0.25},
+           {"end_step": 10, "objective": "grpo", "lam": 0.5, "alpha": 0.1, "rho": 0.25}]
+    flag = ["--algo.advantage.estimator", estimator]
+    expected = f"--algo.advantage.estimator {estimator} is not supported with an AAPA sft stage " \
+        "(--aapa.stages[0])"
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        launch.main([*BASE, *aapa_flags(data, sft), *flag])
+    assert "args" not in stop_at_strategy
+
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-staged-aapa.yaml"
+    assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *data_flags(data), *flag]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert len(fails) == 1 and expected in fails[0], fails
+
+    with pytest.raises(StoppedBeforeGPU):
+        launch.main([*BASE, *aapa_flags(data), *flag])
+
+
 def test_bad_aapa_settings_stop_the_launcher(stop_at_strategy, data, tmp_path):
     base = [*BASE, *aapa_flags(data)]
     with pytest.raises(SystemExit, match="unknown AAPA flag --aapa.lamda"):

@@ -178,6 +178,25 @@ def test_train_step_pushes_the_schedule_and_checkpoints_round_trip(disc_dir, tmp
     assert resumed.aapa_schedule.at(step).lam == trainer.aapa_schedule.at(step).lam
 
 
+def test_resuming_with_other_stages_names_the_checkpoint_both_lists_and_the_ways_out(disc_dir, tmp_path):
+    """Extending a stage and relaunching with --ckpt.load_enable: the refusal says where the checkpoint is,
+    what it holds, what was given, and how to go on."""
+    group = CheckpointGroup(tmp_path / "ckpt")
+    saved = make_trainer(disc_dir, tmp_path, group).aapa_state_dict()
+    saved["schedule"]["stages"][1]["end_step"] = 10  # the given list's last stage ends at 20
+    group.async_run_method("save_checkpoint", tag="global_step3",
+                           client_states={"episode": 0, "global_step": 3, "aapa": saved})
+    resumed = make_trainer(disc_dir, tmp_path, group)
+    with pytest.raises(ValueError) as refused:
+        resumed.init_checkpoint_states()
+    message = str(refused.value)
+    given = resumed.aapa_schedule.state_dict()["stages"]
+    for part in (f"--aapa.stages differs from the stage list saved in the checkpoint {group.dir}",
+                 f"saved: {json.dumps(saved['schedule']['stages'])}", f"given: {json.dumps(given)}",
+                 "another --ckpt.path or without --ckpt.load_enable"):
+        assert part in message, (part, message)
+
+
 def test_train_step_skips_empty_histograms(disc_dir, tmp_path, monkeypatch, policy_group):
     """With missing_expert: skip, a batch may have no scored rollout at all; TensorBoard's add_histogram
     raises on an empty tensor, so that step logs no histogram instead of crashing."""

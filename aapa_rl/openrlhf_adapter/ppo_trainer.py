@@ -8,7 +8,9 @@ from . import pinned  # noqa: F401  (refuses another OpenRLHF version before usi
 
 # isort: split
 
+import json
 import math
+import os
 from operator import itemgetter
 
 import ray
@@ -16,6 +18,7 @@ import torch
 from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ppo_utils.experience import Experience
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 from openrlhf.utils.logging_utils import init_logger
 
 from aapa_rl.anchor import CriticScores, ExpertBank, anchor_step, label_expert
@@ -23,7 +26,6 @@ from aapa_rl.objectives import stage_estimator
 from aapa_rl.schedule import ScheduleValues
 
 from .scoring import build_critic
-from .settings import GROUP_ESTIMATORS
 
 logger = init_logger(__name__)
 
@@ -36,9 +38,9 @@ ACTOR_RATIOS = {
 
 
 class AapaExperienceMaker(RemoteExperienceMaker):
-    """After rewards, before advantages: score rollouts with the frozen discriminator, shape the rewards,
-    choose H over the whole rollout batch (aapa_rl.anchor.anchor_step) and mark its anchors in `info` for the
-    policy ranks."""
+    """After rewards, before advantages: apply OpenRLHF's length penalties to the task rewards, score rollouts
+    with the frozen discriminator, shape the rewards, choose H over the whole rollout batch
+    (aapa_rl.anchor.anchor_step) and mark its anchors in `info` for the policy ranks."""
 
     values: ScheduleValues | None = None  # this step's schedule values, set by AapaPPOTrainer.train_step
     _critic = None
@@ -76,6 +78,11 @@ class AapaExperienceMaker(RemoteExperienceMaker):
 
         for exp in experiences:
             exp.rewards = exp.rewards.to(torch.promote_types(exp.rewards.dtype, torch.float32))
+        # OpenRLHF's length penalties (DAPO overlong, ProRL stop-properly) belong to the task reward r of
+        # r' = r + alpha * g(D): ProRL's scaling assumes r >= 0, which shaping breaks. SFT stages have no r.
+        if values.objective != "sft":
+            apply_length_penalties(experiences, args)
+        for exp in experiences:
             exp.info["aapa/raw_reward"] = exp.rewards.clone()
             exp.info["aapa_w"] = torch.zeros(len(exp.index))
             exp.info["aapa_sft"] = torch.zeros(len(exp.index))
@@ -108,15 +115,18 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         self.last_scores = {"rollouts": scored.scores[~scored.scores.isnan()],
                             "experts": scored.expert_scores[~scored.expert_scores.isnan()]}
 
-        estimator = args.algo.advantage.estimator
-        if estimator in GROUP_ESTIMATORS:  # the core's rule for the SFT stage (GAE has no group baseline)
-            estimator_now = stage_estimator(values.objective, estimator)
-            args.algo.advantage.estimator = self.advantage_estimator = estimator_now
+        # For this call only: the stage's estimator (settings.refused keeps SFT stages on group estimators),
+        # and no length penalties, which the task rewards already carry.
+        estimator, stage = args.algo.advantage.estimator, values.objective
+        penalties = args.reward.overlong_buffer_len, args.reward.stop_properly_penalty_coef
+        args.algo.advantage.estimator = self.advantage_estimator = stage_estimator(stage, estimator)
+        args.reward.overlong_buffer_len = args.reward.stop_properly_penalty_coef = None
         try:
             experiences = super().compute_advantages_and_returns(experiences)
             normalised = self.advantage_estimator == "group_norm"
         finally:
             args.algo.advantage.estimator = self.advantage_estimator = estimator
+            args.reward.overlong_buffer_len, args.reward.stop_properly_penalty_coef = penalties
         if normalised:
             self._take_back_equal_group_terms(groups)
         return experiences
@@ -222,7 +232,18 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
                 logger.warning("resuming from a checkpoint without AAPA state: the adaptive lambda and the "
                                "AAPA counters start afresh (the stage follows the restored global step)")
             return states
-        self.aapa_schedule.load_state_dict(saved["schedule"])
+        try:
+            self.aapa_schedule.load_state_dict(saved["schedule"])
+        except ValueError as e:  # the schedule's message cannot know the checkpoint or the flags
+            given = self.aapa_schedule.state_dict()["stages"]
+            checkpoint = os.path.join(self.args.ckpt.path, "_actor")
+            raise ValueError(
+                f"--aapa.stages differs from the stage list saved in the checkpoint {checkpoint} "
+                "(resumed because --ckpt.load_enable is set):\n"
+                f"  saved: {json.dumps(saved['schedule']['stages'])}\n"
+                f"  given: {json.dumps(given)}\n"
+                "To resume, pass the saved list (--aapa.stages, or the recipe's aapa.stages); to train with "
+                "the new one, start afresh with another --ckpt.path or without --ckpt.load_enable.") from e
         self.aapa_counters = dict(saved["counters"])
         if saved["discriminator"] != str(self.args.aapa.discriminator):
             logger.warning(f"checkpoint was trained with discriminator {saved['discriminator']}, "

@@ -186,7 +186,7 @@ def check(cmd: list[str]) -> tuple[list[str], list[str]]:
 
     ok = [] if bad else [f"{len(flags)} OpenRLHF flags, all known to train_ppo_ray 0.11.2"]
     if aapa is not None:
-        bad += refused(get)
+        bad += refused(get, aapa)
     _check_files(get, aapa, ok, bad)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor: cwd is a temporary copy
         bad += [f"--{name} {get(name)}: a relative path inside a Ray job is written to Ray's temporary copy "

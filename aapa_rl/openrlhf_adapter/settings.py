@@ -118,10 +118,20 @@ def check_files(aapa: AapaSettings) -> list[str]:
     return problems
 
 
-def refused(get: Callable[[str], object]) -> list[str]:
-    """Messages for the OpenRLHF settings AAPA does not support; `get(name)` reads a flag's value."""
-    return [f"--{flag} is not supported with AAPA: {why}" for flag, is_refused, why in REFUSALS
-            if is_refused(get(flag))]
+def refused(get: Callable[[str], object], aapa: AapaSettings) -> list[str]:
+    """Messages for the OpenRLHF settings AAPA does not support (with these AAPA stages); `get(name)` reads a
+    flag's value."""
+    problems = [f"--{flag} is not supported with AAPA: {why}" for flag, is_refused, why in REFUSALS
+                if is_refused(get(flag))]
+    # The spec's SFT stage: reward alpha * g(D) with a group-mean baseline. reinforce whitens it over the
+    # batch (alpha then has no effect), flash_reinforce subtracts the batch mean, gae a critic's value.
+    estimator = get("algo.advantage.estimator")
+    if estimator not in GROUP_ESTIMATORS:
+        problems += [f"--algo.advantage.estimator {estimator} is not supported with an AAPA sft stage "
+                     f"(--aapa.stages[{i}]): its shaping reward needs a group-mean baseline, which only "
+                     f"{', '.join(GROUP_ESTIMATORS)} give"
+                     for i, stage in enumerate(aapa.stages) if stage.objective == "sft"]
+    return problems
 
 
 def refuse_unsupported(args: SimpleNamespace) -> None:
@@ -132,6 +142,6 @@ def refuse_unsupported(args: SimpleNamespace) -> None:
             node = getattr(node, part)
         return node
 
-    problems = refused(get)
+    problems = refused(get, args.aapa)
     if problems:
         raise SystemExit("aapa-rl: " + "\n".join(problems))
