@@ -21,9 +21,11 @@ with gpu_stand_ins_hidden():  # TRL looks for vLLM as it loads: it must find it 
     import trl.trainer.grpo_trainer  # noqa: F401
 
 from aapa_rl.cli import main as cli_main  # noqa: E402
+from aapa_rl.settings import ConfigError  # noqa: E402
 from aapa_rl.trl_backend.cli import check, load  # noqa: E402
 
 STAGE = {"end_step": 100, "objective": "grpo", "alpha": 0.5, "lam": 1.0, "rho": 0.5}
+PLAIN = {"stages": [{"end_step": 10, "objective": "grpo"}], "discriminator": None}  # TRL's GRPO alone
 
 
 def write_config(tmp_path: Path, *, aapa: dict | None = None, **trl) -> Path:
@@ -131,14 +133,34 @@ def test_an_evaluation_between_reused_batches_keeps_the_aapa_terms(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_named_error(tmp_path, monkeypatch):
+    """TRL's loss or an expert term: the expert forward (prompt + expert) can overflow when TRL's does not."""
     from trl import GRPOTrainer
+
+    import aapa_rl.trl_backend.trainer as backend
 
     trainer = _trainer(tmp_path)
     trainer.model.train()
     trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "anchor_loss", lambda *a, **k: torch.tensor(float("nan")))
+        with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
+            trainer.compute_loss(trainer.model, trainer._buffered_inputs[0])
     monkeypatch.setattr(GRPOTrainer, "compute_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
         trainer.compute_loss(trainer.model, trainer._buffered_inputs[0])
+
+
+@pytest.mark.parametrize("aapa", [PLAIN, None], ids=["plain", "aapa"])
+def test_unscorable_completions_keep_trls_zero_advantage(tmp_path, aapa):
+    """A completion for which every reward function returns None is unscorable: TRL takes it out of the group
+    baseline with advantage 0. The shaping column must not make it scorable (plain stage; AAPA's, default)."""
+    trainer = _trainer(tmp_path, aapa=aapa)
+    trainer.model.train()
+    trainer.reward_funcs[0] = lambda completions, **_: [i % 2 or None for i in range(len(completions))]
+    output = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    assert output["advantages"][::2].eq(0).all()  # the even rows: unscorable
+    if aapa is None:  # with AAPA: the critic's shaping is filled in, and NaN for those rows again
+        assert trainer.aapa_batch["columns"][::2, -1].isnan().all()
 
 
 def test_the_callers_config_is_left_as_it_was_and_environments_are_refused(tmp_path):
@@ -341,11 +363,10 @@ def test_trls_grpo_step_and_the_local_trainers_give_the_same_gradient_for_the_sa
     from aapa_rl.local.policy import Batch, response_log_probs
     from aapa_rl.objectives import policy_loss
 
-    plain = {"stages": [{"end_step": 10, "objective": "grpo"}], "discriminator": None}
     by_length = tmp_path / "by_length.py"  # the warm tiny model is rarely right: a reward that always varies
     by_length.write_text("import torch\n\ndef batch_reward(responses, labels):\n"
                          "    return torch.tensor([len(r) / 40 for r in responses]), {}\n")
-    trainer = _trainer(tmp_path, aapa=plain, reward=str(by_length))
+    trainer = _trainer(tmp_path, aapa=PLAIN, reward=str(by_length))
     trainer.model.train()
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert (inputs["advantages"] != 0).any()
@@ -367,6 +388,76 @@ def test_trls_grpo_step_and_the_local_trainers_give_the_same_gradient_for_the_sa
     core_grads = grads(policy_loss(log_probs, log_probs.detach(), inputs["advantages"], batch.response_mask))
     for name, grad in trl_grads.items():
         torch.testing.assert_close(grad, core_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_l_anchor_counts_every_expert_of_h_even_one_whose_weight_underflows_to_0(tmp_path):
+    """At a small temperature, softmax(g / T) gives an expert of H a weight of exactly 0: its tokens still
+    count in L_anchor's denominator, as in the core (and aapa/anchor_tokens counts them)."""
+    from aapa_rl.local.policy import pack, response_log_probs
+    from aapa_rl.objectives import anchor_loss
+
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, aapa={"temperature": 1e-4})
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch, anchor = trainer.aapa_batch, trainer.aapa_batch["anchor"]
+    assert len(anchor.hard_set) == 2 and (anchor.hard_weights == 0).any()
+    trl_loss = _trl_anchor_loss(trainer)
+    hard = anchor.hard_set.tolist()
+    prompts, experts = [batch["prompts"][i] for i in hard], [batch["experts"][i] for i in hard]
+    rows = pack(trainer.processing_class, prompts, experts, torch.device("cpu"))
+    with torch.no_grad():
+        core = anchor_loss(response_log_probs(trainer.model, rows), rows.response_mask, anchor.hard_weights)
+    assert trl_loss == pytest.approx(float(core), rel=1e-5)
+    assert trainer._metrics["train"]["aapa/anchor_tokens"][-1] == rows.response_mask.sum()
+
+
+def test_the_stage_and_the_anchor_count_are_not_averaged_over_the_logging_window(tmp_path):
+    """TRL's log() averages each metric's list over logging_steps: the stage and the running total must be
+    the latest values."""
+    stages = [{"end_step": 1, "objective": "sft", "alpha": 0.5, "lam": 0.5, "rho": 0.5},
+              {"end_step": 100, "objective": "grpo", "alpha": 0.5, "lam": 0.5, "rho": 0.5}]
+    trainer = _trainer(tmp_path, aapa={"stages": stages}, logging_steps=2)
+    trainer.model.train()
+    anchors = 0
+    for step in (0, 1):
+        trainer.state.global_step = step
+        trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+        anchors += len(trainer.aapa_batch["anchor"].hard_set)
+    trainer.log({})
+    logged = trainer.state.log_history[-1]
+    assert logged["aapa/stage"] == 1 and logged["aapa/anchors_total"] == anchors > 0
+
+
+def test_resuming_with_another_discriminator_warns(tmp_path, caplog):
+    """As the OpenRLHF adapter: allowed (a copy or a retrained one), but said."""
+    from aapa_rl.trl_backend.trainer import STATE_FILE
+
+    trainer = _trainer(tmp_path)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    state = {**trainer.aapa_state_dict(), "discriminator": "/elsewhere"}
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    said = f"checkpoint was trained with discriminator /elsewhere, resuming with {discriminator_dir()}"
+    assert said in caplog.text
+
+
+def test_one_reward_processing_class_per_reward_function_is_accepted(tmp_path):
+    from transformers import AutoTokenizer
+
+    from aapa_rl.trl_backend.cli import dataset
+    from aapa_rl.trl_backend.trainer import AapaGRPOTrainer
+
+    run = load(write_config(tmp_path, aapa=PLAIN))
+    _, _, loaded = check(run)
+    tokenizer = AutoTokenizer.from_pretrained(run.model)
+    trainer = AapaGRPOTrainer(
+        model=run.model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=run.config,
+        reward_processing_classes=[tokenizer], train_dataset=dataset(loaded["train"], False), aapa=run.aapa,
+    )
+    assert trainer.reward_processing_classes == [tokenizer, None]  # the shaping column's: none
 
 
 def _trl_anchor_loss(trainer) -> float:
@@ -429,6 +520,36 @@ def test_the_dry_run_names_each_problem(tmp_path, capsys):
     good = write_config(tmp_path)
     assert cli_main(["trl", "--config", str(good), "--dry-run"]) == 0
     assert "dry run: the config is consistent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"threads": "two"}, "threads: expected int, got str 'two'"),
+    ({"data": "train.jsonl"}, "data: expected a mapping, got str 'train.jsonl'"),
+    ({"data": {"chat_template": "false"}}, "data.chat_template: expected bool, got str 'false'"),
+    ({"trl": None}, "trl: expected dict, got NoneType None"),
+    ({"trl": [1, 2]}, "trl: expected dict, got list"),
+    ({"trl": {"num_generations": "four"}}, "trl.num_generations: expected int, got str 'four'"),
+    ({"model": None}, "model: expected str, got NoneType None"),
+    ({"reward": 5}, "reward: expected str or dict or list or null, got int 5"),
+    (None, "expected a mapping of sections, got list"),
+])
+def test_a_bad_section_or_field_is_a_config_error_naming_file_and_field(tmp_path, change, message):
+    config = write_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    for key, value in (change or {}).items():  # a mapping is merged into the section (trl's fields)
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    if change is None:
+        raw = [raw]
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"trl.yaml: {message}"):
+        load(config)
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_named(tmp_path):
+    config, missing = write_config(tmp_path), str(tmp_path / "no" / "dir")
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "model": missing}))
+    _, bad, _ = check(load(config))
+    assert bad == [f"model '{missing}': no such directory, and not a hub id"]
 
 
 def test_the_trl_config_spells_the_same_aapa_settings(tmp_path):

@@ -17,15 +17,36 @@ The checks of the dry run also run before every training, before any model loads
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from aapa_rl.settings import AapaSettings, ConfigError, build
+from aapa_rl.settings import AapaSettings, ConfigError, build, convert
 
-SECTIONS = ("model", "data", "task", "reward", "aapa", "trl", "threads")
+
+@dataclass
+class DataSection:
+    train: str | None = None
+    eval: str | None = None
+    chat_template: bool = False
+
+
+@dataclass
+class Sections:
+    """The YAML's top level, typed so that settings.build names a bad section or field (`aapa` included)."""
+
+    model: str
+    aapa: AapaSettings
+    trl: dict
+    data: DataSection | None = None
+    task: dict | None = None
+    reward: str | dict | list | None = None
+    threads: int = 0
 
 
 @dataclass
@@ -57,75 +78,77 @@ def add_commands(subparsers) -> None:
 
 
 def load(path: str | Path, *, for_dry_run: bool = False) -> TrlRun:
-    """The run described by `path`; a bad key is a ConfigError naming the file and the key. `for_dry_run`:
-    a GPU recipe is read on a machine without one (its bf16/fp16 are left unchecked)."""
+    """The run described by `path`; a bad key or type is a ConfigError naming the file and the key.
+    `for_dry_run`: a GPU recipe is read on a machine without one (its bf16/fp16 are left unchecked)."""
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
     where = f"{path}:"
-    unknown = sorted(set(raw) - set(SECTIONS))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} expected a mapping of sections, got {type(raw).__name__}")
+    names = [f.name for f in dataclasses.fields(Sections)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(f"{where} unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
+        raise ConfigError(f"{where} unknown section(s) {unknown}; allowed: {names}")
     for key in ("model", "aapa", "trl"):
         if key not in raw:
             raise ConfigError(f"{where} missing section {key!r}")
-    try:
-        aapa = build(AapaSettings, raw["aapa"], "aapa")
+    try:  # build names any other bad section or field
+        sections = build(Sections, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{where} {e}") from e
+    aapa = sections.aapa
     import torch
     from trl import GRPOConfig
 
-    fields = dict(raw["trl"])
+    fields = dict(sections.trl)
     if for_dry_run and not torch.cuda.is_available() and not fields.get("use_cpu"):
         fields.update(bf16=False, fp16=False)  # TrainingArguments refuses them without a GPU
+    hints = typing.get_type_hints(GRPOConfig)
     try:
+        for key, value in fields.items():
+            # GRPOConfig takes any type and fails later without the field's name: check its plain fields
+            hint = hints.get(key)
+            if set(typing.get_args(hint) or [hint]) <= {int, float, bool, str, type(None)}:
+                fields[key] = convert(value, hint, f"trl.{key}")
         config = GRPOConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{where} {e}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where} trl: {e}") from e
-    data = raw.get("data") or {}
-    unknown = sorted(set(data) - {"train", "eval", "chat_template"})
-    if unknown:
-        raise ConfigError(f"{where} data: unknown key(s) {unknown}; allowed: train, eval, chat_template")
+    data = sections.data or DataSection()
     task, bank = None, aapa.expert_bank
-    if raw.get("task") is not None:
+    if sections.task is not None:
         from aapa_rl.local.task import ArithmeticTask
 
         try:
-            task = build(ArithmeticTask, raw["task"], "task")
+            task = build(ArithmeticTask, sections.task, "task")
         except ConfigError as e:
             raise ConfigError(f"{where} {e}") from e
-        if data.get("train") or bank:
+        if data.train or bank:
             raise ConfigError(
                 f"{where} task: the arithmetic task writes its own data and expert bank; "
                 "remove data.train and aapa.expert_bank, or the task"
             )
         written = Path(config.output_dir) / "data"
-        data = {**data, "train": str(written / "train.jsonl"), "eval": data.get("eval")}
+        data = dataclasses.replace(data, train=str(written / "train.jsonl"))
         bank = str(written / "experts.jsonl")
-    if not data.get("train"):
+    if not data.train:
         raise ConfigError(f"{where} data.train: required (or a task section)")
-    reward = raw.get("reward", "arithmetic" if task else None)
+    reward = "arithmetic" if sections.reward is None and task is not None else sections.reward
     if reward is None:
         raise ConfigError(f"{where} reward: required (a reward_fns name, a .py file or a weighted sum)")
     if reward == "arithmetic" and task is None:
         raise ConfigError(f"{where} reward: 'arithmetic' needs the task section")
     return TrlRun(
-        path,
-        str(raw["model"]),
-        data["train"],
-        data.get("eval"),
-        bool(data.get("chat_template")),
-        reward,
-        task,
-        aapa,
-        config,
-        int(raw.get("threads", 0)),
-        bank,
+        path, sections.model, data.train, data.eval, data.chat_template, reward, task, aapa, config,
+        sections.threads, bank,
     )
 
 
 def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
     """(ok lines, problems, loaded pieces) of everything that can be checked before a model loads."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     from aapa_rl.anchor import ExpertBank, label_expert
     from aapa_rl.anchor.discriminator import heldout_auroc, quality_problem
     from aapa_rl.data.rows import DataError
@@ -136,6 +159,14 @@ def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
 
     ok, bad, loaded = [], [], {}
     c = run.config
+    if os.path.isdir(run.model):
+        ok.append(f"model {run.model}: a local directory")
+    else:
+        try:  # from_pretrained reads anything but a directory as a hub id
+            validate_repo_id(run.model)
+            ok.append(f"model {run.model}: a hub id (the Hugging Face cache, else the hub)")
+        except HFValidationError:
+            bad.append(f"model {run.model!r}: no such directory, and not a hub id")
     if run.task is not None:
         written = run.task.write(Path(c.output_dir) / "data")
         ok.append(f"task: arithmetic data written to {Path(written['train']).parent}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -46,6 +47,8 @@ TRL_VERSION = "1.16.0"  # the backend overrides GRPOTrainer internals of exactly
 if trl.__version__ != TRL_VERSION:
     raise ImportError(f"aapa-rl's TRL backend needs trl=={TRL_VERSION} (it extends GRPOTrainer's internals); "
                       f"found {trl.__version__}: pip install 'aapa-rl[trl]'")
+
+logger = logging.getLogger(__name__)
 
 SHAPING = "aapa_shaping"  # the reward column that carries alpha * s
 STATE_FILE = "aapa_state.json"  # the plugin's state in each TRL checkpoint
@@ -111,6 +114,10 @@ class AapaGRPOTrainer(GRPOTrainer):
         if config is not None and config.reward_weights is not None:
             config = kwargs["args"] = copy.copy(config)  # the caller's config stays usable for another
             config.reward_weights = [*config.reward_weights, 1.0]
+        classes = kwargs.get("reward_processing_classes")
+        if classes is not None:  # TRL wants one per reward function; the shaping column needs none
+            classes = classes if isinstance(classes, list) else [classes]
+            kwargs["reward_processing_classes"] = [*classes, None]
         super().__init__(*args, reward_funcs=[*funcs, _shaping_column], **kwargs)
         self.aapa, self.critic, self.bank = aapa, critic, bank
         self.aapa_schedule = aapa.schedule()
@@ -147,7 +154,6 @@ class AapaGRPOTrainer(GRPOTrainer):
             self.scale_rewards = scale
         self._aapa_chunks = self._expert_rows(output, values)
         metrics = {
-            "aapa/stage": values.stage,
             "aapa/lambda": values.lam,
             "aapa/alpha": values.alpha,
             "aapa/rho": values.rho,
@@ -156,21 +162,28 @@ class AapaGRPOTrainer(GRPOTrainer):
         anchor = self.aapa_batch and self.aapa_batch["anchor"]
         if anchor is not None:
             metrics.update({f"aapa/{k}": v for k, v in anchor.metrics.items()})
-            self.aapa_anchors_total += len(anchor.hard_set)
-            metrics["aapa/anchors_total"] = self.aapa_anchors_total
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
+        # TRL's log() averages each list over the logging window: a stage or a running total keeps its latest
+        self._metrics["train"]["aapa/stage"] = [values.stage]
+        if anchor is not None:
+            self.aapa_anchors_total += len(anchor.hard_set)
+            self._metrics["train"]["aapa/anchors_total"] = [self.aapa_anchors_total]
         return output
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         values = self._aapa_values
-        if values is None:
-            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if values.objective == "sft":  # the rollouts carry the shaping alone
+        if values is not None and values.objective == "sft":  # the rollouts carry the shaping alone
             total = len(prompts) * self.accelerator.num_processes
             rewards = torch.zeros(total, len(self.reward_funcs), device=self.accelerator.device)
         else:
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # TRL gives a row whose every reward is None (NaN) advantage 0, out of the baseline: so its shaping
+        # is NaN too, else that column alone would make the row scorable
+        unscorable = rewards[:, :-1].isnan().all(1)
+        rewards[unscorable, -1] = math.nan
+        if values is None:  # evaluation
+            return rewards
         self.aapa_batch = None
         if self.critic is None and values.objective not in ("sft", "chord"):
             return rewards
@@ -198,6 +211,7 @@ class AapaGRPOTrainer(GRPOTrainer):
         anchor.metrics["hard_set_size"] = float(len(anchor.hard_set))
         anchor.metrics["time_critic"] = time.perf_counter() - started
         rewards[:, -1] = (values.alpha * anchor.shaping.reshape(-1)).to(rewards.device)
+        rewards[unscorable, -1] = math.nan
         if self.accelerator.is_main_process:  # for the histogram of D, rollouts against experts
             row = {"step": self.state.global_step}
             for key, d in (("d_rollout", scored.scores), ("d_expert", scored.expert_scores)):
@@ -208,8 +222,8 @@ class AapaGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _expert_rows(self, output: dict, values) -> list[list]:
-        """This process's expert rows (prompt ids, expert ids + eos, anchor weight, SFT flag) for each
-        micro-step: H's experts (weight > 0) and, in SFT and CHORD stages, every prompt's expert."""
+        """This process's expert rows (prompt ids, expert ids + eos, anchor weight, in H, SFT flag) for each
+        micro-step: H's experts (when lam > 0) and, in SFT and CHORD stages, every prompt's expert."""
         needs_sft = values.objective in ("sft", "chord")
         if self.aapa_batch is None or not (values.lam > 0 or needs_sft):
             return []
@@ -223,12 +237,14 @@ class AapaGRPOTrainer(GRPOTrainer):
         weight = dict(zip(*hard, strict=True))
         rows = []
         for p, expert in enumerate(experts):
-            w = weight.get(p, 0.0) if values.lam > 0 else 0.0
-            if expert is None or (w == 0 and not needs_sft):
+            # Membership of H, not w > 0: a softmax weight can underflow to 0, and L_anchor's denominator
+            # still counts that expert's tokens.
+            in_h = values.lam > 0 and p in weight
+            if expert is None or not (in_h or needs_sft):
                 continue
             ids = self.processing_class(text=expert, add_special_tokens=False)["input_ids"] + [eos]
-            rows.append((prompt_ids[p], ids, w, needs_sft))
-        self._aapa_norms = (sum(len(r[1]) for r in rows if r[2] > 0), sum(len(r[1]) for r in rows if r[3]))
+            rows.append((prompt_ids[p], ids, weight.get(p, 0.0), in_h, needs_sft))
+        self._aapa_norms = (sum(len(r[1]) for r in rows if r[3]), sum(len(r[1]) for r in rows if r[4]))
         mine = rows[self.accelerator.process_index :: self.accelerator.num_processes]
         steps = self.args.steps_per_generation
         return [mine[j::steps] for j in range(steps)]
@@ -244,30 +260,28 @@ class AapaGRPOTrainer(GRPOTrainer):
         training = self.model.training
         self._aapa_rollout_logps = None if training else torch.empty(0)
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():  # TRL would step the optimizer on it and ruin the weights
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step}: "
-                                     "resume from the last checkpoint (with a lower learning rate or fp32)")
         values, logps = self._aapa_values, self._aapa_rollout_logps
         if training and logps is not None and logps.numel():  # mean log-prob of the rollouts under the policy
             mask = inputs["completion_mask"]
             self._aapa_sums[7:] += torch.tensor([float((logps * mask).sum()), float(mask.sum())])
-        if not training or values is None:
-            return loss
-        if not self._aapa_chunks:
-            if self._step % self.args.steps_per_generation == self.args.steps_per_generation - 1:
+        if training and values is not None:
+            step = self._step % self.args.steps_per_generation
+            if self._aapa_chunks:
+                started = time.perf_counter()
+                anchor_term, sft_term = self._expert_terms(model, self._aapa_chunks[step])
+                self._aapa_sums[4] += time.perf_counter() - started
+                if values.objective == "chord":
+                    loss = (1 - values.mu) * loss + values.mu * sft_term
+                elif values.objective == "sft":
+                    loss = loss + sft_term
+                loss = loss + values.lam * anchor_term
+            if step == self.args.steps_per_generation - 1:
                 self._log_expert_losses()
-            return loss
-        step = self._step % self.args.steps_per_generation
-        started = time.perf_counter()
-        anchor_term, sft_term = self._expert_terms(model, self._aapa_chunks[step])
-        self._aapa_sums[4] += time.perf_counter() - started
-        if values.objective == "chord":
-            loss = (1 - values.mu) * loss + values.mu * sft_term
-        elif values.objective == "sft":
-            loss = loss + sft_term
-        if step == self.args.steps_per_generation - 1:
-            self._log_expert_losses()
-        return loss + values.lam * anchor_term
+        # The whole loss: the expert forward (prompt + expert, maybe longer than any rollout) can overflow too
+        if not torch.isfinite(loss).all():  # TRL would step the optimizer on it and ruin the weights
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.state.global_step}: "
+                                     "resume from the last checkpoint (with a lower learning rate or fp32)")
+        return loss
 
     def _expert_terms(self, model, rows: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchor term, SFT term) of these rows, each its NLL sum over the batch's expert tokens times the
@@ -275,12 +289,12 @@ class AapaGRPOTrainer(GRPOTrainer):
         process runs the same forwards (ZeRO-3 gathers parameters collectively)."""
         device, pad = self.accelerator.device, self.processing_class.pad_token_id
         eos = self.processing_class.eos_token_id
-        rows = rows or [([eos], [eos], 0.0, False)]
-        length = max(len(p) + len(e) for p, e, _, _ in rows)
+        rows = rows or [([eos], [eos], 0.0, False, False)]
+        length = max(len(p) + len(e) for p, e, *_ in rows)
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         attention = torch.zeros_like(ids)
         targets = torch.zeros(len(rows), length - 1)  # 1 where position t predicts an expert token
-        for i, (prompt, expert, _, _) in enumerate(rows):
+        for i, (prompt, expert, *_) in enumerate(rows):
             ids[i, : len(prompt) + len(expert)] = torch.tensor(prompt + expert)
             attention[i, : len(prompt) + len(expert)] = 1
             targets[i, len(prompt) - 1 : len(prompt) - 1 + len(expert)] = 1
@@ -288,8 +302,8 @@ class AapaGRPOTrainer(GRPOTrainer):
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         log_probs = token_log_probs(logits, ids[:, 1:])  # at temperature 1: the policy's NLL of the expert
         weights = torch.tensor([r[2] for r in rows], device=device)
-        anchor_mask = targets * (weights > 0)[:, None]
-        sft_mask = targets * torch.tensor([float(r[3]) for r in rows], device=device)[:, None]
+        anchor_mask = targets * torch.tensor([float(r[3]) for r in rows], device=device)[:, None]
+        sft_mask = targets * torch.tensor([float(r[4]) for r in rows], device=device)[:, None]
         chord_phi = self._aapa_values.objective == "chord" and self.aapa.chord.phi
         # The core's token means times the local token counts: the sums that the batch totals normalise.
         anchor_sum = (
@@ -352,6 +366,9 @@ class AapaGRPOTrainer(GRPOTrainer):
         except ValueError as e:  # another stage schedule than the checkpoint's
             raise ConfigError(f"{path}: {e}") from e
         self.aapa_anchors_total = state["anchors_total"]
+        if state["discriminator"] != self.aapa.discriminator:  # allowed, as in the OpenRLHF adapter
+            logger.warning(f"checkpoint was trained with discriminator {state['discriminator']}, "
+                           f"resuming with {self.aapa.discriminator}")
         scores = Path(self.args.output_dir) / SCORES_FILE
         if self.accelerator.is_main_process and scores.exists():  # drop the steps after the checkpoint
             kept = [row for row in read_log(scores) if row["step"] < self.state.global_step]
