@@ -230,6 +230,26 @@ def test_a_reward_that_breaks_its_contract_is_named_and_the_checkpoints_kept(tmp
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
 
 
+def test_a_reward_that_raises_mid_run_stops_it_like_a_broken_one(tmp_path, capsys):
+    """A reward that raises mid-run: its traceback (the user's aid), then the error naming the file, the
+    exception and the step, and the last checkpoint, exit code 2 (it used to end in a traceback, exit 1)."""
+    raising = tmp_path / "raising.py"  # raises from the third step's rollouts on (the label check scores "")
+    raising.write_text(
+        "import torch\nCALLS = []\n"
+        "def batch_reward(responses, labels):\n"
+        "    CALLS.extend([1] if any(responses) else [])\n"
+        "    if len(CALLS) >= 3:\n"
+        "        raise KeyError('no such label')\n"
+        "    return torch.ones(len(responses)), {}\n"
+    )
+    assert main(["train", "--config", str(_reward_recipe(tmp_path, raising)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    last = tmp_path / "raising" / "checkpoints" / "step_000002"
+    assert f'File "{raising}", line 6, in batch_reward' in err and "KeyError: 'no such label'" in err
+    assert f"error: reward '{raising}:batch_reward' raised KeyError at step 2: 'no such label'" in err
+    assert f"the run stopped after 2 steps; last checkpoint: {last} (fix the cause, then --resume)" in err
+
+
 def test_accuracy_plot_draws_any_rewards_correctness(tmp_path):
     """A `reward: math` run logs reward/math_correct: its accuracy plot draws it, as eval's accuracy
     (evaluation.correctness) reads any *_correct log."""

@@ -19,9 +19,11 @@ import yaml
 from local_helpers import base_recipe, discriminator_dir, metrics, warm_run
 
 from aapa_rl import objectives as obj
-from aapa_rl.local.policy import load_policy, pack
+from aapa_rl.local import plots
+from aapa_rl.local.policy import load_policy, pack, response_log_probs
 from aapa_rl.local.recipe import RecipeError, load_recipe
 from aapa_rl.local.trainer import NonFiniteError, RunDirError, Stream, Trainer, checkpoints
+from reward_fns.combine import RewardError
 
 REPO = Path(__file__).resolve().parents[1]
 AAPA = {"alpha": 0.5, "lam": 1.0, "rho": 0.5}
@@ -114,6 +116,10 @@ def test_objective_smoke(tmp_path, objective, aapa):
         assert [r["stage"] for r in rows] == [0, 1, 1]
         if aapa:  # lambda decays linearly to lam_end over the second stage
             assert rows[1]["lambda"] == pytest.approx(1.0) and rows[2]["lambda"] == pytest.approx(0.6)
+            # The SFT stage samples rollouts for the critic but never scores them: no reward/raw (it was 0.0),
+            # and the reward curve draws the rows that have it.
+            assert "reward/raw" not in rows[0] and "reward/shaped" in rows[0] and "reward/raw" in rows[1]
+            assert tmp_path / "run" / "plots" / "reward.png" in plots.plot_run(tmp_path / "run")
     assert (tmp_path / "run" / "final" / "trainer_state.pt").exists()
 
 
@@ -662,6 +668,11 @@ def test_nonfinite_steps_are_counted_and_a_run_without_final_fails(tmp_path):
     trainer.fit()
     summary = json.loads((tmp_path / "some" / "summary.json").read_text())
     assert summary["nonfinite_skipped"] == 1 and summary["final"] == "checkpoints/step_000003"
+    # The skipped step's losses are NaN, not a perfect-looking 0.0; the plots leave them out.
+    rows = metrics(tmp_path / "some")
+    assert all(math.isnan(rows[0][f"loss/{k}"]) for k in ("policy", "kl", "sft", "anchor"))
+    assert rows[1]["loss/sft"] > 0 and rows[1]["loss/anchor"] == 0.0
+    assert tmp_path / "some" / "plots" / "lambda.png" in plots.plot_run(tmp_path / "some")
 
     recipe = _recipe(tmp_path / "all", [{"end_step": 3, "objective": "sft"}], False, max_nonfinite=5)
     trainer = Trainer(recipe, progress=False)
@@ -746,3 +757,167 @@ def test_reward_output_is_checked_where_every_backend_calls_it(tmp_path):
     path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [1.0] * 5}\n")
     with pytest.raises(ValueError, match=rf"reward '{path}': 5 rewards for 3 responses"):
         call_reward(load_reward(str(path)), responses, labels, prompts)
+
+
+def _killed_while_writing(name: str):
+    """Path.write_text that, for the file `name` (or the name.tmp it is replaced from), writes half the text
+    and stops as a kill would (KeyboardInterrupt: nothing after it runs)."""
+    write_text = Path.write_text
+
+    def write(self, data, *args, **kwargs):
+        if self.name in (name, name + ".tmp"):
+            write_text(self, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        return write_text(self, data, *args, **kwargs)
+
+    return write
+
+
+def test_a_kill_while_a_resume_rewrites_its_logs_loses_no_row(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl and scores.jsonl without the rows after its checkpoint. Rewritten in
+    place, a kill lost the rows not yet written again, for good (steps [0, 2] here)."""
+    run = tmp_path / "run"
+    recipe = _recipe(run, [{"end_step": 2, "objective": "sft"}], False, log={"save_every": 1, "plots": False})
+    Trainer(recipe, progress=False).fit()
+    longer = dataclasses.replace(recipe, steps=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", _killed_while_writing("metrics.jsonl"))
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(longer, resume=True, progress=False)
+    Trainer(longer, resume=True, progress=False).fit()
+    assert [r["step"] for r in metrics(run)] == [0, 1, 2]
+
+
+def test_config_yaml_is_replaced_whole_and_the_checkpoint_keeps_the_recipe(tmp_path, monkeypatch):
+    """A kill while a resume rewrites config.yaml leaves the old one; and a resume of a run whose config.yaml
+    is unreadable is checked against the recipe its checkpoint keeps (it was taken whatever it changed)."""
+    run = tmp_path / "run"
+    recipe = _recipe(run, [{"end_step": 1, "objective": "sft"}], False, log={"save_every": 1, "plots": False})
+    Trainer(recipe, progress=False).fit()
+    written = (run / "config.yaml").read_text()
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", _killed_while_writing("config.yaml"))
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(dataclasses.replace(recipe, steps=2), resume=True, progress=False)
+    assert (run / "config.yaml").read_text() == written
+
+    (run / "config.yaml").write_text("steps: [\n")  # damaged some other way
+    other = dataclasses.replace(recipe, steps=2, seed=7, optim=dataclasses.replace(recipe.optim, lr=0.05))
+    with pytest.raises(RunDirError, match="differs from the run's recipe in step_000001") as refused:
+        Trainer(other, resume=True, progress=False)
+    assert "\n  seed: 0 -> 7\n  optim.lr: 0.001 -> 0.05\n" in str(refused.value)
+    Trainer(dataclasses.replace(recipe, steps=2), resume=True, progress=False).fit()
+    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 2
+
+
+def test_a_resume_that_only_finishes_links_final(tmp_path):
+    """RUN/final and summary.json's "final" name the last step's checkpoint also when the resume has no
+    step left to train: killed between the last checkpoint and its link, or `steps` lowered to the newest
+    checkpoint's (both used to finish with exit 0, no link and "final": null)."""
+    run = tmp_path / "run"
+    log = {"save_every": 2, "eval_samples": 0, "plots": False}
+    recipe = _recipe(run, [{"end_step": 3, "objective": "sft"}], False, log=log)
+    Trainer(recipe, progress=False).fit()
+    (run / "final").unlink()  # killed after checkpoints/step_000003 was complete
+    (run / "summary.json").unlink()
+    Trainer(recipe, resume=True, progress=False).fit()
+    assert os.readlink(run / "final") == "checkpoints/step_000003"
+    assert json.loads((run / "summary.json").read_text())["final"] == "checkpoints/step_000003"
+
+    shutil.rmtree(run / "checkpoints" / "step_000003")  # killed before it, then ended at step 2
+    Trainer(dataclasses.replace(recipe, steps=2), resume=True, progress=False).fit()
+    assert os.readlink(run / "final") == "checkpoints/step_000002"
+    assert json.loads((run / "summary.json").read_text())["final"] == "checkpoints/step_000002"
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("optim.warmup_steps=-4", "optim.warmup_steps must be >= 0, got -4"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be >= 0, got -1.0"),
+        ("optim.beta1=1.5", "optim.beta1 must be in [0, 1), got 1.5"),
+        ("optim.beta2=-0.1", "optim.beta2 must be in [0, 1), got -0.1"),
+        ("loss.kl_coef=-0.5", "loss.kl_coef must be a finite number >= 0, got -0.5"),
+        ("loss.clip_low=-1", "loss.clip_low must be in [0, 1), got -1.0"),
+        ("loss.clip_low=1", "loss.clip_low must be in [0, 1), got 1.0"),
+        ("loss.clip_high=-0.2", "loss.clip_high must be >= 0, got -0.2"),
+        ("threads=-1", "threads must be >= 0 (0: torch's default), got -1"),
+        ("log.eval_samples=-6", "log.eval_samples must be >= 0 (0: no eval), got -6"),
+    ],
+)
+def test_out_of_range_settings_are_named_before_any_work(tmp_path, setting, message):
+    """Each used to train silently (a negative warm-up gave a negative learning rate) or fail with torch's
+    words, after the run directory was written."""
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump(base_recipe(tmp_path / "run")))
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(config, [setting])
+    assert str(refused.value) == f"{config}: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_oracle_selection_needs_a_flaw_bonus_to_select_by(tmp_path):
+    """`aapa.selection: oracle` is refused at validation with an SFT stage that anchors (the reward does not
+    score its rollouts), and at startup with a reward that logs no flaw_bonus, leaving a failed start, not
+    a run (both used to fail at step 0 with a bare ValueError, leaving a run to --overwrite)."""
+    aapa = {"selection": "oracle", "discriminator": str(discriminator_dir())}
+    staged = [{"end_step": 1, "objective": "grpo"}, {"end_step": 2, "objective": "sft", **AAPA}]
+    with pytest.raises(RecipeError, match=r"aapa.selection: oracle .* aapa.stages.1 \(sft with lam"):
+        load_recipe(None, base=base_recipe(tmp_path / "run", stages=staged, aapa=aapa))
+
+    plain = tmp_path / "plain.py"
+    plain.write_text(
+        "import torch\ndef batch_reward(responses, labels):\n    return torch.ones(len(responses)), {}\n"
+    )
+    stages = [{"end_step": 2, "objective": "grpo", **AAPA}]
+    recipe = base_recipe(tmp_path / "run", stages=stages, aapa=aapa, reward=str(plain))
+    with pytest.raises(RewardError, match=rf"reward '{plain}:batch_reward' logs no per-sample 'flaw_bonus'"):
+        Trainer(load_recipe(None, base=recipe), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "data"]
+
+
+def test_nonfinite_logits_in_the_rollout_skip_the_step(tmp_path):
+    """NaN logits while sampling (say a bf16 overflow in the generation path only) skip and count the step,
+    as a non-finite loss does, and the policy trains on afterwards (it used to stop the run with torch's
+    multinomial error)."""
+    recipe = _recipe(tmp_path / "run", [{"end_step": 3, "objective": "grpo"}], False)
+    trainer = Trainer(recipe, progress=False)
+    original = trainer.train_step
+
+    def train_step(step):
+        if step != 1:
+            return original(step)
+        hook = trainer.policy.lm_head.register_forward_hook(
+            lambda mod, inp, out: None if torch.is_grad_enabled() else out * float("nan")
+        )
+        try:
+            return original(step)
+        finally:
+            hook.remove()
+
+    trainer.train_step = train_step
+    trainer.fit()
+    rows = metrics(tmp_path / "run")
+    assert [r["nonfinite_skipped"] for r in rows] == [0, 1, 0] and math.isnan(rows[1]["loss/policy"])
+    assert "logp/rollout" in rows[2] and trainer.policy.training  # the sampling after it ran
+
+
+def test_rollout_log_probs_are_logged_at_temperature_1_like_the_experts(tmp_path):
+    """logp/rollout and logp/expert are plotted together: both are under the policy at temperature 1, while
+    the loss keeps the sampling temperature (logp/rollout used to be tempered)."""
+    rollout = {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 40, "temperature": 0.5}
+    trainer = Trainer(_recipe(tmp_path / "run", SCHEDULES["grpo"], False, rollout=rollout), progress=False)
+    original, plain = trainer.policy_gradient, []
+
+    def policy_gradient(values, batch, advantages):
+        with torch.no_grad():
+            lp = response_log_probs(trainer.policy, batch)
+        plain.append(((lp * batch.response_mask).sum(-1) / batch.response_mask.sum(-1)).tolist())
+        return original(values, batch, advantages)
+
+    trainer.policy_gradient = policy_gradient
+    row, scores = trainer.train_step(0)
+    trainer.close()
+    assert scores["logp_rollout"] == pytest.approx(plain[0], abs=1e-5)
+    assert row["logp/rollout"] == pytest.approx(sum(plain[0]) / len(plain[0]), abs=1e-5)
+

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import traceback
 from pathlib import Path
 
 EVAL_COLUMNS = [
@@ -97,7 +98,9 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except RewardError as exc:  # a reward that broke its contract mid-run (reward_fns.combine.call_reward)
+    except RewardError as exc:  # a reward that broke its contract, or raised, mid-run
+        if exc.__cause__ is not None:  # it raised: its traceback points into the user's reward file
+            traceback.print_exception(exc.__cause__)
         good = latest_checkpoint(trainer.run_dir)
         print(f"error: {exc}\nthe run stopped after {trainer.step} steps; last checkpoint: {good or 'none'}"
               + (" (fix the cause, then --resume)" if good else ""), file=sys.stderr)

@@ -15,6 +15,17 @@ import torch
 from aapa_rl.objectives import token_log_probs
 
 
+class NonFiniteLogits(RuntimeError):
+    """Sampling met NaN or infinite logits, which torch's sampler cannot draw from."""
+
+
+def _refuse_nonfinite(input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    """A logits processor: the scores as they are, or NonFiniteLogits where sampling cannot draw from them."""
+    if not torch.isfinite(scores.softmax(-1)).all():  # NaN where a logit is NaN or +inf, or all are -inf
+        raise NonFiniteLogits("non-finite logits while sampling")
+    return scores
+
+
 def load_tokenizer(source: str | None):
     """ "char" (or None) is the embedded character tokenizer; anything else a Hugging Face directory."""
     if source in (None, "char"):
@@ -110,7 +121,10 @@ def generate(
     top_k: int = 0,
     dtype: str = "auto",
 ) -> Batch:
-    """`n` responses per prompt (rows grouped per prompt), sampled with the KV cache."""
+    """`n` responses per prompt (rows grouped per prompt), sampled with the KV cache. Sampling from NaN or
+    infinite logits raises NonFiniteLogits."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(n)]
     lp, pad, eos = max(map(len, prompt_ids)), tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -122,21 +136,29 @@ def generate(
     sampling = (
         {"do_sample": False}
         if greedy
-        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        else {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "logits_processor": LogitsProcessorList([_refuse_nonfinite]),
+        }
     )
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast(device, dtype):
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            use_cache=True,
-            **sampling,
-        )
-    model.train(was_training)
+    try:
+        with torch.inference_mode(), autocast(device, dtype):
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                use_cache=True,
+                **sampling,
+            )
+    finally:  # NonFiniteLogits is survivable (the trainer skips the step): the model keeps its mode
+        model.train(was_training)
     out = out.clone()  # outside inference mode: an ordinary tensor that autograd may use
     response = out[:, lp:]
     # Keep tokens up to and including the first eos; a response without one was truncated.
@@ -153,12 +175,17 @@ def truncated(batch: Batch, eos_token_id: int) -> torch.Tensor:
     return ~((batch.response_ids == eos_token_id) & (batch.response_mask > 0)).any(-1)
 
 
-def response_log_probs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """(B, Lr) log pi(response token | prefix); positions outside the response mask are meaningless."""
+def response_logits(model, batch: Batch) -> torch.Tensor:
+    """(B, Lr, V) the logits that predict each response token (temperature 1)."""
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
+    return model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
     ).logits[:, batch.prompt_len - 1 : -1]
+
+
+def response_log_probs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, Lr) log pi(response token | prefix); positions outside the response mask are meaningless."""
+    logits = response_logits(model, batch)
     if temperature != 1.0:
         logits = logits / temperature
     return token_log_probs(logits, batch.response_ids)

@@ -238,9 +238,19 @@ def _check(r: Recipe) -> None:
         f"optim.lr_schedule: {r.optim.lr_schedule!r} is not constant or cosine",
     )
     need(r.optim.micro_batch_size >= 0, "optim.micro_batch_size must be >= 0")
+    need(r.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {r.optim.warmup_steps}")
+    need(r.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {r.optim.weight_decay}")
+    for key in ("beta1", "beta2"):
+        beta = getattr(r.optim, key)
+        need(0 <= beta < 1, f"optim.{key} must be in [0, 1), got {beta}")
+    need(0 <= r.loss.kl_coef < math.inf, f"loss.kl_coef must be a finite number >= 0, got {r.loss.kl_coef}")
+    need(0 <= r.loss.clip_low < 1, f"loss.clip_low must be in [0, 1), got {r.loss.clip_low}")
+    need(r.loss.clip_high >= 0, f"loss.clip_high must be >= 0, got {r.loss.clip_high}")
     need(r.loss.sft_batch_size >= 1, "loss.sft_batch_size must be >= 1")
     need(r.max_nonfinite >= 1, "max_nonfinite must be >= 1")
+    need(r.threads >= 0, f"threads must be >= 0 (0: torch's default), got {r.threads}")
     need(r.log.save_every >= 0 and r.log.eval_every >= 0, "log.save_every and log.eval_every must be >= 0")
+    need(r.log.eval_samples >= 0, f"log.eval_samples must be >= 0 (0: no eval), got {r.log.eval_samples}")
 
     if r.task is not None:
         given = [k for k, v in dataclasses.asdict(r.data).items() if v is not None]
@@ -263,6 +273,14 @@ def _check(r: Recipe) -> None:
             r.model.tokenizer in (None, "char"),
             "model.tokenizer: without model.path the tiny model needs 'char'",
         )
+    if r.aapa.selection == "oracle":
+        for i, stage in enumerate(r.stages):
+            # The critic of an SFT stage with lam or alpha > 0 selects among rollouts the reward never scores.
+            need(
+                stage.objective != "sft" or stage.lam == stage.alpha == 0,
+                f"aapa.selection: oracle selects by the reward's flaw_bonus, and the reward does not score "
+                f"the rollouts of aapa.stages.{i} (sft with lam or alpha > 0); use gap, random or all",
+            )
     if r.aapa.uses_critic:
         need(
             r.aapa.discriminator is not None,

@@ -2,7 +2,8 @@
 
 It holds config.yaml, metrics.jsonl (one row per step, eval rows prefixed `eval/`), scores.jsonl (per-step
 D and log-prob samples), tb/ (TensorBoard), eval/ (per-sample eval records), checkpoints/step_N/
-(save_pretrained + trainer_state.pt), final (a link to the last checkpoint), plots/*.png and summary.json.
+(save_pretrained + trainer_state.pt, which also keeps the recipe), final (a link to the last checkpoint),
+plots/*.png and summary.json.
 """
 
 from __future__ import annotations
@@ -81,17 +82,36 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def check_resume_config(run_dir: Path, config: dict, trained: int) -> None:
-    """Refuse to resume the run in `run_dir` (`trained` steps in its newest checkpoint) with a recipe that
-    differs from its config.yaml in a key that changes what is trained, naming every such key. After the
-    changes a resume may make (RESUME_MAY_CHANGE), config.yaml is rewritten so that it describes the run."""
+def _write_config(run_dir: Path, config: dict) -> None:
+    """config.yaml, replaced whole: a kill leaves the old one or the new one, never one cut off."""
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def check_resume_config(run_dir: Path, config: dict, found: list[Path]) -> None:
+    """Refuse to resume the run in `run_dir` (`found`: its checkpoints, newest first) with a recipe that
+    differs from its config.yaml in a key that changes what is trained, naming every such key; without a
+    readable config.yaml, from the recipe the newest checkpoint keeps. After the changes a resume may make
+    (RESUME_MAY_CHANGE), config.yaml is rewritten so that it describes the run."""
     new = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))  # as config.yaml holds it: lists, no tuples
+    trained = int(found[0].name.removeprefix("step_"))
     if new["steps"] < trained:
         raise RunDirError(
             f"{run_dir}: steps {new['steps']} is below the {trained} steps its newest checkpoint has "
             f"trained; pass steps >= {trained}, or start a new run (another --out)"
         )
-    saved = _read_config(run_dir)
+    saved, source = _read_config(run_dir), "config.yaml"
+    if saved is None:  # removed, or damaged some other way: the checkpoints keep the recipe they trained with
+        for checkpoint in found:
+            try:  # mmap: only the recipe is read, not the optimizer state
+                state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, mmap=True)
+            except Exception:  # a damaged checkpoint: read_checkpoint names it
+                continue
+            if "recipe" in state:  # checkpoints written before it was kept lack it
+                saved = yaml.safe_load(yaml.safe_dump(state["recipe"], sort_keys=False))
+                source = f"recipe in {checkpoint.name}"
+            break
     if saved is None:
         print(f"warning: {run_dir / 'config.yaml'} is missing or not a recipe, so this recipe cannot be "
               "compared with the run's; writing this one", file=sys.stderr)
@@ -111,15 +131,15 @@ def check_resume_config(run_dir: Path, config: dict, trained: int) -> None:
             lines = "".join(f"\n  {key}: {changed[key][0]!r} -> {changed[key][1]!r}" for key in refused)
             allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE)
             raise RunDirError(
-                f"{run_dir}: this recipe differs from the run's config.yaml in what is trained (old -> new):"
+                f"{run_dir}: this recipe differs from the run's {source} in what is trained (old -> new):"
                 f"{lines}\na resume may change only {allowed}; start a new run (another --out) or replace "
                 "this one (--overwrite)"
             )
         for key, (before, after) in changed.items():
             print(f"resuming with {key}: {before!r} -> {after!r} (config.yaml updated)")
-        if not changed and new == saved:
+        if not changed and new == saved and source == "config.yaml":
             return
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _write_config(run_dir, config)
 
 
 def _remove(paths: list[Path]) -> None:
@@ -138,7 +158,7 @@ def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[
         found = checkpoints(run_dir)
         if not found:
             raise RunDirError(f"{run_dir}: no checkpoint to resume from; start over with --overwrite")
-        check_resume_config(run_dir, config, int(found[0].name.removeprefix("step_")))
+        check_resume_config(run_dir, config, found)
         return found
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
     if entries:
@@ -160,7 +180,7 @@ def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[
     elif run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a directory; choose another out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _write_config(run_dir, config)
     return []
 
 
@@ -206,7 +226,10 @@ class RunLog:
             path = run_dir / name
             if path.exists():
                 keep = [row for row in plots.read_log(path) if row["step"] < step]
-                path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+                # Replaced whole, as in `add`: a kill while rewriting in place lost the rows not yet written.
+                tmp = path.with_name(name + ".tmp")
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+                os.replace(tmp, path)
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_file = open(self.metrics_path, "a")
         self.scores_file = open(run_dir / "scores.jsonl", "a")

@@ -25,12 +25,14 @@ from aapa_rl.data.rows import DataError, check_row, read_rows
 from aapa_rl.local import plots
 from aapa_rl.local.evaluation import RewardFn, evaluate, load_reward
 from aapa_rl.local.policy import (
+    NonFiniteLogits,
     autocast,
     generate,
     load_policy,
     load_tokenizer,
     pack,
     response_log_probs,
+    response_logits,
     truncated,
 )
 from aapa_rl.local.recipe import Recipe, recipe_dict
@@ -52,8 +54,9 @@ from aapa_rl.objectives import (
     selection_diagnostics,
     sft_loss,
     stage_estimator,
+    token_log_probs,
 )
-from reward_fns.combine import call_reward
+from reward_fns.combine import RewardError, call_reward, reward_name
 
 if TYPE_CHECKING:
     from aapa_rl.anchor import ExpertBank
@@ -65,7 +68,7 @@ class NonFiniteError(RuntimeError):
 
 
 class _SkipStep(Exception):
-    """A non-finite loss or gradient: the step's update is dropped."""
+    """Non-finite logits in the rollout, or a non-finite loss or gradient: the step's update is dropped."""
 
 
 def load_rows(
@@ -169,6 +172,16 @@ class Trainer:
             if paths["eval"]
             else []
         )
+        if r.aapa.selection == "oracle" and self.train_rows:
+            # The oracle anchors the prompts whose rollouts earn the reward's flaw_bonus: a reward without
+            # that log is refused here, before the run log opens, not at the first step.
+            row = self.train_rows[0]
+            _, logs = call_reward(self.reward_fn, [""], [row["label"]], [row["prompt"]])
+            if "flaw_bonus" not in logs:
+                raise RewardError(
+                    f"reward {reward_name(self.reward_fn)!r} logs no per-sample 'flaw_bonus', which "
+                    "aapa.selection: oracle selects by; use gap, random or all"
+                )
 
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         self.policy = load_policy(r.model.path, self.tokenizer, seed=r.seed, device=self.device)
@@ -217,6 +230,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
+            "recipe": recipe_dict(self.recipe),  # what a resume compares with when config.yaml is unreadable
             "step": self.step,
             "nonfinite": self.nonfinite,
             "skipped": self.skipped,
@@ -289,7 +303,8 @@ class Trainer:
                 rewards, extras, t = self.reward(values, batch.texts, rows)
                 if t is not None:
                     m["time/reward"] = t
-                m["reward/raw"] = float(rewards.mean())
+                if values.objective != "sft":  # an SFT stage's rollouts are not scored by the reward
+                    m["reward/raw"] = float(rewards.mean())
                 m.update({f"reward/{k}": float(v.float().mean()) for k, v in extras.items()})
                 prompts, experts = self.experts(rows)
                 shaped = rewards
@@ -328,6 +343,7 @@ class Trainer:
         except _SkipStep:
             self.optimizer.zero_grad(set_to_none=True)
             m["nonfinite_skipped"] = 1
+            losses = dict.fromkeys(losses, math.nan)  # not 0.0: no loss of this step was trained on
         for key, value in losses.items():
             m[f"loss/{key}"] = value
         m["time/step"] = time.perf_counter() - started
@@ -336,17 +352,20 @@ class Trainer:
     def rollout(self, prompts: list[str]):
         """G sampled responses per prompt (and the seconds it took)."""
         r, t0 = self.recipe, time.perf_counter()
-        batch = generate(
-            self.policy,
-            self.tokenizer,
-            prompts,
-            n=r.rollout.group_size,
-            max_new_tokens=r.rollout.max_new_tokens,
-            temperature=r.rollout.temperature,
-            top_p=r.rollout.top_p,
-            top_k=r.rollout.top_k,
-            dtype=r.model.dtype,
-        )
+        try:
+            batch = generate(
+                self.policy,
+                self.tokenizer,
+                prompts,
+                n=r.rollout.group_size,
+                max_new_tokens=r.rollout.max_new_tokens,
+                temperature=r.rollout.temperature,
+                top_p=r.rollout.top_p,
+                top_k=r.rollout.top_k,
+                dtype=r.model.dtype,
+            )
+        except NonFiniteLogits:  # nothing to sample from: skipped and counted like a non-finite loss
+            raise _SkipStep from None
         return batch, time.perf_counter() - t0
 
     def reward(self, values: ScheduleValues, texts: list[str], rows: list[dict]):
@@ -357,9 +376,15 @@ class Trainer:
         t0 = time.perf_counter()
         group = self.recipe.rollout.group_size
         labels = [x["label"] for x in rows for _ in range(group)]
-        rewards, extras = call_reward(
-            self.reward_fn, texts, labels, [x["prompt"] for x in rows for _ in range(group)]
-        )
+        try:
+            rewards, extras = call_reward(
+                self.reward_fn, texts, labels, [x["prompt"] for x in rows for _ in range(group)]
+            )
+        except RewardError:
+            raise
+        except Exception as exc:  # the user's code: stop as for a broken output; the CLI shows its traceback
+            raised = f"{type(exc).__name__} at step {self.step}: {exc}"
+            raise RewardError(f"reward {reward_name(self.reward_fn)!r} raised {raised}") from exc
         elapsed = time.perf_counter() - t0
         return rewards.float().cpu(), extras, elapsed
 
@@ -418,10 +443,12 @@ class Trainer:
                 )
         total_tokens, total_seqs = mask.sum(), (mask.sum(-1) > 0).sum()
         policy, kl_total, seq_logp = 0.0, 0.0, []
+        temperature = r.rollout.temperature
         for sl in self._chunks(n):
             sub = batch.rows(sl)
             with autocast(dev, r.model.dtype):
-                lp = response_log_probs(self.policy, sub, r.rollout.temperature)
+                logits = response_logits(self.policy, sub)
+                lp = token_log_probs(logits / temperature if temperature != 1 else logits, sub.response_ids)
             token_share = sub.response_mask.sum() / total_tokens
             share = (
                 token_share
@@ -447,9 +474,10 @@ class Trainer:
             policy += pg.item() * float(share)
             if coef > 0 or ref_lp is not None:
                 self._backward(loss)
-            seq_logp.append(
-                (lp.detach() * sub.response_mask).sum(-1) / sub.response_mask.sum(-1).clamp(min=1)
-            )
+            # Logged at temperature 1, the distribution logp/expert is measured under; the loss keeps the
+            # rollout's temperature.
+            plain = lp.detach() if temperature == 1 else token_log_probs(logits.detach(), sub.response_ids)
+            seq_logp.append((plain * sub.response_mask).sum(-1) / sub.response_mask.sum(-1).clamp(min=1))
         return (policy, kl_total, torch.cat(seq_logp).float().cpu()), time.perf_counter() - t0
 
     def sft_term(self, values: ScheduleValues) -> tuple[float, float]:
@@ -577,7 +605,7 @@ class Trainer:
                 self.skipped += metrics["nonfinite_skipped"]
                 if metrics["nonfinite_skipped"]:
                     tqdm.write(
-                        f"step {step}: non-finite loss or gradient, update skipped "
+                        f"step {step}: non-finite logits, loss or gradient, update skipped "
                         f"({self.nonfinite} in a row)"
                     )
                 last = self.step == r.steps
@@ -588,10 +616,10 @@ class Trainer:
                 self.log.write(metrics, scores)
                 # Checkpoints come after the step's log row, so a resumed run misses no row.
                 if last:
-                    final = self.run_dir / "final"  # RUN/final names the trained model, or is absent
-                    final.unlink(missing_ok=True)
+                    # RUN/final is linked by _finish; an older run's link must not outlast a non-finite end.
+                    (self.run_dir / "final").unlink(missing_ok=True)
                     if self.nonfinite == 0:
-                        final.symlink_to(self.save().relative_to(self.run_dir))
+                        self.save()
                 elif self.nonfinite == 0 and r.log.save_every and self.step % r.log.save_every == 0:
                     self.save()
                 if self.nonfinite >= r.max_nonfinite:
@@ -617,6 +645,12 @@ class Trainer:
     def _finish(self, started: float) -> dict:
         """The final eval (added to the last step's row), plots and summary.json, after the last step."""
         r = self.recipe
+        # RUN/final names the last step's checkpoint, or is absent. Made here, so that a resume that only
+        # finishes makes it too: after a kill before the link, or with `steps` lowered to the checkpoint's.
+        final, checkpoint = self.run_dir / "final", self.run_dir / "checkpoints" / f"step_{self.step:06d}"
+        final.unlink(missing_ok=True)
+        if self.nonfinite == 0 and (checkpoint / "trainer_state.pt").exists():
+            final.symlink_to(checkpoint.relative_to(self.run_dir))
         summary: dict = {}
         try:
             if self.eval_rows:
@@ -626,7 +660,6 @@ class Trainer:
             self.close()
         if r.log.plots:
             plots.plot_run(self.run_dir)
-        final = self.run_dir / "final"
         result = {
             "steps": self.step,
             "nonfinite_skipped": self.skipped,
@@ -643,8 +676,8 @@ class Trainer:
             )
         if self.skipped:
             print(
-                f"warning: {self.skipped} of {r.steps} steps had a non-finite loss or gradient and were "
-                "skipped (nonfinite_skipped in metrics.jsonl)",
+                f"warning: {self.skipped} of {r.steps} steps had non-finite logits, loss or gradient and "
+                "were skipped (nonfinite_skipped in metrics.jsonl)",
                 file=sys.stderr,
             )
         return summary
