@@ -14,6 +14,7 @@ ADVANTAGE_ESTIMATORS = ("group_norm", "dr_grpo", "rloo")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SHAPING_TRANSFORMS = ("log", "neg_log_one_minus", "logit")
+EXPERT_OBJECTIVES = ("sft", "chord")  # the base objectives whose loss has an SFT term on the experts
 SELECTIONS = ("gap", "random", "oracle", "all")  # how the hard set is chosen: choose_hard_set
 # What every backend that cannot pass per-sample exploit flags to choose_hard_set says of `oracle`.
 ORACLE_NEEDS_FLAW_BONUS = (
@@ -126,9 +127,11 @@ def chord_mu(step: int, warmup_steps: int, decay_steps: int, peak: float, valley
     return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def chord_loss(rl_loss: torch.Tensor, expert_loss: torch.Tensor, mu: float) -> torch.Tensor:
-    """CHORD's mix: (1 - mu) * L_rl + mu * L_sft_phi."""
-    return (1 - mu) * rl_loss + mu * expert_loss
+def stage_loss_weights(objective: str, mu: float) -> tuple[float, float]:
+    """(weight of the host's RL loss, weight of the SFT term on the experts) of a base objective; every
+    backend adds lam * L_anchor to their sum. grpo: 1, 0. sft: 1, 1 (its RL term carries alpha * g(D)
+    alone, zero without shaping). chord: 1 - mu, mu (CHORD's mix, the host's KL included)."""
+    return {"grpo": (1.0, 0.0), "sft": (1.0, 1.0), "chord": (1.0 - mu, mu)}[objective]
 
 
 def shaping_signal(scores: torch.Tensor, transform: str = "log", eps: float = 1e-6) -> torch.Tensor:
@@ -185,8 +188,8 @@ def select_hard_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """H = the ceil(rho * P) prompts with the largest positive gap; weights |H| * softmax(g / T) over H.
 
-    Uniform weights (all 1) when `temperature` is None. Ties keep the lower index first. A NaN gap (a prompt
-    without an expert) is never chosen.
+    Uniform weights (all 1) when `temperature` is None; every member's weight is > 0. Ties keep the lower
+    index first. A NaN gap (a prompt without an expert) is never chosen.
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {rho}")
@@ -197,8 +200,10 @@ def select_hard_set(
     chosen = chosen[gaps[chosen] > 0]
     if chosen.numel() == 0 or temperature is None:
         return chosen, torch.ones(chosen.numel(), dtype=torch.float32, device=gaps.device)
+    # Floored at the smallest normal float: a weight that underflowed to 0 would drop its expert from H
+    # wherever a backend marks H by w > 0, and L_anchor's denominator counts every expert of H.
     weights = chosen.numel() * torch.softmax(gaps[chosen] / temperature, dim=0)
-    return chosen, weights
+    return chosen, weights.clamp(min=torch.finfo(weights.dtype).tiny)
 
 
 def choose_hard_set(

@@ -138,7 +138,19 @@ def test_chord_mu_schedule():
     assert obj.chord_mu(30, **kw) == pytest.approx(0.05)  # floor
     assert obj.chord_mu(1000, **kw) == pytest.approx(0.05)
     assert obj.chord_mu(0, warmup_steps=0, decay_steps=0, peak=0.1, valley=0.1) == pytest.approx(0.1)
-    assert obj.chord_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(2.5)
+
+
+def test_stage_loss_weights_mix_the_host_loss_and_the_sft_term_per_objective():
+    assert obj.stage_loss_weights("grpo", 0.0) == (1.0, 0.0)
+    assert obj.stage_loss_weights("sft", 0.0) == (1.0, 1.0)
+    assert obj.stage_loss_weights("chord", 0.25) == (0.75, 0.25)  # (1 - mu) L_rl + mu L_sft_phi
+
+
+def test_a_softmax_weight_that_underflows_keeps_its_expert_in_h():
+    # exp(-14 / 0.1) underflows in float32: the member must still read as in H (w > 0) in every backend.
+    idx, w = obj.select_hard_set(torch.tensor([14.0, 0.001, -1.0]), rho=1.0, temperature=0.1)
+    assert idx.tolist() == [0, 1]
+    assert w[0].item() == pytest.approx(2.0) and 0 < w[1].item() < 1e-30
 
 
 def test_shaping_transforms():

@@ -240,6 +240,18 @@ def test_hard_set_one_weight_per_sample_and_metrics(disc_dir):
     assert maker.last_scores["rollouts"].shape == (16,) and maker.last_scores["experts"].shape == (4,)
 
 
+def test_every_expert_of_h_reaches_the_actor_even_when_its_softmax_weight_underflows(disc_dir):
+    # The actor marks H by w > 0 (expert_batch, and L_anchor's denominator): at T = 1e-9 the second
+    # member's softmax weight underflows, and must still be > 0.
+    maker = make_maker(make_args(disc_dir, aapa_flags=["--aapa.temperature", "1e-9"]))
+    maker.values = step_values("grpo", lam=0.5, alpha=0.3, rho=0.5)
+    experiences, _ = make_experiences(maker)
+    maker.compute_advantages_and_returns(experiences)
+    weights = torch.stack(by_index(experiences, lambda e: e.info["aapa_w"]))
+    assert maker.last_metrics["aapa/hard_set_size"] == 2
+    assert torch.count_nonzero(weights) == 2 and weights.min() >= 0 and weights.max() == pytest.approx(2.0)
+
+
 def test_sft_stage_shapes_zero_reward_with_group_mean_baseline(disc_dir):
     args = make_args(disc_dir)
     maker = make_maker(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from aapa_rl.local.task import ArithmeticTask
-from aapa_rl.objectives import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from aapa_rl.objectives import ADVANTAGE_ESTIMATORS, EXPERT_OBJECTIVES, KL_ESTIMATORS, LOSS_AGGREGATIONS
 from aapa_rl.schedule import Stage
 from aapa_rl.settings import AapaSettings, ConfigError, build
 
@@ -119,7 +119,7 @@ class Recipe:
 
     @property
     def uses_sft_data(self) -> bool:
-        return any(s.objective in ("sft", "chord") for s in self.stages)
+        return any(s.objective in EXPERT_OBJECTIVES for s in self.stages)
 
 
 def _migrate(data: dict) -> None:

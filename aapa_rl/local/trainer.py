@@ -46,6 +46,7 @@ from aapa_rl.local.rundir import (  # noqa: F401  (RunDirError, checkpoints: the
     save_checkpoint,
 )
 from aapa_rl.objectives import (
+    EXPERT_OBJECTIVES,
     anchor_loss,
     approx_kl,
     group_advantages,
@@ -54,6 +55,7 @@ from aapa_rl.objectives import (
     selection_diagnostics,
     sft_loss,
     stage_estimator,
+    stage_loss_weights,
     token_log_probs,
 )
 from reward_fns.combine import RewardError, call_reward, reward_name
@@ -327,7 +329,7 @@ class Trainer:
                 )
                 m["logp/rollout"] = float(seq_logp.mean())
                 scores["logp_rollout"] = seq_logp.tolist()
-            if values.objective in ("sft", "chord"):
+            if values.objective in EXPERT_OBJECTIVES:
                 losses["sft"], m["time/sft"] = self.sft_term(values)
             if experts and any(e is not None for e in experts):
                 expert_logp, anchor_loss_value, extra = self.anchor_term(values, prompts, experts, anchor)
@@ -428,8 +430,9 @@ class Trainer:
         """Backpropagate the clipped policy-gradient term (and KL), scaled for the stage; returns
         ((policy loss, KL, per-sequence mean log-prob), seconds)."""
         r, dev, t0 = self.recipe, self.device, time.perf_counter()
-        mu = values.mu
-        coef = {"grpo": 1.0, "chord": 1.0 - mu, "sft": 1.0 if values.alpha > 0 else 0.0}[values.objective]
+        host_weight, _ = stage_loss_weights(values.objective, values.mu)
+        # Without shaping an SFT stage has all-zero rewards, so all-zero advantages: nothing to backpropagate.
+        coef = 0.0 if values.objective == "sft" and values.alpha == 0 else host_weight
         mask = batch.response_mask
         n = mask.shape[0]
         ref_lp = None
@@ -469,8 +472,7 @@ class Trainer:
                 kl = masked_mean(approx_kl(lp, ref_lp[sl], r.loss.kl_estimator), sub.response_mask)
                 kl_total += kl.item() * token_share.item()
                 # CHORD mixes the host's whole loss, KL included: (1 - mu) * (surrogate + KL) + mu * L_sft.
-                kl_scale = 1.0 - mu if values.objective == "chord" else 1.0
-                loss = loss + kl_scale * r.loss.kl_coef * token_share * kl
+                loss = loss + host_weight * r.loss.kl_coef * token_share * kl
             policy += pg.item() * float(share)
             if coef > 0 or ref_lp is not None:
                 self._backward(loss)
@@ -487,7 +489,7 @@ class Trainer:
         rows = [self.sft_rows[i] for i in self.sft_stream.take(r.loss.sft_batch_size)]
         batch = pack(self.tokenizer, [x["prompt"] for x in rows], [x["expert"] for x in rows], dev)
         total = batch.response_mask.sum()
-        coef = 1.0 if values.objective == "sft" else values.mu
+        _, coef = stage_loss_weights(values.objective, values.mu)
         phi = values.objective == "chord" and r.aapa.chord.phi
         nll_total = 0.0
         for sl in self._chunks(len(rows)):

@@ -24,7 +24,7 @@ from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from aapa_rl.anchor import CriticScores
-from aapa_rl.objectives import anchor_loss, sft_loss
+from aapa_rl.objectives import EXPERT_OBJECTIVES, anchor_loss, sft_loss, stage_loss_weights
 
 from .scoring import build_critic
 
@@ -44,7 +44,7 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
 
     def needs_experts(self) -> bool:
         # The same answer on every rank (the state is pushed to all), so ZeRO-3 ranks stay in lockstep.
-        return self.aapa_state["lam"] > 0 or self.aapa_state["objective"] in ("sft", "chord")
+        return self.aapa_state["lam"] > 0 or self.aapa_state["objective"] in EXPERT_OBJECTIVES
 
     def ppo_train(self, kl_ctl: float):
         # ppo_train groups micro-batches into optimizer-step windows with this module function; wrapping it
@@ -159,12 +159,13 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
 
         original, shadowed, calls = self.strategy.backward, vars(self.strategy).get("backward"), []
 
+        host_weight, sft_weight = stage_loss_weights(state["objective"], state["mu"])
+
         def backward(loss, model, optimizer, **kwargs):
             calls.append(loss)
-            if state["objective"] == "chord":
-                loss = (1 - state["mu"]) * loss + state["mu"] * sft_term
-            elif state["objective"] == "sft":
-                loss = loss + sft_term
+            loss = host_weight * loss
+            if sft_weight:  # 0 in grpo stages, whose samples carry no SFT expert
+                loss = loss + sft_weight * sft_term
             return original(loss + state["lam"] * anchor_term, model, optimizer, **kwargs)
 
         self.strategy.backward = backward

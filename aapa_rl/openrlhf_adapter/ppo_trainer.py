@@ -22,7 +22,7 @@ from openrlhf.trainer.ppo_utils.length_penalty import apply_length_penalties
 from openrlhf.utils.logging_utils import init_logger
 
 from aapa_rl.anchor import CriticScores, ExpertBank, anchor_step, label_expert
-from aapa_rl.objectives import stage_estimator
+from aapa_rl.objectives import EXPERT_OBJECTIVES, stage_estimator
 from aapa_rl.schedule import ScheduleValues
 
 from .scoring import build_critic
@@ -92,7 +92,7 @@ class AapaExperienceMaker(RemoteExperienceMaker):
         anchor_w = torch.zeros(len(groups))
         anchor_w[anchor.hard_set] = anchor.hard_weights.float()
 
-        expert_term = values.objective in ("sft", "chord")
+        expert_term = values.objective in EXPERT_OBJECTIVES
         for p, group in enumerate(groups):
             for j, (_, exp, row) in enumerate(group):
                 exp.rewards[row] = anchor.shaped_rewards[p, j]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from aapa_rl.objectives import EXPERT_OBJECTIVES
 from aapa_rl.settings import AapaSettings, ConfigError, build, convert
 
 
@@ -227,7 +228,7 @@ def check(run: TrlRun) -> tuple[list[str], list[str], dict]:
 
 
 def _needs_experts(aapa: AapaSettings) -> bool:
-    return aapa.uses_critic or any(s.objective in ("sft", "chord") for s in aapa.stages)
+    return aapa.uses_critic or any(s.objective in EXPERT_OBJECTIVES for s in aapa.stages)
 
 
 def dataset(rows: list[dict], chat_template: bool):

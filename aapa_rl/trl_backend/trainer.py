@@ -35,10 +35,12 @@ from trl import GRPOTrainer
 from aapa_rl.anchor import AnchorCritic, ExpertBank, anchor_step, label_expert
 from aapa_rl.local.plots import read_log
 from aapa_rl.objectives import (
+    EXPERT_OBJECTIVES,
     ORACLE_NEEDS_FLAW_BONUS,
     anchor_loss,
     sft_loss,
     stage_estimator,
+    stage_loss_weights,
     token_log_probs,
 )
 from aapa_rl.settings import AapaSettings, ConfigError
@@ -185,7 +187,7 @@ class AapaGRPOTrainer(GRPOTrainer):
         if values is None:  # evaluation
             return rewards
         self.aapa_batch = None
-        if self.critic is None and values.objective not in ("sft", "chord"):
+        if self.critic is None and values.objective not in EXPERT_OBJECTIVES:
             return rewards
         # Groups may span processes: every process sees the whole generation batch.
         G = self.num_generations
@@ -224,7 +226,7 @@ class AapaGRPOTrainer(GRPOTrainer):
     def _expert_rows(self, output: dict, values) -> list[list]:
         """This process's expert rows (prompt ids, expert ids + eos, anchor weight, in H, SFT flag) for each
         micro-step: H's experts (when lam > 0) and, in SFT and CHORD stages, every prompt's expert."""
-        needs_sft = values.objective in ("sft", "chord")
+        needs_sft = values.objective in EXPERT_OBJECTIVES
         if self.aapa_batch is None or not (values.lam > 0 or needs_sft):
             return []
         anchor, experts = self.aapa_batch["anchor"], self.aapa_batch["experts"]
@@ -270,10 +272,10 @@ class AapaGRPOTrainer(GRPOTrainer):
                 started = time.perf_counter()
                 anchor_term, sft_term = self._expert_terms(model, self._aapa_chunks[step])
                 self._aapa_sums[4] += time.perf_counter() - started
-                if values.objective == "chord":
-                    loss = (1 - values.mu) * loss + values.mu * sft_term
-                elif values.objective == "sft":
-                    loss = loss + sft_term
+                host_weight, sft_weight = stage_loss_weights(values.objective, values.mu)
+                loss = host_weight * loss
+                if sft_weight:  # 0 in grpo stages, whose rows carry no SFT expert
+                    loss = loss + sft_weight * sft_term
                 loss = loss + values.lam * anchor_term
             if step == self.args.steps_per_generation - 1:
                 self._log_expert_losses()
@@ -392,7 +394,7 @@ def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str
         problems.append(ORACLE_NEEDS_FLAW_BONUS)
     # adaptive lambda lifts a lam of 0 above 0 at run time, so it counts as an expert term too
     expert_terms = aapa.adaptive is not None or any(
-        s.lam > 0 or s.objective in ("sft", "chord") for s in aapa.stages
+        s.lam > 0 or s.objective in EXPERT_OBJECTIVES for s in aapa.stages
     )
     if expert_terms and args.steps_per_generation != args.gradient_accumulation_steps:
         problems.append(
