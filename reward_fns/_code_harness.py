@@ -234,9 +234,12 @@ def snapshot(names: list) -> dict:
     return copies
 
 
-def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict, getpid=os.getpid):
+def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict):
     # Defaults are bound here, before the program may replace builtins or module attributes.
-    pid = getpid()
+    # Set in every copy of this process that the program forks, however it forks (a pid can repeat: a copy in
+    # a new pid namespace may get this process's pid); no copy writes verdicts.
+    forked = []
+    os.register_at_fork(after_in_child=lambda: forked.append(True))
     task = json.loads(sys.stdin.readline())
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     try:
@@ -355,7 +358,7 @@ def run(exec=exec, write=os.write, count_threads=_thread._count, new_dict=dict, 
             ok = False
         # A copy the program forked (before or during a test) holds the tokens too and would write the
         # verdicts of another answer: only this process's verdicts count.
-        if getpid() != pid:
+        if forked:
             return
         # A thread the program left running could change what the next test sees; a guard's name in the
         # tests' globals can only come from the program (through a function the tests handed it).

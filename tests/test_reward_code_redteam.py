@@ -9,6 +9,8 @@ exits and special exceptions, a stolen output channel, threads left running.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import test_reward_code
 from test_reward_code import reward
@@ -250,11 +252,22 @@ FORK_GUESSES = {
     "fork_in_each_test": (
         "import os\ndef is_prime(n):\n    if os.fork() == 0: return False\n    os.wait()\n    return True\n"
     ),
+    # A copy in a new pid namespace whose pid is the harness's own (2, under the jail's watcher): os.unshare
+    # (Python 3.12+) raises no audit event. Verified with Python 3.12.1 and 3.13.0 (3/6 tests; was 6/6).
+    "fork_into_a_new_pid_namespace": (
+        "import os, atexit\nANSWER = True\nif os.fork() == 0:\n    ANSWER = False\n"
+        "    os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWPID)\n"
+        "    if os.fork() != 0:\n        os.wait(); os._exit(0)\n"
+        "    if os.fork() != 0:\n        os.wait(); os._exit(0)\n"
+        "else:\n    atexit.register(os.wait)\ndef is_prime(n): return ANSWER\n"
+    ),
 }
 
 
 @pytest.mark.parametrize("program", FORK_GUESSES.values(), ids=FORK_GUESSES.keys())
 def test_forked_copies_write_no_verdicts(host, program):
+    if "unshare" in program and not hasattr(os, "unshare"):
+        pytest.skip("os.unshare needs Python 3.12+: this interpreter cannot run the program")
     assert reward("def is_prime(n): return True\n", PRIME)[0] == 0.5
     assert reward(program, PRIME)[0] <= 0.5
 
