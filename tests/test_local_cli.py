@@ -180,18 +180,22 @@ def test_histograms_leave_out_nan_scores():
     assert _late(scores, "logp_rollout").tolist() == [-1.0, -2.0]
 
 
-def _reward_recipe(tmp_path, reward, steps: int = 3):
-    """A recipe file: GRPO from the warmed model on its train rows, scored by `reward`, saved every step."""
+def _reward_recipe(tmp_path, reward, steps: int = 3, eval_every: int | None = None):
+    """A recipe file: GRPO from the warmed model on its train rows, scored by `reward`, saved every step;
+    with `eval_every`, also evaluated on 5 of its eval rows (then, and after the last step)."""
     import yaml
 
+    data = {"train": str(warm_run() / "data" / "train.jsonl")}
+    if eval_every is not None:
+        data["eval"] = str(warm_run() / "data" / "eval.jsonl")
     recipe = base_recipe(
         tmp_path / reward.stem,
         steps=steps,
         stages=[{"end_step": steps, "objective": "grpo"}],
-        data={"train": str(warm_run() / "data" / "train.jsonl")},
+        data=data,
         reward=str(reward),
         model={"path": str(warm_run() / "final")},
-        log={"save_every": 1, "eval_samples": 8, "plots": False},
+        log={"save_every": 1, "eval_samples": 5, "eval_every": eval_every or 0, "plots": False},
     )
     del recipe["task"]
     path = tmp_path / f"{reward.stem}.yaml"
@@ -248,6 +252,38 @@ def test_a_reward_that_raises_mid_run_stops_it_like_a_broken_one(tmp_path, capsy
     assert f'File "{raising}", line 6, in batch_reward' in err and "KeyError: 'no such label'" in err
     assert f"error: reward '{raising}:batch_reward' raised KeyError at step 2: 'no such label'" in err
     assert f"the run stopped after 2 steps; last checkpoint: {last} (fix the cause, then --resume)" in err
+
+
+def test_a_reward_that_raises_in_an_eval_stops_the_run_the_same_way(tmp_path, capsys):
+    """A reward that raises only in an eval, mid-run (log.eval_every) or the final one, is named with the
+    eval and step, exit code 2, as in the rollouts (it used to end in a bare traceback, exit 1); the final
+    eval's message says the steps are kept."""
+    raising = tmp_path / "raising.py"  # an eval scores its 5 rows at once; rollouts 16, label checks 64, 16
+    raising.write_text(
+        "import torch\n"
+        "def batch_reward(responses, labels):\n"
+        "    if len(responses) == 5:\n"
+        "        raise KeyError('no such label')\n"
+        "    return torch.ones(len(responses)), {}\n"
+    )
+    named = f"error: reward '{raising}:batch_reward' raised KeyError in the"
+    mid, final = tmp_path / "mid", tmp_path / "final"
+    mid.mkdir()
+    final.mkdir()
+
+    assert main(["train", "--config", str(_reward_recipe(mid, raising, eval_every=2)), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    last = mid / "raising" / "checkpoints" / "step_000001"
+    assert f'File "{raising}", line 4, in batch_reward' in err and "KeyError: 'no such label'" in err
+    assert f"{named} eval after step 1: 'no such label'" in err
+    assert f"the run stopped after 2 steps; last checkpoint: {last} (fix the cause, then --resume)" in err
+
+    config = _reward_recipe(final, raising, steps=2, eval_every=0)  # only the final eval
+    assert main(["train", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    last = final / "raising" / "checkpoints" / "step_000002"
+    assert f"{named} final eval after step 1: 'no such label'" in err
+    assert f"the run logged its 2 steps, then stopped in its final eval; last checkpoint: {last} (fix" in err
 
 
 def test_accuracy_plot_draws_any_rewards_correctness(tmp_path):

@@ -281,6 +281,31 @@ def test_only_a_run_or_a_failed_start_is_ever_deleted(tmp_path, monkeypatch):
     assert (other / "metrics.jsonl").exists()
 
 
+def test_a_start_killed_writing_its_config_is_a_failed_start(tmp_path):
+    """A fresh start killed inside config.yaml's write leaves only config.yaml.tmp (and data/ does not come
+    before config.yaml): the same --out takes the recipe (it used to be refused, even with --overwrite)."""
+    from aapa_rl.local.recipe import recipe_dict
+    from aapa_rl.local.rundir import prepare
+
+    run = tmp_path / "run"
+    config = recipe_dict(load_recipe(None, base=base_recipe(run)))
+    for leftover in (["config.yaml.tmp"], ["config.yaml.tmp", "data"]):
+        run.mkdir()
+        (run / "config.yaml.tmp").write_text("out: ")  # cut off
+        if "data" in leftover:
+            (run / "data").mkdir()
+            (run / "data" / "train.jsonl").write_text("{}\n")
+        assert prepare(run, config, resume=False, overwrite=False) == []
+        assert [p.name for p in run.iterdir()] == ["config.yaml"]
+        assert yaml.safe_load((run / "config.yaml").read_text()) == yaml.safe_load(yaml.safe_dump(config))
+        shutil.rmtree(run)
+    # data/ alone (no config.yaml, nor its .tmp) may be one's own: kept
+    (run / "data").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="not an empty directory or a run directory"):
+        prepare(run, config, resume=False, overwrite=True)
+    assert [p.name for p in run.iterdir()] == ["data"]
+
+
 def _train_cmd(config: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "aapa_rl.cli", "train", "--config", str(config), "--no-progress", *extra]
 

@@ -102,7 +102,10 @@ def _train(args: argparse.Namespace) -> int:
         if exc.__cause__ is not None:  # it raised: its traceback points into the user's reward file
             traceback.print_exception(exc.__cause__)
         good = latest_checkpoint(trainer.run_dir)
-        print(f"error: {exc}\nthe run stopped after {trainer.step} steps; last checkpoint: {good or 'none'}"
+        # The final eval runs after the last step's row and checkpoint (Trainer._finish): both are kept.
+        stopped = (f"the run logged its {trainer.step} steps, then stopped in its final eval"
+                   if trainer.step >= recipe.steps else f"the run stopped after {trainer.step} steps")
+        print(f"error: {exc}\n{stopped}; last checkpoint: {good or 'none'}"
               + (" (fix the cause, then --resume)" if good else ""), file=sys.stderr)
         return 2
     if summary:

@@ -25,8 +25,8 @@ from aapa_rl.settings import ConfigError, build
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints")  # written once a run has started; config.yaml comes before
 # What a start writes before its run log opens (Trainer.__init__: prepare, then the task's data): a directory
-# holding only these, with config.yaml a run's, is a start that failed and is not a run to protect.
-START_FILES = {"config.yaml", "data"}
+# holding only these, with config.yaml a run's (or only its .tmp), is a failed start, not a run to protect.
+START_FILES = {"config.yaml", "config.yaml.tmp", "data"}
 # Recipe keys a resume may change, as none changes what is trained: `steps` extends (or shortens) the run,
 # `out` is this same directory however it is spelt (or wherever it was moved), the others log, set CPU
 # threads or guard the run. A key ending in "." stands for its whole section.
@@ -82,11 +82,16 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Replace `path` whole (written as path.tmp, then renamed): a kill leaves the old file or the new one,
+    never one cut off."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _write_config(run_dir: Path, config: dict) -> None:
-    """config.yaml, replaced whole: a kill leaves the old one or the new one, never one cut off."""
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
+    _replace_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def check_resume_config(run_dir: Path, config: dict, found: list[Path]) -> None:
@@ -162,11 +167,12 @@ def prepare(run_dir: Path, config: dict, resume: bool, overwrite: bool) -> list[
         return found
     entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
     if entries:
-        keys = set(_read_config(run_dir) or {})
+        keys, names = set(_read_config(run_dir) or {}), {p.name for p in entries}
         holds_run = {"out", "steps"} <= keys and any((run_dir / m).exists() for m in RUN_MARKERS)
-        # A failed start's config.yaml has every key a run writes; a recipe of one's own (exp1/config.yaml
-        # trained into exp1) leaves some out and is kept.
-        failed_start = keys == set(config) and {p.name for p in entries} <= START_FILES
+        # A failed start's config.yaml has every key a run writes (a recipe of one's own, exp1/config.yaml
+        # trained into exp1, leaves some out and is kept), or is still config.yaml.tmp: killed writing it.
+        ours = keys == set(config) if "config.yaml" in names else "config.yaml.tmp" in names
+        failed_start = names <= START_FILES and ours
         if holds_run and not overwrite:
             raise RunDirError(
                 f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
@@ -227,9 +233,7 @@ class RunLog:
             if path.exists():
                 keep = [row for row in plots.read_log(path) if row["step"] < step]
                 # Replaced whole, as in `add`: a kill while rewriting in place lost the rows not yet written.
-                tmp = path.with_name(name + ".tmp")
-                tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-                os.replace(tmp, path)
+                _replace_text(path, "".join(json.dumps(row) + "\n" for row in keep))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_file = open(self.metrics_path, "a")
         self.scores_file = open(run_dir / "scores.jsonl", "a")
@@ -257,10 +261,8 @@ class RunLog:
             rows[-1].update(metrics)
         else:  # no row: a run killed in its final eval when the row was written after it
             rows.append({"step": step, **metrics})
-        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         self.metrics_file.close()
-        os.replace(tmp, self.metrics_path)
+        _replace_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
         self.metrics_file = open(self.metrics_path, "a")
         self._scalars(metrics, step)
 

@@ -378,17 +378,32 @@ class Trainer:
         t0 = time.perf_counter()
         group = self.recipe.rollout.group_size
         labels = [x["label"] for x in rows for _ in range(group)]
-        try:
-            rewards, extras = call_reward(
-                self.reward_fn, texts, labels, [x["prompt"] for x in rows for _ in range(group)]
-            )
-        except RewardError:
-            raise
-        except Exception as exc:  # the user's code: stop as for a broken output; the CLI shows its traceback
-            raised = f"{type(exc).__name__} at step {self.step}: {exc}"
-            raise RewardError(f"reward {reward_name(self.reward_fn)!r} raised {raised}") from exc
+        rewards, extras = call_reward(
+            self.stopping_reward(f"at step {self.step}"),
+            texts,
+            labels,
+            [x["prompt"] for x in rows for _ in range(group)],
+        )
         elapsed = time.perf_counter() - t0
         return rewards.float().cpu(), extras, elapsed
+
+    def stopping_reward(self, where: str) -> RewardFn:
+        """The reward, for the rollouts and the evals alike: an exception it raises (the user's code) becomes
+        a RewardError naming it, the exception and `where`, which stops the run as a broken output does (the
+        CLI prints the traceback, then the last checkpoint)."""
+        reward_fn, name = self.reward_fn, reward_name(self.reward_fn)
+
+        def scored(*args, **kwargs):
+            try:
+                return reward_fn(*args, **kwargs)
+            except RewardError:
+                raise
+            except Exception as exc:
+                raise RewardError(f"reward {name!r} raised {type(exc).__name__} {where}: {exc}") from exc
+
+        # What call_reward reads: the name errors give, and whether the reward takes the prompts.
+        scored.reward_name, scored.takes_prompts = name, getattr(reward_fn, "takes_prompts", False)
+        return scored
 
     def experts(self, rows: list[dict]) -> tuple[list[str], list[str | None]]:
         """The prompts the discriminator sees and their experts (aapa_rl.anchor.label_expert's rule)."""
@@ -558,11 +573,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         r = self.recipe
+        where = f"in the {'final ' if self.step >= r.steps else ''}eval after step {self.step - 1}"
         summary, records = evaluate(
             self.policy,
             self.tokenizer,
             self.eval_rows,
-            self.reward_fn,
+            self.stopping_reward(where),
             max_new_tokens=r.rollout.max_new_tokens,
             dtype=r.model.dtype,
             discriminator=self.discriminator,
