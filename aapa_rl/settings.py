@@ -175,20 +175,21 @@ def convert(value, tp, where: str):
 
 def build(cls, data, where: str):
     """`cls` from a mapping: unknown, missing and ill-typed keys are errors naming `where.key`."""
+    at = f"{where}: " if where else ""  # the top level has no name of its own
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{at}expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        raise ConfigError(f"{at}unknown key(s) {unknown}; allowed: {sorted(fields)}")
     missing = [
         name
         for name, f in fields.items()
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigError(f"{where}: missing required key(s) {missing}")
+        raise ConfigError(f"{at}missing required key(s) {missing}")
     kwargs = {k: convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

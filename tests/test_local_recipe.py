@@ -39,7 +39,7 @@ def test_minimal_recipe_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "data,overrides,message",
     [
-        ({**MINIMAL, "optimizer": {}}, [], r"unknown key\(s\) \['optimizer'\]"),
+        ({**MINIMAL, "optimizer": {}}, [], r"recipe.yaml: unknown key\(s\) \['optimizer'\]"),  # no ": :"
         (MINIMAL, ["optim.learning_rate=1"], r"optim: unknown key\(s\) \['learning_rate'\]"),
         (MINIMAL, ["optim.lr=fast"], r"optim.lr: expected float, got str 'fast'"),
         (MINIMAL, ["steps=2.5"], r"steps: expected int, got float"),

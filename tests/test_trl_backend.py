@@ -390,9 +390,9 @@ def test_trls_grpo_step_and_the_local_trainers_give_the_same_gradient_for_the_sa
         torch.testing.assert_close(grad, core_grads[name], rtol=1e-4, atol=1e-7)
 
 
-def test_l_anchor_counts_every_expert_of_h_even_one_whose_weight_underflows_to_0(tmp_path):
-    """At a small temperature, softmax(g / T) gives an expert of H a weight of ~0 (0 before the core floored
-    it): its tokens still count in L_anchor's denominator, as in the core (and aapa/anchor_tokens)."""
+def test_l_anchor_counts_every_expert_of_h_even_one_whose_softmax_weight_underflows(tmp_path):
+    """At a small temperature, softmax(g / T) underflows for an expert of H (the core floors its weight, which
+    the backend reads as membership): its tokens still count in L_anchor's denominator and anchor_tokens."""
     from aapa_rl.local.policy import pack, response_log_probs
     from aapa_rl.objectives import anchor_loss
 
@@ -543,6 +543,24 @@ def test_a_bad_section_or_field_is_a_config_error_naming_file_and_field(tmp_path
     config.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=f"trl.yaml: {message}"):
         load(config)
+
+
+def test_a_missing_section_is_named(tmp_path):
+    config = write_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    del raw["aapa"]
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as error:
+        load(config)
+    assert str(error.value) == f"{config}: missing required key(s) ['aapa']"
+
+
+def test_a_value_trl_takes_beyond_its_type_hint_is_passed_on(tmp_path):
+    config = write_config(tmp_path)
+    raw = yaml.safe_load(config.read_text())
+    raw["trl"]["scale_rewards"] = False  # hinted str; TRL maps False to "none"
+    config.write_text(yaml.safe_dump(raw))
+    assert load(config).config.scale_rewards == "none"
 
 
 def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_named(tmp_path):

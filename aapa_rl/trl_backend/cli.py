@@ -90,10 +90,7 @@ def load(path: str | Path, *, for_dry_run: bool = False) -> TrlRun:
     unknown = sorted(set(raw) - set(names))
     if unknown:
         raise ConfigError(f"{where} unknown section(s) {unknown}; allowed: {names}")
-    for key in ("model", "aapa", "trl"):
-        if key not in raw:
-            raise ConfigError(f"{where} missing section {key!r}")
-    try:  # build names any other bad section or field
+    try:  # build names a missing or bad section or field
         sections = build(Sections, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{where} {e}") from e
@@ -104,18 +101,20 @@ def load(path: str | Path, *, for_dry_run: bool = False) -> TrlRun:
     fields = dict(sections.trl)
     if for_dry_run and not torch.cuda.is_available() and not fields.get("use_cpu"):
         fields.update(bf16=False, fp16=False)  # TrainingArguments refuses them without a GPU
-    hints = typing.get_type_hints(GRPOConfig)
-    try:
-        for key, value in fields.items():
-            # GRPOConfig takes any type and fails later without the field's name: check its plain fields
-            hint = hints.get(key)
-            if set(typing.get_args(hint) or [hint]) <= {int, float, bool, str, type(None)}:
+    hints, problems = typing.get_type_hints(GRPOConfig), []
+    for key, value in fields.items():
+        # GRPOConfig fails on a bad type without the field's name, so its plain fields are converted first; a
+        # value that does not convert goes as it is: TRL takes more than some hints say (scale_rewards: bool)
+        hint = hints.get(key)
+        if set(typing.get_args(hint) or [hint]) <= {int, float, bool, str, type(None)}:
+            try:
                 fields[key] = convert(value, hint, f"trl.{key}")
+            except ConfigError as e:
+                problems.append(str(e))
+    try:
         config = GRPOConfig(**fields)
-    except ConfigError as e:
-        raise ConfigError(f"{where} {e}") from e
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where} trl: {e}") from e
+        raise ConfigError(f"{where} {'; '.join(problems) or f'trl: {e}'}") from e
     data = sections.data or DataSection()
     task, bank = None, aapa.expert_bank
     if sections.task is not None:

@@ -224,8 +224,9 @@ class AapaGRPOTrainer(GRPOTrainer):
         return rewards
 
     def _expert_rows(self, output: dict, values) -> list[list]:
-        """This process's expert rows (prompt ids, expert ids + eos, anchor weight, in H, SFT flag) for each
-        micro-step: H's experts (when lam > 0) and, in SFT and CHORD stages, every prompt's expert."""
+        """This process's expert rows (prompt ids, expert ids + eos, anchor weight, SFT flag) for each
+        micro-step: H's experts (weight > 0: the core keeps every member's > 0) and, in SFT and CHORD stages,
+        every prompt's expert."""
         needs_sft = values.objective in EXPERT_OBJECTIVES
         if self.aapa_batch is None or not (values.lam > 0 or needs_sft):
             return []
@@ -239,14 +240,12 @@ class AapaGRPOTrainer(GRPOTrainer):
         weight = dict(zip(*hard, strict=True))
         rows = []
         for p, expert in enumerate(experts):
-            # Membership of H, not w > 0: a softmax weight can underflow to 0, and L_anchor's denominator
-            # still counts that expert's tokens.
-            in_h = values.lam > 0 and p in weight
-            if expert is None or not (in_h or needs_sft):
+            w = weight.get(p, 0.0) if values.lam > 0 else 0.0
+            if expert is None or (w == 0 and not needs_sft):
                 continue
             ids = self.processing_class(text=expert, add_special_tokens=False)["input_ids"] + [eos]
-            rows.append((prompt_ids[p], ids, weight.get(p, 0.0), in_h, needs_sft))
-        self._aapa_norms = (sum(len(r[1]) for r in rows if r[3]), sum(len(r[1]) for r in rows if r[4]))
+            rows.append((prompt_ids[p], ids, w, needs_sft))
+        self._aapa_norms = (sum(len(r[1]) for r in rows if r[2] > 0), sum(len(r[1]) for r in rows if r[3]))
         mine = rows[self.accelerator.process_index :: self.accelerator.num_processes]
         steps = self.args.steps_per_generation
         return [mine[j::steps] for j in range(steps)]
@@ -291,7 +290,7 @@ class AapaGRPOTrainer(GRPOTrainer):
         process runs the same forwards (ZeRO-3 gathers parameters collectively)."""
         device, pad = self.accelerator.device, self.processing_class.pad_token_id
         eos = self.processing_class.eos_token_id
-        rows = rows or [([eos], [eos], 0.0, False, False)]
+        rows = rows or [([eos], [eos], 0.0, False)]
         length = max(len(p) + len(e) for p, e, *_ in rows)
         ids = torch.full((len(rows), length), pad, dtype=torch.long)
         attention = torch.zeros_like(ids)
@@ -304,8 +303,8 @@ class AapaGRPOTrainer(GRPOTrainer):
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         log_probs = token_log_probs(logits, ids[:, 1:])  # at temperature 1: the policy's NLL of the expert
         weights = torch.tensor([r[2] for r in rows], device=device)
-        anchor_mask = targets * torch.tensor([float(r[3]) for r in rows], device=device)[:, None]
-        sft_mask = targets * torch.tensor([float(r[4]) for r in rows], device=device)[:, None]
+        anchor_mask = targets * (weights > 0)[:, None]
+        sft_mask = targets * torch.tensor([float(r[3]) for r in rows], device=device)[:, None]
         chord_phi = self._aapa_values.objective == "chord" and self.aapa.chord.phi
         # The core's token means times the local token counts: the sums that the batch totals normalise.
         anchor_sum = (
