@@ -135,6 +135,33 @@ def test_build_experts_picks_the_best_passing_sample(gsm, tmp_path):
     assert report["reward"]["max"] == 1.0 and report["reward"]["min"] == pytest.approx(0.3)
 
 
+def test_build_experts_refuses_to_overwrite_its_input(gsm, capsys):
+    """--output, or the report written beside it, naming a --samples or --prompts file stops the command
+    before anything is written (the samples are the pipeline's most expensive file)."""
+    samples, prompts = gsm.samples.read_bytes(), gsm.prompts.read_bytes()
+    report_named = gsm.dir / "bank.report.json"  # JSON Lines too: a samples file build-experts can read
+    report_named.write_bytes(samples)
+    for output, written, flag, source in ((gsm.samples, "teacher.jsonl", "--samples", gsm.samples),
+                                          (gsm.prompts, "gsm.jsonl", "--prompts", gsm.prompts),
+                                          (gsm.dir / "bank.jsonl", "bank.report.json", "--samples",
+                                           report_named)):
+        assert main(["build-experts", "--samples", str(gsm.samples), str(report_named), "--prompts",
+                     str(gsm.prompts), "--output", str(output), "--reward", "math", *MAP]) == 2
+        assert (f"error: --output {output}: writes {written}, which is the input {flag} {source}; "
+                "choose another --output") in capsys.readouterr().err
+    assert gsm.samples.read_bytes() == samples and gsm.prompts.read_bytes() == prompts
+    assert report_named.read_bytes() == samples and not (gsm.dir / "bank.jsonl").exists()
+
+
+def test_build_experts_names_an_empty_samples_file(gsm, capsys):
+    assert _build(gsm, "--reward", "math") == 0
+    bank = gsm.bank.read_bytes()
+    gsm.samples.write_text("\n")
+    assert _build(gsm, "--reward", "math") == 2
+    assert f"error: {gsm.samples}: no sample rows" in capsys.readouterr().err
+    assert gsm.bank.read_bytes() == bank  # not replaced by an empty bank
+
+
 def test_unknown_reward_is_named(gsm, capsys):
     assert _build(gsm, "--reward", "nosuchreward") == 2
     assert "unknown reward function 'nosuchreward'" in capsys.readouterr().err
@@ -369,13 +396,13 @@ def test_prepare_data_refuses_to_overwrite_its_input(gsm, capsys):
     link.symlink_to(gsm.dir)
     assert _prepare(gsm, link, "--experts", str(gsm.bank), "--missing-expert", "drop") == 2
     err = capsys.readouterr().err
-    assert f"error: --out-dir {link}: its experts.jsonl is the input --experts {gsm.bank}" in err
+    assert f"error: --out-dir {link}: writes experts.jsonl, which is the input --experts {gsm.bank}" in err
     assert gsm.bank.read_bytes() == bank
     prompts = gsm.dir / "train.jsonl"
     prompts.write_bytes(gsm.prompts.read_bytes())
     gsm.prompts = prompts
     assert _prepare(gsm, gsm.dir) == 2
-    assert f"its train.jsonl is the input --prompts {prompts}" in capsys.readouterr().err
+    assert f"writes train.jsonl, which is the input --prompts {prompts}" in capsys.readouterr().err
 
 
 def test_prepare_data_writes_no_empty_eval_split(gsm, capsys):

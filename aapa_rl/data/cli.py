@@ -59,6 +59,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_prepare_data)
 
 
+def _refuse_overwriting_inputs(flag: str, value: Path, outputs: list[Path],
+                               inputs: list[tuple[str, str | Path]]) -> None:
+    """Stop before reading anything when an output is one of the inputs (the same file under any name):
+    writing it would destroy that input, e.g. hours of teacher samples."""
+    from aapa_rl.data.rows import DataError
+
+    for output in outputs:
+        for input_flag, source in inputs:
+            if output.exists() and Path(source).exists() and output.samefile(source):
+                raise DataError(f"{flag} {value}: writes {output.name}, which is the input {input_flag} "
+                                f"{source}; choose another {flag}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from aapa_rl.data.generate import SAMPLING_DEFAULTS, generate, sampling_params
     from aapa_rl.data.rows import BadRows, field_map, read_prompts
@@ -77,6 +90,10 @@ def _build_experts(args: argparse.Namespace) -> int:
     from aapa_rl.data.experts import build_experts, format_report, load_reward, read_samples
     from aapa_rl.data.rows import BadRows, field_map, read_prompts, write_json, write_jsonl
 
+    output = Path(args.output)
+    report_path = output.with_name(output.stem + ".report.json")
+    _refuse_overwriting_inputs("--output", output, [output, report_path],
+                               [("--samples", s) for s in args.samples] + [("--prompts", args.prompts)])
     reward_fn = load_reward(args.reward)
     bad_rows = BadRows(args.skip_bad_rows)
     prompts = read_prompts(args.prompts, field_map(args), bad_rows, args.split)
@@ -85,8 +102,6 @@ def _build_experts(args: argparse.Namespace) -> int:
                                  prompts_path=args.prompts)
     report |= {"reward_fn": args.reward, "bad_rows_skipped": len(bad_rows.messages),
                "bad_rows": bad_rows.messages}
-    output = Path(args.output)
-    report_path = output.with_name(output.stem + ".report.json")
     write_jsonl(output, bank)
     write_json(report_path, report)
     print(f"{format_report(report)}\n{bad_rows.report()}\nwrote {output} and {report_path}")
@@ -95,14 +110,11 @@ def _build_experts(args: argparse.Namespace) -> int:
 
 def _prepare_data(args: argparse.Namespace) -> int:
     from aapa_rl.data.prepare import OUTPUTS, prepare, read_bank, write_outputs
-    from aapa_rl.data.rows import BadRows, DataError, field_map, read_prompts
+    from aapa_rl.data.rows import BadRows, field_map, read_prompts
 
     out = Path(args.out_dir)
-    for flag, source in (("--prompts", args.prompts), ("--experts", args.experts)):
-        for name in OUTPUTS:
-            if source is not None and (out / name).exists() and (out / name).samefile(source):
-                raise DataError(f"--out-dir {out}: its {name} is the input {flag} {source}, which this "
-                                "command would overwrite; choose another --out-dir")
+    inputs = [("--prompts", args.prompts)] + ([("--experts", args.experts)] if args.experts else [])
+    _refuse_overwriting_inputs("--out-dir", out, [out / name for name in OUTPUTS], inputs)
     bad_rows = BadRows(args.skip_bad_rows)
     prompts = read_prompts(args.prompts, field_map(args), bad_rows, args.split)
     bank = read_bank(args.experts, bad_rows) if args.experts else None

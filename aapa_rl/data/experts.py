@@ -31,7 +31,9 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
     responses: dict[str, list[str]] = {}
     unmatched: list[str] = []
     for path in paths:
+        rows = 0
         for row, record in read_records(path, bad_rows):
+            rows += 1
             try:
                 sample_id = text(record, "id")
                 prompt = text(record, "prompt")
@@ -46,6 +48,8 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
                                  "with this id")
             else:
                 responses.setdefault(sample_id, []).append(response)
+        if not rows:  # e.g. a generate run that wrote nothing: the bank would be empty, and overwritten
+            raise DataError(f"{path}: no sample rows")
     flags = "--prompt-key, --prompt-template and --id-key as for generate"
     if unmatched and not responses:
         raise DataError(f"none of the {len(unmatched)} sample rows matches one of the {len(prompts)} prompts "
