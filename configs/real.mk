@@ -59,11 +59,13 @@ $(REAL)/heldout/report.json: $(REAL)/experts/eval.jsonl
 	  --missing-expert keep --out-dir $(@D) $(PROMPT_FLAGS) $(LABEL_FLAGS)
 
 # Every variant on both encoders: experts vs the model's own samples and the generic negatives, with
-# held-out AUROC per negative type (samples of prompts without an expert have nothing to compare with).
+# held-out AUROC per negative type (samples of prompts without an expert have nothing to compare with:
+# --allow-skips skips them, counted apart from malformed rows). make reruns a step only when its inputs
+# changed, so --overwrite replaces a discriminator trained on the old data.
 $(REAL)/disc/%/report.txt: $(REAL)/data/report.json
 	$(TIME) $(AAPA) discriminator train --encoder $(firstword $(subst -, ,$*)) \
 	  --variant $(lastword $(subst -, ,$*)) --experts $(REAL)/data/experts.jsonl \
-	  --rollouts $(REAL)/samples/train.jsonl --allow-skips --out $(@D)
+	  --rollouts $(REAL)/samples/train.jsonl --allow-skips --overwrite --out $(@D)
 
 $(REAL)/start/eval.jsonl: $(REAL)/heldout/report.json $(RL_DISC)/report.txt
 	$(TIME) $(AAPA) eval --checkpoint $(REAL)/model --data $(REAL)/heldout/train.jsonl --reward ifeval \

@@ -86,7 +86,18 @@ def test_rollouts_need_an_expert_for_their_prompt(tmp_path):
         read_rollouts(path, bank)
     rows, skipped = read_rollouts(path, bank, allow_skips=True)
     assert rows == [("a", "")]  # an empty response is a legitimate (bad) rollout
-    assert len(skipped) == 2 and "row 3: field 'response': missing" in skipped[1]
+    # A malformed row is told apart from the expected skips of prompts without an expert.
+    assert [len(skipped["no expert"]), len(skipped["malformed"])] == [1, 1]
+    assert "row 2: field 'prompt': no expert for it" in skipped["no expert"][0]
+    assert "row 3: field 'response': missing" in skipped["malformed"][0]
+
+
+def test_an_empty_rollouts_file_is_a_named_error(tmp_path):
+    bank = ExpertBank.load(write_jsonl(tmp_path / "bank.jsonl", [{"prompt": "a", "expert": "x."}]))
+    (tmp_path / "rollouts.jsonl").write_text("\n")
+    for allow_skips in (False, True):
+        with pytest.raises(DataError, match=r"rollouts.jsonl: no rows"):
+            read_rollouts(tmp_path / "rollouts.jsonl", bank, allow_skips=allow_skips)
 
 
 def test_a_duplicate_row_with_a_new_id_still_finds_the_kept_row(tmp_path, capsys):

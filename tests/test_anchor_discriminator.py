@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,72 @@ def test_eval_scores_the_example_types_train_scored(tmp_path, capsys):
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert "sentences_shuffled" not in report["heldout"]["auroc_per_type"], name
         assert report["left_out"]["sentences_shuffled: invisible to the aligned variant"] > 0, name
+
+
+def test_train_replaces_a_discriminator_only_with_overwrite_and_never_leaves_a_mix(tmp_path, capsys,
+                                                                                   monkeypatch):
+    from aapa_rl import cli
+    from aapa_rl.anchor.discriminator import Discriminator
+
+    experts = write_jsonl(tmp_path / "experts.jsonl", make_records(20))
+    base = ["discriminator", "train", "--encoder", "hash", "--steps", "5", "--experts", str(experts),
+            "--out", str(tmp_path / "d")]
+    assert cli.main([*base, "--variant", "pairwise"]) == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()}
+    assert cli.main([*base, "--variant", "cosine"]) == 2
+    assert f"--out {tmp_path / 'd'} is not empty; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()} == first
+
+    # A retrain that dies halfway through saving leaves the old discriminator whole.
+    def save_config_then_die(self, directory, report=None):
+        (Path(directory) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Discriminator, "save", save_config_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main([*base, "--variant", "cosine", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "experts.jsonl"]  # no temporary left
+
+    assert cli.main([*base, "--variant", "cosine", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["variant"] == "cosine"
+    assert not (tmp_path / "d" / "head.safetensors").read_bytes() == first["head.safetensors"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("not a discriminator")
+    assert cli.main([*base[:-1], str(tmp_path / "data"), "--overwrite"]) == 2
+    assert "holds no discriminator (no config.json)" in capsys.readouterr().err
+    assert (tmp_path / "data" / "keep.txt").exists()
+
+
+def test_allow_skips_counts_malformed_rollouts_apart_and_lists_every_skipped_row(tmp_path, capsys):
+    from aapa_rl import cli
+
+    records = make_records(20)
+    experts = write_jsonl(tmp_path / "experts.jsonl", records[:10])
+    rows = degenerate_rollouts(records)  # rows 11-20: prompts without an expert, the expected skips
+    rows[14] = {"prompt": rows[14]["prompt"], "respons": "typo"}  # but row 15 is malformed
+    rollouts = write_jsonl(tmp_path / "rollouts.jsonl", rows)
+    assert cli.main(["discriminator", "train", "--encoder", "hash", "--steps", "5", "--experts", str(experts),
+                     "--rollouts", str(rollouts), "--allow-skips", "--out", str(tmp_path / "d")]) == 0
+    printed = capsys.readouterr()
+    assert "rollouts.jsonl: 1 rows skipped, malformed (first: " in printed.err
+    assert "rollouts.jsonl: row 15: field 'response': missing" in printed.err
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["left_out"]["rollout rows skipped, no expert"] == 9
+    assert report["left_out"]["rollout rows skipped, malformed"] == 1
+    assert len(report["skipped_rows"]) == 10
+    assert f"{rollouts}: row 15: field 'response': missing" in report["skipped_rows"]
+    assert "left out: rollout rows skipped, malformed: 1" in printed.out
+
+
+def test_eval_writes_scores_into_a_new_directory(tmp_path):
+    from aapa_rl import cli
+
+    experts = write_jsonl(tmp_path / "experts.jsonl", make_records(20))
+    assert cli.main(["discriminator", "train", "--variant", "cosine", "--encoder", "hash",
+                     "--experts", str(experts), "--out", str(tmp_path / "d")]) == 0
+    scores = tmp_path / "new" / "sub" / "scores.jsonl"
+    assert cli.main(["discriminator", "eval", "--disc", str(tmp_path / "d"), "--experts", str(experts),
+                     "--scores", str(scores)]) == 0
+    assert len(scores.read_text().splitlines()) > 20

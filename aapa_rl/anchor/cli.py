@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 VARIANTS = ("cosine", "pairwise", "classifier", "aligned")  # as in discriminator.py, without importing torch
@@ -19,7 +20,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--variant", default="pairwise", choices=VARIANTS)
     train.add_argument("--encoder", default="minilm", help='"minilm" (bundled all-MiniLM-L6-v2, default), '
                        '"hash" (model-free), or a sentence-transformers path/name')
-    train.add_argument("--out", required=True, type=Path, help="output directory")
+    train.add_argument("--out", required=True, type=Path, help="output directory (new or empty)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the discriminator already in --out (a directory with config.json)")
     train.add_argument("--heldout", type=float, default=0.2, help="fraction of prompts held out (0.2)")
     train.add_argument("--steps", type=int, default=600, help="Adam steps on the head (600)")
     train.add_argument("--lr", type=float, default=3e-3)
@@ -37,7 +40,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument("--experts", required=True, help="expert bank: JSONL, parquet or datasets dir")
         command.add_argument("--rollouts", help="reference-policy samples (prompt, response): JSONL/parquet")
         command.add_argument("--no-generic", action="store_true", help="leave out the generic hard negatives")
-        command.add_argument("--allow-skips", action="store_true", help="skip (and count) bad rows, not fail")
+        command.add_argument("--allow-skips", action="store_true",
+                             help="skip bad rows and rollouts of prompts without an expert, not fail (each "
+                                  "kind counted, every row listed in report.json)")
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
         command.add_argument("--cache-dir", type=Path,
@@ -49,16 +54,18 @@ def _load_data(args: argparse.Namespace):
     from .training import read_rollouts
 
     bank = ExpertBank.load(args.experts, allow_skips=args.allow_skips)
-    rollouts, skipped = [], []
+    rollouts, skipped = [], {}
     if args.rollouts:
         rollouts, skipped = read_rollouts(args.rollouts, bank, allow_skips=args.allow_skips)
     left_out = {}
     if bank.skipped:
         left_out["expert bank rows skipped"] = len(bank.skipped)
-    if skipped:
-        left_out["rollout rows skipped"] = len(skipped)
-        print(f"{args.rollouts}: {len(skipped)} rows skipped (first: {skipped[0]})", file=sys.stderr)
-    return bank, rollouts, left_out
+    for kind, messages in skipped.items():
+        if messages:
+            left_out[f"rollout rows skipped, {kind}"] = len(messages)
+            print(f"{args.rollouts}: {len(messages)} rows skipped, {kind} (first: {messages[0]})",
+                  file=sys.stderr)
+    return bank, rollouts, left_out, bank.skipped + [m for messages in skipped.values() for m in messages]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -71,12 +78,31 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: --heldout {args.heldout}: the fraction of prompts held out must be in (0, 1)",
               file=sys.stderr)
         return 2
-    bank, rollouts, left_out = _load_data(args)
+    out = args.out
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        if not args.overwrite:
+            print(f"error: --out {out} is not empty; pass --overwrite to replace the discriminator in it, or "
+                  "choose another --out", file=sys.stderr)
+            return 2
+        if not (out / "config.json").is_file():  # --overwrite deletes it: only ever a discriminator
+            print(f"error: --out {out} holds no discriminator (no config.json), so --overwrite does not "
+                  "replace it; choose another --out", file=sys.stderr)
+            return 2
+    bank, rollouts, left_out, skipped_rows = _load_data(args)
     torch.manual_seed(args.seed)  # the MLP head's initial weights: the same seed trains the same head
-    disc = build_discriminator(args.variant, args.encoder, device=args.device, margin=args.margin,
-                               tau=args.tau, cache_dir=args.cache_dir or args.out / "embedding_cache")
-    report = train_discriminator(disc, bank, rollouts, args.out, heldout=args.heldout, seed=args.seed,
-                                 generic=not args.no_generic, steps=args.steps, lr=args.lr, left_out=left_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside --out, then renamed into place: a kill leaves the old discriminator, the new one or
+    # (between the two renames) none, never a mix of both.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        new = Path(tmp) / "new"
+        disc = build_discriminator(args.variant, args.encoder, device=args.device, margin=args.margin,
+                                   tau=args.tau, cache_dir=args.cache_dir or new / "embedding_cache")
+        report = train_discriminator(disc, bank, rollouts, new, heldout=args.heldout, seed=args.seed,
+                                     generic=not args.no_generic, steps=args.steps, lr=args.lr,
+                                     left_out=left_out, skipped_rows=skipped_rows)
+        if out.exists():
+            out.rename(Path(tmp) / "old")  # deleted with tmp
+        new.rename(out)
     print(format_report(report))
     print(f"saved to {args.out} (config.json, head.safetensors, report.json, report.txt, scores_hist.png)")
     if not report["heldout"]["auroc"] >= MIN_AUROC:
@@ -93,14 +119,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .discriminator import load_discriminator
     from .training import build_examples, evaluate_discriminator, format_report, write_scores
 
-    bank, rollouts, left_out = _load_data(args)
+    bank, rollouts, left_out, skipped_rows = _load_data(args)
     disc = load_discriminator(args.disc, force=True, device=args.device, cache_dir=args.cache_dir)
     examples, dropped = build_examples(bank, rollouts, disc.variant, generic=not args.no_generic,
                                        seed=args.seed)
     heldout, scores = evaluate_discriminator(disc, examples, args.out)
     report = {"variant": disc.variant, "encoder": disc.encoder.spec, "split": "evaluated",
               "examples": {"evaluated": len(examples)}, "left_out": {**left_out, **dropped},
-              "heldout": heldout}
+              "skipped_rows": skipped_rows, "heldout": heldout}
     print(format_report(report))
     if args.out:
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -80,21 +80,27 @@ def hard_negatives(expert: str, other_expert: str | None, rng: random.Random) ->
 
 
 def read_rollouts(path: str | Path, bank: ExpertBank, *, allow_skips: bool = False
-                  ) -> tuple[list[tuple[str, str]], list[str]]:
-    """(prompt, response) rows of a JSONL/parquet/datasets file; each prompt must have an expert."""
+                  ) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """(prompt, response) rows of a JSONL/parquet/datasets file; each prompt must have an expert. With
+    `allow_skips`, the skipped rows' messages by kind: "no expert" (expected when only some prompts have
+    one) apart from "malformed", so that a bad row is not lost among the expected skips."""
     path = Path(path)
-    rows, skipped = [], []
+    rows, skipped = [], {"no expert": [], "malformed": []}
     for number, row in read_rows(path):
+        kind = "malformed"
         try:
             row = check_row(path, number, row, ("prompt", "response"), may_be_empty=("response",))
+            kind = "no expert"
             if bank.expert_for(prompt=row["prompt"]) is None:
                 raise DataError(f"{path}: row {number}: field 'prompt': no expert for it in {bank.source}")
         except DataError as e:
             if not allow_skips:
                 raise
-            skipped.append(str(e))
+            skipped[kind].append(str(e))
             continue
         rows.append((row["prompt"], row["response"]))
+    if not rows and not any(skipped.values()):  # a sampling run that wrote nothing: no rollout negatives
+        raise DataError(f"{path}: no rows")
     return rows, skipped
 
 
@@ -263,8 +269,10 @@ def evaluate_discriminator(disc: Discriminator, examples: list[Example], out_dir
 
 def train_discriminator(disc: Discriminator, bank: ExpertBank, rollouts: list[tuple[str, str]],
                         out_dir: str | Path, *, heldout: float = 0.2, generic: bool = True, seed: int = 0,
-                        steps: int = 600, lr: float = 3e-3, left_out: dict | None = None) -> dict:
-    """Fit the head (nothing to fit for cosine), evaluate on held-out prompts, save weights and report."""
+                        steps: int = 600, lr: float = 3e-3, left_out: dict | None = None,
+                        skipped_rows: list[str] = ()) -> dict:
+    """Fit the head (nothing to fit for cosine), evaluate on held-out prompts, save weights and report
+    (with `skipped_rows`: the input rows left out, each with its file, row and reason)."""
     held_prompts = heldout_prompts(bank, heldout, seed)
     examples, dropped = build_examples(bank, rollouts, disc.variant, generic=generic, seed=seed,
                                        held=held_prompts)
@@ -276,7 +284,7 @@ def train_discriminator(disc: Discriminator, bank: ExpertBank, rollouts: list[tu
     report = {"variant": disc.variant, "encoder": disc.encoder.spec,
               "examples": {"train": len(train), "heldout": len(held),
                            "per_type": dict(Counter(e.kind for e in examples))},
-              "left_out": {**(left_out or {}), **dropped}}
+              "left_out": {**(left_out or {}), **dropped}, "skipped_rows": list(skipped_rows)}
     if disc.trainable:
         features = compute_features(disc, train)
         fit_head(disc, features, torch.tensor([e.label for e in train]), steps=steps, lr=lr, seed=seed)
@@ -291,6 +299,7 @@ def train_discriminator(disc: Discriminator, bank: ExpertBank, rollouts: list[tu
 
 
 def write_scores(path: str | Path, examples: list[Example], scores: np.ndarray) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for e, s in zip(examples, scores, strict=True):
             f.write(json.dumps({"prompt": e.prompt, "response": e.response, "kind": e.kind,
