@@ -118,3 +118,15 @@ def test_a_cut_off_eval_file_is_a_named_error(tmp_path):
     path.write_text('{"label": {"instruction_id_list": []}}\n{"label": {"instr')
     with pytest.raises(DataError, match=r"eval.jsonl: row 2: not valid JSON"):
         read_jsonl(path)
+
+
+@pytest.mark.parametrize("name", ["disc/minilm-pairwise/report.json", "grpo/summary.json",
+                                  "experts/train.report.json"])
+def test_summary_names_a_malformed_json_file(tmp_path, capsys, name):
+    _example(tmp_path)
+    (tmp_path / name).write_text('{"heldout": {"n": 5')  # cut off by a killed run
+    assert main(["--out", str(tmp_path)]) == 2
+    assert f"error: {tmp_path / name}: not valid JSON (" in capsys.readouterr().err
+    (tmp_path / name).write_text("{}")
+    assert main(["--out", str(tmp_path)]) == 2
+    assert f"error: {tmp_path / name}: field " in capsys.readouterr().err

@@ -120,6 +120,20 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int,
             yield row, record
 
 
+def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object file (a report, a summary) that has `keys`; a bad one is a DataError naming it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. cut off by a killed run
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key in keys:
+        if key not in data:
+            raise DataError(f"{path}: field {key!r}: missing")
+    return data
+
+
 def read_records(path: str | Path, bad_rows: BadRows, split: str | None = None) -> Iterator[tuple[int, dict]]:
     """read_rows, with unreadable rows handed to `bad_rows` (an error, or a counted skip)."""
     for row, record in read_rows(path, split):

@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from aapa_rl.data.rows import DataError, read_rows
+from aapa_rl.data.rows import DataError, read_json, read_rows
 from aapa_rl.local.evaluation import format_table
 
 RUNS = {"grpo": "GRPO", "grpo-aapa": "GRPO + AAPA"}
@@ -82,7 +82,7 @@ def run_records(run: Path) -> tuple[dict, list[dict], Path]:
     summary_path = run / "summary.json"
     if not summary_path.exists():
         raise DataError(f"{run}: no summary.json, the run has not finished; rerun `make example-real`")
-    summary = json.loads(summary_path.read_text())
+    summary = read_json(summary_path, ("steps", "train_seconds"))
     path = run / "eval" / f"step_{summary['steps']:06d}.jsonl"
     return summary, read_jsonl(path), path
 
@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out: Path = args.out
     try:
-        experts = {split: json.loads((out / "experts" / f"{split}.report.json").read_text())
+        experts = {split: read_json(out / "experts" / f"{split}.report.json",
+                                    ("verified_prompts", "prompts", "coverage", "samples"))
                    for split in ("train", "eval") if (out / "experts" / f"{split}.report.json").exists()}
-        discs = {path.parent.name: json.loads(path.read_text())
+        discs = {path.parent.name: read_json(path, ("heldout",))
                  for path in sorted((out / "disc").glob("*/report.json"))}
         start = out / "start" / "eval.jsonl"
         rows = {"start": eval_metrics(read_jsonl(start), start)}
