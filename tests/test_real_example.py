@@ -130,3 +130,12 @@ def test_summary_names_a_malformed_json_file(tmp_path, capsys, name):
     (tmp_path / name).write_text("{}")
     assert main(["--out", str(tmp_path)]) == 2
     assert f"error: {tmp_path / name}: field " in capsys.readouterr().err
+
+
+def test_docs_quote_the_committed_real_model_bench_output():
+    """docs/real-model.md's bench block is bench/real_model.py's committed printout, no numbers of its own."""
+    root = CONFIGS.parent
+    doc = (root / "docs" / "real-model.md").read_text()
+    printout = (root / "bench" / "results" / "real-model-xeon.txt").read_text().splitlines()
+    block = doc.split("(../bench/results/real-model-xeon.txt):", 1)[1].split("```")[1]
+    assert block.strip().splitlines() == [line for line in printout if not line.startswith("#")]
