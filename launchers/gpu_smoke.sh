@@ -33,7 +33,7 @@ for name, part in (("train", rows), ("eval", rows[:8])):
 with open(f"{out}/experts.jsonl", "w") as f:
     f.writelines(json.dumps({"id": r["id"], "prompt": r["prompt"], "expert": r["label"]["expert"]}) + "\n" for r in rows)
 EOF
-"$PY" -m aapa_rl.cli discriminator train --experts "$OUT/experts.jsonl" --variant pairwise --encoder minilm \
+"$PY" -m aapa_rl.cli discriminator train --experts "$OUT/experts.jsonl" --variant pairwise --encoder minilm --overwrite \
     --out "$OUT/disc"
 
 STAGES='[{"end_step": 2, "objective": "sft", "lam": 1.0, "alpha": 0.1, "rho": 0.25},
