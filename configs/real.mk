@@ -1,7 +1,8 @@
 # make example-real (issue 19, docs/real-model.md): SmolLM2-135M-Instruct end to end on CPU, into runs/real.
 # The Makefile includes this file after it defines VENV, PY and STAMP. Each step writes its files and make
 # skips a step whose files are there, so a rerun resumes; sampling and RL also resume inside their step.
-# The sizes were chosen from measured throughput (docs/real-model.md); each can be set on the command line.
+# The sizes keep the run near 20 minutes on 2 cores (docs/real-model.md: its step times); each can be set on
+# the command line.
 .PHONY: example-real
 
 SHELL := /bin/bash

@@ -327,6 +327,35 @@ def test_train_replaces_a_discriminator_only_with_overwrite_and_never_leaves_a_m
     assert (tmp_path / "data" / "keep.txt").exists()
 
 
+def test_retraining_in_place_keeps_the_cache_and_survives_a_failed_rename(tmp_path, monkeypatch):
+    from aapa_rl import cli
+
+    experts = write_jsonl(tmp_path / "experts.jsonl", make_records(20))
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path / "d")
+    base = ["discriminator", "train", "--encoder", "hash", "--steps", "5", "--experts", str(experts), "--out"]
+    assert cli.main([*base, ".", "--variant", "pairwise"]) == 2  # replaced whole: not the current directory
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*base, "d/", "--variant", "pairwise"]) == 0
+    assert any((tmp_path / "d" / "embedding_cache").rglob("*.safetensors"))
+    (tmp_path / "d" / "embedding_cache" / "marker").touch()
+    assert cli.main([*base, "d", "--variant", "cosine", "--overwrite"]) == 0
+    assert (tmp_path / "d" / "embedding_cache" / "marker").exists()  # the old cache moved in, not rebuilt
+    first = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()}
+
+    real_rename = Path.rename
+
+    def fail_into_place(self, target):
+        if Path(target) == tmp_path / "d" and self.name == "new":
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", fail_into_place)
+    with pytest.raises(OSError, match="disk gone"):
+        cli.main([*base, str(tmp_path / "d"), "--variant", "pairwise", "--overwrite"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()} == first
+
+
 def test_allow_skips_counts_malformed_rollouts_apart_and_lists_every_skipped_row(tmp_path, capsys):
     from aapa_rl import cli
 

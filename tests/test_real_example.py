@@ -130,6 +130,10 @@ def test_summary_names_a_malformed_json_file(tmp_path, capsys, name):
     (tmp_path / name).write_text("{}")
     assert main(["--out", str(tmp_path)]) == 2
     assert f"error: {tmp_path / name}: field " in capsys.readouterr().err
+    if name.endswith("report.json") and "disc" in name:  # a field it reads inside the held-out report
+        (tmp_path / name).write_text('{"heldout": {}}')
+        assert main(["--out", str(tmp_path)]) == 2
+        assert f"error: {tmp_path / name}: field 'heldout.auroc': missing" in capsys.readouterr().err
 
 
 def test_docs_quote_the_committed_real_model_bench_output():

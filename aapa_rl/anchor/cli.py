@@ -78,7 +78,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: --heldout {args.heldout}: the fraction of prompts held out must be in (0, 1)",
               file=sys.stderr)
         return 2
-    out = args.out
+    out = args.out.resolve()  # a symlink means its target
+    if out in (Path.cwd(), *Path.cwd().parents):  # --out is replaced whole: not from under our feet
+        print(f"error: --out {args.out} is the current directory or holds it; run from elsewhere or choose "
+              "another --out", file=sys.stderr)
+        return 2
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not args.overwrite:
             print(f"error: --out {out} is not empty; pass --overwrite to replace the discriminator in it, or "
@@ -94,15 +98,26 @@ def _train(args: argparse.Namespace) -> int:
     # Written beside --out, then renamed into place: a kill leaves the old discriminator, the new one or
     # (between the two renames) none, never a mix of both.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        new = Path(tmp) / "new"
+        new, old = Path(tmp) / "new", Path(tmp) / "old"  # old is deleted with tmp
+        # Keyed by text, the old discriminator's embedding cache serves the new one (MiniLM's slow part): used
+        # in place while training, then moved into the new directory.
+        reused = not args.cache_dir and (out / "embedding_cache").is_dir()
+        cache = args.cache_dir or (out if reused else new) / "embedding_cache"
         disc = build_discriminator(args.variant, args.encoder, device=args.device, margin=args.margin,
-                                   tau=args.tau, cache_dir=args.cache_dir or new / "embedding_cache")
+                                   tau=args.tau, cache_dir=cache)
         report = train_discriminator(disc, bank, rollouts, new, heldout=args.heldout, seed=args.seed,
                                      generic=not args.no_generic, steps=args.steps, lr=args.lr,
                                      left_out=left_out, skipped_rows=skipped_rows)
+        if reused:
+            cache.rename(new / "embedding_cache")
         if out.exists():
-            out.rename(Path(tmp) / "old")  # deleted with tmp
-        new.rename(out)
+            out.rename(old)
+        try:
+            new.rename(out)
+        except BaseException:  # put the old one back, or tmp's cleanup would delete both
+            if old.exists():
+                old.rename(out)
+            raise
     print(format_report(report))
     print(f"saved to {args.out} (config.json, head.safetensors, report.json, report.txt, scores_hist.png)")
     if not report["heldout"]["auroc"] >= MIN_AUROC:

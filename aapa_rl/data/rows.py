@@ -121,7 +121,8 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int,
 
 
 def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> dict:
-    """A JSON object file (a report, a summary) that has `keys`; a bad one is a DataError naming it."""
+    """A JSON object file (a report, a summary) that has `keys` ("a.b": field b of object a); a bad one is a
+    DataError naming it."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. cut off by a killed run
@@ -129,8 +130,11 @@ def read_json(path: str | Path, keys: tuple[str, ...] = ()) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
     for key in keys:
-        if key not in data:
-            raise DataError(f"{path}: field {key!r}: missing")
+        value = data
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise DataError(f"{path}: field {key!r}: missing")
+            value = value[part]
     return data
 
 

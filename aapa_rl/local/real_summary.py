@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         experts = {split: read_json(out / "experts" / f"{split}.report.json",
                                     ("verified_prompts", "prompts", "coverage", "samples"))
                    for split in ("train", "eval") if (out / "experts" / f"{split}.report.json").exists()}
-        discs = {path.parent.name: read_json(path, ("heldout",))
+        held_out = ("heldout.auroc", "heldout.auroc_per_type", "heldout.n", "heldout.positives")
+        discs = {path.parent.name: read_json(path, held_out)
                  for path in sorted((out / "disc").glob("*/report.json"))}
         start = out / "start" / "eval.jsonl"
         rows = {"start": eval_metrics(read_jsonl(start), start)}
