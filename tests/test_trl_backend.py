@@ -161,6 +161,8 @@ def test_unscorable_completions_keep_trls_zero_advantage(tmp_path, aapa):
     assert output["advantages"][::2].eq(0).all()  # the even rows: unscorable
     if aapa is None:  # with AAPA: the critic's shaping is filled in, and NaN for those rows again
         assert trainer.aapa_batch["columns"][::2, -1].isnan().all()
+        # and the task reward's mean leaves them out, as TRL's `reward` does (it read 0 for them: 0.5)
+        assert trainer.aapa_batch["anchor"].metrics["reward_raw_mean"] == 1.0
 
 
 def test_the_callers_config_is_left_as_it_was_and_environments_are_refused(tmp_path):

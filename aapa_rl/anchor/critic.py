@@ -149,8 +149,9 @@ def anchor_step(
         "d_expert_std": _std(expert_d),
         "shaping_mean": _mean(s),
         "shaping_std": _std(s),
-        "reward_raw_mean": float(rewards.float().mean()),
-        "reward_shaped_mean": float(shaped.mean()),
+        # NaN: a rollout no reward could score (TRL's None), left out as the host leaves it out
+        "reward_raw_mean": float(rewards.float().nanmean()),
+        "reward_shaped_mean": float(shaped.nanmean()),
         "gap_mean": _mean(valid_gaps),
         "gap_max": float(valid_gaps.max()) if len(valid_gaps) else float("nan"),
         "hard_set_size": float(len(hard)),

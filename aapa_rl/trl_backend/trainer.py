@@ -197,7 +197,8 @@ class AapaGRPOTrainer(GRPOTrainer):
         labels = gather_object(labels_of(label_json, [x.get("label") for x in inputs], len(inputs)))
         pairs = [label_expert(labels[i], prompt_texts[i], self.bank) for i in range(0, len(texts), G)]
         experts = [e for _, e in pairs]
-        task = (rewards[:, :-1] * self.reward_weights[:-1].to(rewards.device)).nansum(1).view(-1, G).cpu()
+        task = (rewards[:, :-1] * self.reward_weights[:-1].to(rewards.device)).nansum(1)
+        task = task.masked_fill(unscorable, math.nan).view(-1, G).cpu()  # the core's reward means skip them
         self.aapa_batch = batch = {"prompts": [p for p, _ in pairs], "experts": experts, "texts": texts,
                                    "rewards": task, "anchor": None, "columns": rewards}
         if self.critic is None:  # an SFT or CHORD stage without AAPA: the experts alone
