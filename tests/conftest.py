@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 import types
 from importlib.machinery import ModuleSpec
 from unittest.mock import MagicMock
+
+import pytest
 
 GPU_ONLY_MODULES = {
     "vllm": ["vllm", "vllm.inputs", "vllm.utils"],
@@ -51,3 +54,14 @@ def gpu_stand_ins_hidden():
         yield
     finally:
         sys.modules.update(hidden)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """What a test sets in os.environ in-process (the bench entry points pin torch's CPU kernels) must not
+    reach the subprocesses of the next tests in the same worker: on an AVX-512 CPU they would round apart."""
+    saved = os.environ.copy()
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -31,10 +31,12 @@ def local_ray():
     # the real packages are installed); a lambda is shipped by value, so this module is not imported first.
     # Ray starts its workers at nice 15, where any other busy process on the machine starves them: at
     # nice 0 a loaded CI machine only slows these tests down.
+    # A cluster of its own: not one that RAY_ADDRESS or another job's `ray start` on the machine points at.
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_worker_niceness", "0")
+        env.delenv("RAY_ADDRESS", raising=False)
         setup = lambda: __import__("conftest")  # noqa: E731
-        ray.init(num_cpus=1, include_dashboard=False, runtime_env={
+        ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={
             "env_vars": {"PYTHONPATH": str(TESTS)}, "worker_process_setup_hook": setup})
     yield
     ray.shutdown()

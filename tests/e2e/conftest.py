@@ -40,8 +40,11 @@ def ray_address(extensions_dir: Path) -> Iterator[str]:
     saved = dict(os.environ)
     # The daemons inherit this environment, and every worker theirs: stand-ins, CPU ops, the marker.
     os.environ.update(harness.worker_env(marker, extensions_dir))
+    os.environ.pop("RAY_ADDRESS", None)  # a cluster of its own, not another job's
     try:
-        context = ray.init(num_cpus=16, num_gpus=8, include_dashboard=False, log_to_driver=False)
+        context = ray.init(
+            address="local", num_cpus=16, num_gpus=8, include_dashboard=False, log_to_driver=False
+        )
         yield context.address_info["gcs_address"]
     finally:
         ray.shutdown()
