@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	# tomllib is Python 3.11+; on 3.10 pip's own copy of tomli reads the file.
+	$(PY) -c "import sys; toml = __import__('tomllib' if sys.version_info >= (3, 11) else 'pip._vendor.tomli', \
+	  fromlist=['load']); p = toml.load(open('pyproject.toml', 'rb'))['project']; \
 	  reqs = p['dependencies'] + p['optional-dependencies']['dev'] + p['optional-dependencies']['trl']; \
 	  print('\n'.join(r for r in reqs if not r.startswith('openrlhf')))" > $(VENV)/requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/requirements.txt

@@ -10,10 +10,18 @@ exits and special exceptions, a stolen output channel, threads left running.
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import test_reward_code
 from test_reward_code import reward
+
+from reward_fns import _sandbox
+
+# Programs run on the base interpreter, whose packages are the machine's: numpy may not be there.
+SANDBOX_HAS_NUMPY = (
+    subprocess.run([_sandbox.PYTHON, "-I", "-c", "import numpy"], capture_output=True).returncode == 0
+)
 
 host = test_reward_code.host  # the fixture: no sandbox process or directory outlives a test
 
@@ -402,6 +410,8 @@ HONEST = {
 
 @pytest.mark.parametrize("program,tests", HONEST.values(), ids=HONEST.keys())
 def test_honest_program_scores_one(host, program, tests):
+    if "import numpy" in program and not SANDBOX_HAS_NUMPY:
+        pytest.skip(f"numpy is not installed for the sandbox's interpreter, {_sandbox.PYTHON}")
     value, metrics = reward(program, tests, strict=True)
     assert value == 1.0, metrics
     assert metrics["code_untrusted_compare"] == 0.0
