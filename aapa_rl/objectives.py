@@ -134,6 +134,20 @@ def stage_loss_weights(objective: str, mu: float) -> tuple[float, float]:
     return {"grpo": (1.0, 0.0), "sft": (1.0, 1.0), "chord": (1.0 - mu, mu)}[objective]
 
 
+def stage_loss(
+    host_loss: torch.Tensor, sft_term: torch.Tensor, anchor_term: torch.Tensor, objective: str, mu: float,
+    lam: float
+) -> torch.Tensor:
+    """The stage's whole loss for a backend that gets the host's loss as one tensor: the weighted host loss
+    and SFT term (stage_loss_weights) plus lam * L_anchor. A weight-0 SFT term is left out, not multiplied
+    by 0: grpo batches carry no SFT expert."""
+    host_weight, sft_weight = stage_loss_weights(objective, mu)
+    loss = host_weight * host_loss
+    if sft_weight:
+        loss = loss + sft_weight * sft_term
+    return loss + lam * anchor_term
+
+
 def shaping_signal(scores: torch.Tensor, transform: str = "log", eps: float = 1e-6) -> torch.Tensor:
     """s = g(D) for discriminator scores D in (0, 1); every transform is increasing in D."""
     d = scores.float().clamp(eps, 1 - eps)

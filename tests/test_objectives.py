@@ -146,6 +146,14 @@ def test_stage_loss_weights_mix_the_host_loss_and_the_sft_term_per_objective():
     assert obj.stage_loss_weights("chord", 0.25) == (0.75, 0.25)  # (1 - mu) L_rl + mu L_sft_phi
 
 
+def test_stage_loss_is_the_weighted_host_loss_and_sft_term_plus_the_anchor_term():
+    host, sft, anchor = torch.tensor(2.0), torch.tensor(4.0), torch.tensor(3.0)
+    assert obj.stage_loss(host, sft, anchor, "chord", 0.25, 0.5).item() == 0.75 * 2 + 0.25 * 4 + 0.5 * 3
+    assert obj.stage_loss(host, sft, anchor, "sft", 0.0, 0.5).item() == 2 + 4 + 0.5 * 3
+    # grpo leaves the SFT term out: whatever its value on a batch without experts, it cannot reach the loss
+    assert obj.stage_loss(host, torch.tensor(math.nan), anchor, "grpo", 0.0, 0.5).item() == 2 + 0.5 * 3
+
+
 def test_a_softmax_weight_that_underflows_keeps_its_expert_in_h():
     # exp(-14 / 0.1) underflows in float32: the member must still read as in H (w > 0) in every backend.
     idx, w = obj.select_hard_set(torch.tensor([14.0, 0.001, -1.0]), rho=1.0, temperature=0.1)

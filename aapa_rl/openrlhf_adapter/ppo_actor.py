@@ -24,7 +24,7 @@ from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from aapa_rl.anchor import CriticScores
-from aapa_rl.objectives import EXPERT_OBJECTIVES, anchor_loss, sft_loss, stage_loss_weights
+from aapa_rl.objectives import EXPERT_OBJECTIVES, anchor_loss, sft_loss, stage_loss
 
 from .scoring import build_critic
 
@@ -159,14 +159,10 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
 
         original, shadowed, calls = self.strategy.backward, vars(self.strategy).get("backward"), []
 
-        host_weight, sft_weight = stage_loss_weights(state["objective"], state["mu"])
-
         def backward(loss, model, optimizer, **kwargs):
             calls.append(loss)
-            loss = host_weight * loss
-            if sft_weight:  # 0 in grpo stages, whose samples carry no SFT expert
-                loss = loss + sft_weight * sft_term
-            return original(loss + state["lam"] * anchor_term, model, optimizer, **kwargs)
+            loss = stage_loss(loss, sft_term, anchor_term, state["objective"], state["mu"], state["lam"])
+            return original(loss, model, optimizer, **kwargs)
 
         self.strategy.backward = backward
         try:

@@ -40,7 +40,7 @@ from aapa_rl.objectives import (
     anchor_loss,
     sft_loss,
     stage_estimator,
-    stage_loss_weights,
+    stage_loss,
     token_log_probs,
 )
 from aapa_rl.settings import AapaSettings, ConfigError
@@ -272,11 +272,7 @@ class AapaGRPOTrainer(GRPOTrainer):
                 started = time.perf_counter()
                 anchor_term, sft_term = self._expert_terms(model, self._aapa_chunks[step])
                 self._aapa_sums[4] += time.perf_counter() - started
-                host_weight, sft_weight = stage_loss_weights(values.objective, values.mu)
-                loss = host_weight * loss
-                if sft_weight:  # 0 in grpo stages, whose rows carry no SFT expert
-                    loss = loss + sft_weight * sft_term
-                loss = loss + values.lam * anchor_term
+                loss = stage_loss(loss, sft_term, anchor_term, values.objective, values.mu, values.lam)
             if step == self.args.steps_per_generation - 1:
                 self._log_expert_losses()
         # The whole loss: the expert forward (prompt + expert, maybe longer than any rollout) can overflow too
