@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import openrlhf.utils
 import pytest
 import ray
+import torch
 import yaml
 from openrlhf.datasets.utils import blending_datasets
 from openrlhf.trainer import ppo_trainer
@@ -31,6 +32,7 @@ from aapa_rl.openrlhf_adapter import launch
 from aapa_rl.openrlhf_adapter.ppo_actor import AapaPolicyModelActor
 from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
 from aapa_rl.openrlhf_adapter.recipe import DEFAULTS, LAUNCH_MODULE, RecipeError, command, openrlhf_flags
+from aapa_rl.openrlhf_adapter.settings import split_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(REPO.glob("configs/qwen3-*.yaml"))
@@ -164,6 +166,37 @@ def test_an_sft_stage_needs_a_group_estimator(stop_at_strategy, data, monkeypatc
 
     with pytest.raises(StoppedBeforeGPU):
         launch.main([*BASE, *aapa_flags(data), *flag])
+
+
+def test_resuming_with_other_stages_is_refused_before_any_model_loads(stop_at_strategy, data, monkeypatch,
+                                                                      capsys, tmp_path):
+    """The stage list is checked against the checkpoint OpenRLHF would resume (DeepSpeed's `latest` tag under
+    --ckpt.path/_actor) by the dry run and by the launcher before GPU work, not after the models load."""
+    saved_stages = [{"end_step": 5, "objective": "grpo", "lam": 0.5, "alpha": 0.1, "rho": 0.25}]
+    saved = split_argv(aapa_flags(data, saved_stages))[0].schedule().state_dict()
+    checkpoint = tmp_path / "ckpt" / "_actor"
+    (checkpoint / "global_step3").mkdir(parents=True)
+    (checkpoint / "latest").write_text("global_step3")
+    torch.save({"module": {"weight": torch.zeros(3)}, "global_step": 3,
+                "aapa": {"schedule": saved, "counters": {}, "discriminator": str(data / "disc")}},
+               checkpoint / "global_step3" / "mp_rank_00_model_states.pt")
+    resume = ["--ckpt.path", str(tmp_path / "ckpt"), "--ckpt.load_enable"]
+    refusal = f"--aapa.stages differs from the stage list saved in the checkpoint {checkpoint} "
+    with pytest.raises(SystemExit) as stopped:
+        launch.main([*BASE, *aapa_flags(data), *resume])
+    assert refusal in str(stopped.value) and f"saved: {json.dumps(saved['stages'])}" in str(stopped.value)
+    assert "args" not in stop_at_strategy
+
+    monkeypatch.chdir(REPO)
+    recipe = REPO / "configs" / "qwen3-0.6b-grpo-aapa.yaml"
+    assert cli.main(["launch", "--config", str(recipe), "--dry-run", "--", *data_flags(data), *resume]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert len(fails) == 1 and refusal in fails[0], fails
+
+    with pytest.raises(StoppedBeforeGPU):  # the saved list resumes; so does a path without a checkpoint
+        launch.main([*BASE, *aapa_flags(data, saved_stages), *resume])
+    with pytest.raises(StoppedBeforeGPU):
+        launch.main([*BASE, *aapa_flags(data), "--ckpt.path", str(tmp_path / "none"), "--ckpt.load_enable"])
 
 
 def test_bad_aapa_settings_stop_the_launcher(stop_at_strategy, data, tmp_path):

@@ -8,7 +8,6 @@ from . import pinned  # noqa: F401  (refuses another OpenRLHF version before usi
 
 # isort: split
 
-import json
 import math
 import os
 from operator import itemgetter
@@ -26,6 +25,7 @@ from aapa_rl.objectives import EXPERT_OBJECTIVES, stage_estimator
 from aapa_rl.schedule import ScheduleValues
 
 from .scoring import build_critic
+from .settings import stage_list_refusal
 
 logger = init_logger(__name__)
 
@@ -232,18 +232,10 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
                 logger.warning("resuming from a checkpoint without AAPA state: the adaptive lambda and the "
                                "AAPA counters start afresh (the stage follows the restored global step)")
             return states
-        try:
-            self.aapa_schedule.load_state_dict(saved["schedule"])
-        except ValueError as e:  # the schedule's message cannot know the checkpoint or the flags
-            given = self.aapa_schedule.state_dict()["stages"]
-            checkpoint = os.path.join(self.args.ckpt.path, "_actor")
-            raise ValueError(
-                f"--aapa.stages differs from the stage list saved in the checkpoint {checkpoint} "
-                "(resumed because --ckpt.load_enable is set):\n"
-                f"  saved: {json.dumps(saved['schedule']['stages'])}\n"
-                f"  given: {json.dumps(given)}\n"
-                "To resume, pass the saved list (--aapa.stages, or the recipe's aapa.stages); to train with "
-                "the new one, start afresh with another --ckpt.path or without --ckpt.load_enable.") from e
+        problem = stage_list_refusal(saved, self.args.aapa, os.path.join(self.args.ckpt.path, "_actor"))
+        if problem:
+            raise ValueError(problem)
+        self.aapa_schedule.load_state_dict(saved["schedule"])
         self.aapa_counters = dict(saved["counters"])
         if saved["discriminator"] != str(self.args.aapa.discriminator):
             logger.warning(f"checkpoint was trained with discriminator {saved['discriminator']}, "

@@ -49,7 +49,8 @@ DEFAULTS = {
     "train.colocate_critic_reward": False, "data.input_key": "input", "data.label_key": None,
     "data.prompt_dataset": None, "actor.model_name_or_path": None, "reward.remote_url": None,
     "eval.dataset": None, "data.input_template": None, "data.apply_chat_template": False,
-    "ckpt.path": "./ckpt/checkpoints_ppo_ray", "ckpt.output_dir": "./ckpt", "logger.tensorboard_dir": None,
+    "ckpt.path": "./ckpt/checkpoints_ppo_ray", "ckpt.load_enable": False, "ckpt.output_dir": "./ckpt",
+    "logger.tensorboard_dir": None,
 }
 
 

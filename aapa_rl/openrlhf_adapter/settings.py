@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 from aapa_rl.objectives import ORACLE_NEEDS_FLAW_BONUS
 from aapa_rl.settings import AapaSettings, ConfigError, build
@@ -131,7 +134,37 @@ def refused(get: Callable[[str], object], aapa: AapaSettings) -> list[str]:
                      f"(--aapa.stages[{i}]): its shaping reward needs a group-mean baseline, which only "
                      f"{', '.join(GROUP_ESTIMATORS)} give"
                      for i, stage in enumerate(aapa.stages) if stage.objective == "sft"]
-    return problems
+    return problems + resume_refusals(get, aapa)
+
+
+def resume_refusals(get: Callable[[str], object], aapa: AapaSettings) -> list[str]:
+    """With --ckpt.load_enable, the checkpoint OpenRLHF would resume from must hold this stage list: read
+    here, before any model loads (the trainer checks again where it restores the checkpoint)."""
+    actor = Path(str(get("ckpt.path"))) / "_actor"
+    latest = actor / "latest"  # DeepSpeed's pointer to the newest tag, which OpenRLHF's resume loads
+    if not get("ckpt.load_enable") or not latest.is_file():
+        return []
+    files = sorted((actor / latest.read_text().strip()).glob("*model_states.pt"))
+    try:  # mmap: the weights stored beside the client state are not read
+        saved = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("aapa")
+    except (IndexError, OSError, RuntimeError, pickle.UnpicklingError):
+        return []  # not readable here: DeepSpeed's own load will say why
+    problem = saved and stage_list_refusal(saved, aapa, str(actor))
+    return [problem] if problem else []
+
+
+def stage_list_refusal(saved: dict, aapa: AapaSettings, checkpoint: str) -> str | None:
+    """Why a checkpoint's AAPA state (`saved`) cannot resume with these settings, or None."""
+    try:
+        aapa.schedule().load_state_dict(saved["schedule"])
+    except ValueError:  # the schedule's message cannot know the checkpoint or the flags
+        return (f"--aapa.stages differs from the stage list saved in the checkpoint {checkpoint} "
+                "(resumed because --ckpt.load_enable is set):\n"
+                f"  saved: {json.dumps(saved['schedule']['stages'])}\n"
+                f"  given: {json.dumps(aapa.schedule().state_dict()['stages'])}\n"
+                "To resume, pass the saved list (--aapa.stages, or the recipe's aapa.stages); to train with "
+                "the new one, start afresh with another --ckpt.path or without --ckpt.load_enable.")
+    return None
 
 
 def refuse_unsupported(args: SimpleNamespace) -> None:

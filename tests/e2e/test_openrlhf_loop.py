@@ -7,12 +7,14 @@ the vLLM stand-in), the checkpoints and the final model. The 1-rank layout is re
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
 import torch
-from harness import LAYOUTS, TRAIN_PROBLEMS, Assets, Run, answer_for, dry_run
+import yaml
+from harness import LAYOUTS, RECIPE, TRAIN_PROBLEMS, Assets, Run, answer_for, dry_run
 
 from aapa_rl.objectives import chord_mu
 
@@ -151,6 +153,18 @@ def test_resume_continues_step_schedule_and_counters(resumed: tuple[Run, Run]):
         assert all(torch.equal(synced[k], policy[k]) for k in policy), f"engine after step {step}"
     counters = again.client_state(8)["aapa"]["counters"]
     assert counters == {"anchors": anchors, "prompts_scored": 16, "missing_experts": 0}
+
+
+def test_resuming_with_other_stages_is_refused_before_launching(run_layout, assets: Assets):
+    """The checks read the AAPA state from the run's DeepSpeed checkpoint, so another stage list is refused
+    before Ray, the models or the engines start; the saved list passes."""
+    first = run_layout("zero2-1rank")
+    resume = [*assets.flags(), "--ckpt.path", str(first.ckpt), "--ckpt.load_enable"]
+    stages = yaml.safe_load(RECIPE.read_text())["aapa"]["stages"]
+    stages[-1]["end_step"] += 1
+    refusal = f"FAIL  --aapa.stages differs from the stage list saved in the checkpoint {first.ckpt}/_actor"
+    assert refusal in dry_run([*resume, "--aapa.stages", json.dumps(stages)])
+    assert "FAIL" not in dry_run(resume)
 
 
 def test_data_without_experts_fails_before_any_gpu_work(run_layout, assets: Assets):
