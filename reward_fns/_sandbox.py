@@ -310,6 +310,11 @@ def isolation_available() -> bool:
                 ok = result.status == "exited" and result.returncode == 0 and result.stdout == b"ok\n"
                 if not ok:
                     print(f"reward_fns: sandbox namespaces unavailable: {result}", file=sys.stderr)
+            if not ok:  # said once per process: from here on, model-written code can reach this machine
+                print("reward_fns: model-written code runs WITHOUT isolation (namespaces need root on Linux; "
+                      f"euid {os.geteuid()}): it can write files this user can write and reach the network. "
+                      "require_isolation=True refuses to run it instead (docs/rewards.md, Limits to know)",
+                      file=sys.stderr)
             _probe.append(ok)
         return _probe[0]
 

@@ -161,6 +161,17 @@ def test_require_isolation_switch():
             reward(ADD, ADD_TESTS, require_isolation=True)
 
 
+def test_running_unisolated_is_said_once(monkeypatch, capsys):
+    """Without root no namespaces are tried and model-written code runs with the user's rights: the first
+    check says so on stderr (the per-sample `code_isolated` metric alone is easy to miss), later ones not."""
+    monkeypatch.setattr(_sandbox, "_probe", [])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert isolation_available() is False
+    warning = capsys.readouterr().err
+    assert "model-written code runs WITHOUT isolation" in warning and "euid 1000" in warning
+    assert isolation_available() is False and capsys.readouterr().err == ""
+
+
 # --------------------------------------------------------------------------------------- hostile
 
 
