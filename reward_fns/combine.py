@@ -18,6 +18,8 @@ import importlib.util
 import inspect
 import math
 import pkgutil
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from reward_fns._common import make_reward_func
 
 REWARDS = ("math", "code", "ifeval", "format")
 RewardFn = Callable[[list[str], list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+SLOW_REWARD_NOTICE_S = 300.0  # a reward call running longer is named on stderr (it may hang)
 
 
 class RewardError(ValueError):
@@ -67,11 +70,20 @@ def call_reward(
     backend calls rewards here, so the output is checked here: one finite float32 reward per response and
     metrics of the same length, else a RewardError (a ValueError) naming the reward and the count or
     the sample."""
-    if getattr(reward, "takes_prompts", False):
-        out = reward(responses, labels, prompts=prompts)
-    else:
-        out = reward(responses, labels)
     name = reward_name(reward)
+    # A reward that hangs never returns and nothing else would name it: say which, without stopping it.
+    notice = threading.Timer(SLOW_REWARD_NOTICE_S, print, [
+        f"reward {name!r}: no result after {SLOW_REWARD_NOTICE_S:.0f} s for {len(responses)} responses; if "
+        "it hangs, stop the run (a resume continues from its last checkpoint)"], {"file": sys.stderr})
+    notice.daemon = True
+    notice.start()
+    try:
+        if getattr(reward, "takes_prompts", False):
+            out = reward(responses, labels, prompts=prompts)
+        else:
+            out = reward(responses, labels)
+    finally:
+        notice.cancel()
     if not isinstance(out, tuple | list) or len(out) != 2 or not isinstance(out[1], dict):
         raise RewardError(f"reward {name!r}: returned {type(out).__name__}, expected (rewards, metrics dict)")
     rewards = _per_sample(out[0], len(responses), f"reward {name!r}", "rewards")

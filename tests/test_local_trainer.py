@@ -791,6 +791,36 @@ def test_reward_output_is_checked_where_every_backend_calls_it(tmp_path):
         call_reward(load_reward(str(path)), responses, labels, prompts)
 
 
+def test_a_reward_still_running_after_the_notice_time_is_named_and_left_running(monkeypatch):
+    """A reward that hangs never returns: call_reward names it on stderr after SLOW_REWARD_NOTICE_S, without
+    stopping it (a slow reward still finishes and counts). The reward below returns only once the notice was
+    written, so the test does not depend on timing."""
+    import io
+    import threading
+
+    from reward_fns import combine
+
+    noticed = threading.Event()
+
+    class Stderr(io.StringIO):
+        def write(self, text: str) -> int:
+            if "no result after" in text:
+                noticed.set()
+            return super().write(text)
+
+    def slow_reward(responses, labels):
+        assert noticed.wait(timeout=60), "no notice while the reward ran"
+        return [1.0] * len(responses), {}
+
+    stderr = Stderr()
+    monkeypatch.setattr(combine, "SLOW_REWARD_NOTICE_S", 0.01)
+    monkeypatch.setattr(combine.sys, "stderr", stderr)
+    rewards, _ = combine.call_reward(slow_reward, ["a", "b"], ["1", "2"], ["p", "q"])
+    assert rewards.tolist() == [1.0, 1.0]
+    notice = ".slow_reward': no result after 0 s for 2 responses; if it hangs, stop the run"
+    assert f"reward '{__file__}:" in stderr.getvalue() and notice in stderr.getvalue()
+
+
 def _killed_while_writing(name: str):
     """Path.write_text that, for the file `name` (or the name.tmp it is replaced from), writes half the text
     and stops as a kill would (KeyboardInterrupt: nothing after it runs)."""
