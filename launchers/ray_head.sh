@@ -7,6 +7,9 @@
 #
 # Needs: the environment where aapa-rl is installed (`ray` on PATH), the same on every node.
 set -euo pipefail
+# Ray workers start in the raylet's directory unless a job ships a working_dir: from the checkout, the
+# recipes' relative paths (reward_fns/, runs/<disc>, data/) resolve there for a plain `aapa-rl launch`.
+cd "$(dirname "$0")/.."
 
 HEAD_IP=${HEAD_IP:-$(hostname -I | awk '{print $1}')}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}

@@ -19,6 +19,16 @@ if [[ -z "$CONFIG" ]]; then
     exit 2
 fi
 shift
+# Ray joins the job's command for a shell with Windows quoting rules (subprocess.list2cmdline), so a value
+# with quotes, braces, `$`, `|` or newlines (JSON stages, a chat template) would reach the job changed.
+SAFE='^[A-Za-z0-9_./:=@%+, -]*$'
+for arg in "$@"; do
+    if [[ ! $arg =~ $SAFE ]]; then
+        echo "launchers/submit.sh: $(printf %q "$arg") would not reach the job intact (ray job submit re-quotes" \
+            "the command for a shell); set it in a copy of the recipe, which travels as a file" >&2
+        exit 2
+    fi
+done
 # The project's environment (make install) when there is one, else the python3 on PATH.
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 

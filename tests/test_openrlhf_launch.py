@@ -446,21 +446,25 @@ def test_launcher_scripts_parse_and_ship_the_plugin():
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
     # OpenRLHF's ray.init sets env_vars itself; Ray refuses a job whose runtime env repeats one of the keys.
     assert "env_vars" not in env
-    for script in ("submit.sh", "slurm.sbatch"):
+    for script, dry_run_and_job in (("submit.sh", 2), ("slurm.sbatch", 1)):  # slurm submits with submit.sh
         text = (REPO / "launchers" / script).read_text()
-        assert text.count('--output-root "$PWD"') == 2, script  # the dry run and the job
+        assert text.count('--output-root "$PWD"') == dry_run_and_job, script
     # Slurm opens its log before the script runs and cannot create a directory (a fresh clone has no runs/).
     output = re.search(r"^#SBATCH --output=(.+)$", (REPO / "launchers" / "slurm.sbatch").read_text(), re.M)[1]
     assert Path(output).parent == Path("."), output
 
 
-# A stub interpreter: appends its path and arguments, shell-quoted, as one line to $CALLS.
-PYTHON_STUB = '#!/usr/bin/env bash\nprintf "%q " "$0" "$@" >> "$CALLS"; echo >> "$CALLS"\n'
+# A stub interpreter: appends its path and arguments, shell-quoted, as one line to $CALLS; asked by
+# slurm.sbatch how many GPUs the Ray cluster has (`-c ...`), it answers $CLUSTER_GPUS (default: plenty).
+PYTHON_STUB = '#!/usr/bin/env bash\nprintf "%q " "$0" "$@" >> "$CALLS"; echo >> "$CALLS"\n' \
+    '[ "$1" = -c ] && echo "${CLUSTER_GPUS:-1000}"\nexit 0\n'
 
 
-def run_launcher(script: str, run: Path, checkout: Path = REPO, **env_vars: str):
-    """Run a launcher of `checkout` with `ray`, `python3` (PYTHON unless env_vars say otherwise) and Slurm's
-    commands stubbed: (the environment `ray job submit` ran in, empty if none; each python call)."""
+def run_launcher(script: str, run: Path, checkout: Path = REPO, extra: tuple[str, ...] = (),
+                 returncode: int = 0, **env_vars: str):
+    """Run a launcher of `checkout` (recipe, then `extra`) with `ray`, `python3` (PYTHON unless env_vars
+    say otherwise) and Slurm's commands stubbed: (the environment `ray job submit` ran in, empty if none;
+    each python call). Its stderr is in run/stderr."""
     stubs, seen, calls = run / "bin", run / "submit.env", run / "python.calls"
     stubs.mkdir(parents=True)
     record = f'if [ "$1 $2" = "job submit" ]; then env -0 > {seen}; fi'
@@ -475,11 +479,12 @@ def run_launcher(script: str, run: Path, checkout: Path = REPO, **env_vars: str)
                SLURM_SUBMIT_DIR=str(checkout), SLURM_JOB_NODELIST="n[1-2]")
     env.update(env_vars)
     launcher = checkout / "launchers" / script
-    result = subprocess.run(["bash", str(launcher), "configs/qwen3-0.6b-grpo-aapa.yaml"], env=env,
+    result = subprocess.run(["bash", str(launcher), "configs/qwen3-0.6b-grpo-aapa.yaml", *extra], env=env,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, (script, result.stderr)
+    (run / "stderr").write_text(result.stderr)
+    assert result.returncode == returncode, (script, result.stderr)
     job = dict(item.split("=", 1) for item in seen.read_text().split("\0") if item) if seen.exists() else {}
-    return job, [shlex.split(line) for line in calls.read_text().splitlines()]
+    return job, [shlex.split(line) for line in (calls.read_text() if calls.exists() else "").splitlines()]
 
 
 def test_slurm_spreads_the_recipe_over_every_gpu_of_every_node(data, tmp_path, monkeypatch, capsys):
@@ -501,8 +506,36 @@ def test_launchers_run_the_checkouts_venv_by_default(tmp_path):
     (checkout / ".venv" / "bin" / "python").chmod(0o755)
     for script in ("submit.sh", "single_node.sh", "slurm.sbatch"):
         shutil.copy(REPO / "launchers" / script, checkout / "launchers")
+    for script in ("submit.sh", "single_node.sh", "slurm.sbatch"):
         _, calls = run_launcher(script, tmp_path / script, checkout, PYTHON="")
         assert calls and all(call[0] == ".venv/bin/python" for call in calls), (script, calls)
+
+
+@pytest.mark.parametrize("script", ["submit.sh", "slurm.sbatch"])
+def test_flags_that_ray_job_submit_would_change_are_refused_before_submitting(script, tmp_path):
+    """Ray joins the job's command with subprocess.list2cmdline (Windows rules) and runs it with a shell: a
+    compact JSON value is split by bash's brace expansion, a template with `|` is a syntax error. Such
+    flags stop the launcher, naming the value; plain values, paths with spaces included, go through."""
+    def through_ray(args: tuple[str, ...]) -> list[str]:  # as Ray's job supervisor runs it, with bash
+        words = "printf '%s\\0' " + subprocess.list2cmdline(args)
+        return subprocess.run(["bash", "-c", words], capture_output=True, text=True).stdout.split("\0")[:-1]
+
+    stages = ("--aapa.stages", '[{"end_step":2,"objective":"sft"}]')
+    assert through_ray(stages) == ["--aapa.stages", '[\"end_step\":2]', '[\"objective\":\"sft\"]']
+    job, _ = run_launcher(script, tmp_path / "json", extra=stages, returncode=2)
+    assert not job and "would not reach the job intact" in (tmp_path / "json" / "stderr").read_text()
+    safe = ("--ckpt.path", "/shared/my runs/ckpt", "--actor.adam.lr", "1e-6")
+    assert through_ray(safe) == list(safe)
+    job, _ = run_launcher(script, tmp_path / "safe", extra=safe)
+    assert job
+
+
+def test_slurm_stops_when_a_node_never_joins_the_ray_cluster(tmp_path):
+    """OpenRLHF would wait for the missing GPUs until Slurm's --time ran out, holding every node."""
+    job, calls = run_launcher("slurm.sbatch", tmp_path, returncode=1, SLURM_JOB_NUM_NODES="2",
+                              CLUSTER_GPUS="8")
+    assert not job and "the Ray cluster has 8 of 16 GPUs after 5 minutes" in (tmp_path / "stderr").read_text()
+    assert sum(call[1] == "-c" for call in calls) == 30
 
 
 @pytest.mark.parametrize("script", ["submit.sh", "slurm.sbatch"])
@@ -527,7 +560,9 @@ def test_ray_job_submit_ships_the_discriminator_and_no_run_outputs(script, tmp_p
                f"{run}.log", "runs/slurm-7.out", "slurm-7.out", "ckpt/shard.pt",
                "runs/bench/runs/r1/checkpoints/step_000120/model.safetensors",
                "runs/bench/start/sft0/discriminator/config.json", "runs/demo/grpo/checkpoints/step_1/m.pt",
-               "runs/demo/grpo/tb/ev", "runs/demo/grpo/eval/step_1.jsonl", "runs/demo/grpo/scores.jsonl"]
+               "runs/demo/grpo/tb/ev", "runs/demo/grpo/eval/step_1.jsonl", "runs/demo/grpo/scores.jsonl",
+               "runs/trl-qwen3-0.6b-grpo-aapa/checkpoint-20/model.safetensors",  # TRL's output_dir
+               "runs/real/model/model.safetensors"]  # make example-real's model (a link into the cache)
     for name in inputs + outputs:
         (checkout / name).parent.mkdir(parents=True, exist_ok=True)
         (checkout / name).write_text("x")
