@@ -102,6 +102,36 @@ def test_label_field_errors(tmp_path, fields, bad, message):
         read_prompts(path, fields, BadRows(skip=False))
 
 
+def test_a_reward_that_trips_on_a_label_names_file_row_and_field(tmp_path, capsys):
+    """A user reward whose label check raises something other than ValueError (label["answer"] on a string
+    label, a TypeError) is a label problem like any other: the local and TRL backends (load_rows) and
+    build-experts name the file, the row and the field instead of showing a traceback."""
+    from aapa_rl.local.trainer import load_rows
+    from reward_fns.combine import load_reward
+
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "def batch_reward(responses, labels):\n"
+        "    return [float(len(r) == label['answer'] + 0) for r, label in zip(responses, labels)], {}\n"
+    )
+    name = f"'{reward}:batch_reward'"
+    rows = [{"prompt": "P?", "label": {"answer": 1}}, {"prompt": "Q?", "label": "1"}]
+    path = _write(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_rows(path, ("prompt",), ("label",), load_reward(str(reward)))
+    assert str(err.value) == (f"{path}: row 2: field 'label': reward {name} raised TypeError: string indices "
+                              "must be integers, not 'str'")
+
+    # build-experts: its labels are dicts of strings ({"answer": "1"}), which this reward cannot add 0 to.
+    prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "P?", "answer": "1"}])
+    samples = _write(tmp_path / "samples.jsonl", [{"id": prompt_id("P?"), "prompt": "P?", "response": "r"}])
+    args = ["build-experts", "--prompts", str(prompts), "--samples", str(samples), "--reward", str(reward),
+            "--answer-key", "answer", "--output", str(tmp_path / "bank.jsonl")]
+    assert main(args) == 2
+    assert (f"error: {prompts}: row 1: label: reward {name} raised TypeError: can only concatenate str "
+            '(not "int") to str') in capsys.readouterr().err
+
+
 def test_bank_and_sample_errors(tmp_path):
     bank = _write(tmp_path / "bank.jsonl", [{"prompt": "P?", "expert": "E"}, {"prompt": "Q?"}])
     with pytest.raises(DataError, match=f"{bank}: row 2: field 'expert': missing"):

@@ -281,8 +281,61 @@ def test_dry_run_checks_json_lines_labels_and_says_when_it_cannot(data, monkeypa
         flags = [*data_flags(data), "--data.prompt_dataset", str(tmp_path / name)]
         cli.main(["launch", "--config", recipe, "--dry-run", "--", *flags])
         out = capsys.readouterr().out
-        expected = "1 label experts differ" if name.endswith(".json") else "expert labels not checked"
+        expected = "1 label experts differ" if name.endswith(".json") else "rows not checked"
         assert any(line.startswith(verdict) and expected in line for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize("recipe", ["qwen3-0.6b-grpo-aapa", "qwen3-0.6b-grpo"])
+def test_dry_run_checks_prompts_and_labels_as_the_other_backends_do(recipe, data, monkeypatch, capsys,
+                                                                      tmp_path):
+    """Each row needs a prompt at --data.input_key (else OpenRLHF trains on the text "None") and a label the
+    reward reads (else its reward is silently 0), checked by the local and TRL backends' own functions; each
+    problem names the file, the row and the field, with the count of rows like it."""
+    monkeypatch.chdir(REPO)
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": prompt_for(10, "+", 20), "label": {"answer": "x", "id": "p0"}},
+            {"prompt": prompt_for(11, "+", 20), "label": {"id": "p1"}},  # reward_fns/math.py needs 'answer'
+            {"question": prompt_for(12, "+", 20), "label": {"answer": "x", "id": "p2"}},
+            {"prompt": "Unknown?", "label": {"answer": "x"}},  # AAPA: no expert in the label or the bank
+            {"prompt": " ", "label": {"answer": "x", "id": "p4"}}]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = [*data_flags(data, recipe.endswith("aapa")), "--data.prompt_dataset", str(train)]
+    assert cli.main(["launch", "--config", f"configs/{recipe}.yaml", "--dry-run", "--", *flags]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    expected = ["2 bad rows: row 3: field 'prompt': missing; row 5: field 'prompt': empty text",
+                "1 labels the reward reward_fns/math.py rejects: row 2: field 'label': missing field "
+                "'answer' (label has fields ['id'])"]
+    if recipe.endswith("aapa"):
+        expected.append("1 rows have no expert (first: row 4): no label 'label' with an 'expert'")
+    for text in expected:
+        assert sum(line.startswith(f"  FAIL  {train} (5 rows): {text}") for line in fails) == 1, (text, fails)
+    assert len(fails) == len(expected), fails
+
+
+def test_dry_run_loads_the_reward_file_to_check_the_labels(data, monkeypatch, capsys, tmp_path):
+    """A reward file is loaded as the other backends load it: one that cannot be loaded is a problem naming
+    it, and one that trips on a label names the row. A reward server cannot check labels."""
+    monkeypatch.chdir(REPO)
+    broken, strict = tmp_path / "broken.py", tmp_path / "strict.py"
+    broken.write_text("def reward_func(queries, prompts, labels):\n    pass\n\nraise RuntimeError('boom')\n")
+    strict.write_text("def reward_func(queries, prompts, labels):\n"
+                      "    return [float(label['answer'] in q) for q, label in zip(queries, labels)]\n")
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": prompt_for(10, "+", 20), "label": {"answer": "x"}}, {"prompt": "Q?", "label": "x"}]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    server = "http://rm:5000/get_reward"
+    verdicts = {broken: f"  FAIL  --reward.remote_url: {broken}: cannot be loaded: RuntimeError: boom",
+                strict: f"  FAIL  {train} (2 rows): 1 labels the reward {strict} rejects: row 2: field "
+                        f"'label': reward '{strict}' raised TypeError: string indices must be integers",
+                server: f"  ok    --reward.remote_url {server}: a reward server (labels not checked)"}
+    for url, verdict in verdicts.items():
+        flags = [*data_flags(data, aapa=False), "--data.prompt_dataset", str(train), "--reward.remote_url",
+                 str(url)]
+        assert cli.main(["launch", "--config", "configs/qwen3-0.6b-grpo.yaml", "--dry-run", "--", *flags]) \
+            == (url != server)
+        out = capsys.readouterr().out.splitlines()
+        assert any(line.startswith(verdict) for line in out), out
+        assert sum(line.startswith("  FAIL") for line in out) == (url != server), out
 
 
 def test_dry_run_finds_experts_as_the_run_does(data, monkeypatch, capsys, tmp_path):

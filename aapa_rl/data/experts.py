@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aapa_rl.data.rows import BadRows, DataError, PromptRow, RowError, read_records, text
-from reward_fns.combine import RewardError, RewardFn, call_reward
+from reward_fns.combine import RewardError, RewardFn, call_reward, reward_name
 from reward_fns.combine import load_reward as load_any_reward
 
 
@@ -62,14 +62,16 @@ def read_samples(paths: list[str | Path], prompts: dict[str, PromptRow], bad_row
 def label_problems(reward_fn: RewardFn, labels: list) -> dict[int, str]:
     """Labels the reward cannot use, by position, with its reason. Reward functions check every label before
     scoring and raise ValueError ("labels[i]: ..."), and empty responses cost nothing to score: one call
-    checks all labels, and only when it fails is each one checked on its own. A reward that breaks its
-    output contract (RewardError) is the reward's fault, not a label's: it propagates."""
+    checks all labels, and only when it fails is each one checked on its own. A user reward may instead
+    trip on a label it cannot read (a TypeError from label["answer"] on a string): that is the label's
+    problem too. A reward that breaks its output contract (RewardError) is the reward's fault, not a
+    label's: it propagates."""
     try:
         call_reward(reward_fn, [""] * len(labels), labels, [""] * len(labels))
         return {}
     except RewardError:
         raise
-    except ValueError:
+    except Exception:  # each label's own call below says which label, and what is wrong with it
         pass
     problems = {}
     for i, label in enumerate(labels):
@@ -79,6 +81,8 @@ def label_problems(reward_fn: RewardFn, labels: list) -> dict[int, str]:
             raise
         except ValueError as e:
             problems[i] = str(e).removeprefix("labels[0]: ")
+        except Exception as e:  # the caller adds the file, row and field, as for a ValueError
+            problems[i] = f"reward {reward_name(reward_fn)!r} raised {type(e).__name__}: {e}"
     return problems
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from aapa_rl.objectives import hard_set_budget
 from aapa_rl.settings import AapaSettings
+from reward_fns.combine import RewardError, RewardFn, load_reward
 
 from .settings import GROUP_ESTIMATORS, AapaConfigError, check_files, dests, refused, split_argv
 
@@ -229,58 +230,78 @@ def _check_files(get: Callable, aapa: AapaSettings | None, ok: list[str], bad: l
                 bad.append(f"--{name} {part}: empty file")
             elif path.exists():
                 ok.append(f"--{name} {part}: found")
-                if name == "data.prompt_dataset":
-                    prompt_files.append(part)
+                if name != "actor.model_name_or_path":
+                    prompt_files.append((name, part))
             elif _is_hub_id(part):
                 ok.append(f"--{name} {part}: no such local path, taken as a Hugging Face hub id "
                           "(not checked)")
             else:
                 bad.append(f"--{name} {part}: no such file or directory")
+    rewards = {}  # the .py rewards by path: the prompt rows' labels are checked against each
     for url in (get("reward.remote_url") or "").split(","):
         if not url.endswith(".py"):
+            if url:
+                ok.append(f"--reward.remote_url {url}: a reward server (labels not checked)")
             continue
         if not Path(url).is_file():
             bad.append(f"--reward.remote_url {url}: no such file")
         elif not re.search(r"^(def reward_func\(|reward_func\s*=)", Path(url).read_text(), re.M):
             bad.append(f"--reward.remote_url {url}: defines no reward_func(queries, prompts, labels)")
         else:
-            ok.append(f"--reward.remote_url {url}: found, defines reward_func")
-    if aapa is None:
-        return
-    problems = check_files(aapa)
-    bad += problems
-    if not any(p.startswith("--aapa.discriminator") for p in problems):
-        from aapa_rl.anchor.discriminator import heldout_auroc
+            try:
+                rewards[url] = load_reward(url)
+                ok.append(f"--reward.remote_url {url}: found, defines reward_func")
+            except ValueError as e:
+                bad.append(f"--reward.remote_url: {e}")
+    expert_settings = None  # with AAPA: the settings whose expert bank the training rows are checked against
+    if aapa is not None:
+        problems = check_files(aapa)
+        bad += problems
+        if not any(p.startswith("--aapa.discriminator") for p in problems):
+            from aapa_rl.anchor.discriminator import heldout_auroc
 
-        auroc = heldout_auroc(aapa.discriminator)
-        ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
-    if not any(p.startswith("--aapa.expert_bank") for p in problems):
-        for data in prompt_files:
-            _check_labels(aapa, data, get, ok, bad)
+            auroc = heldout_auroc(aapa.discriminator)
+            ok.append(f"--aapa.discriminator {aapa.discriminator}: held-out AUROC {auroc}")
+        if get("data.label_key") is None:
+            bad.append("--data.label_key is required with AAPA: the label dicts carry the expert responses")
+        elif not any(p.startswith("--aapa.expert_bank") for p in problems):
+            expert_settings = aapa
+    for name, data in prompt_files:
+        _check_rows(data, get, rewards, expert_settings if name == "data.prompt_dataset" else None, ok, bad)
 
 
-def _check_labels(aapa: AapaSettings, data: str, get: Callable, ok: list[str], bad: list[str]) -> None:
-    """Every prompt row must lead to an expert that agrees with the expert bank, found as the run finds it
-    (aapa_rl.anchor.label_expert) from the prompt OpenRLHF builds (after --data.input_template; a chat
-    template needs the tokenizer, so rows that depend on it count as missing here)."""
+def _check_rows(data: str, get: Callable, rewards: dict[str, RewardFn], aapa: AapaSettings | None,
+                ok: list[str], bad: list[str]) -> None:
+    """The rows of a prompt file as the other backends check theirs when they start (check_row, then
+    label_problems for each reward): a prompt at --data.input_key, and a label at --data.label_key that the
+    reward accepts. With `aapa`, every row must also lead to an expert that agrees with the expert bank,
+    found as the run finds it (aapa_rl.anchor.label_expert) from the prompt OpenRLHF builds (after
+    --data.input_template; a chat template needs the tokenizer, so rows that depend on it count as missing
+    here). Each kind of problem is one line: its count and its first rows."""
     from aapa_rl.anchor.bank import ExpertBank, label_expert
-    from aapa_rl.data.rows import DataError, read_rows
+    from aapa_rl.data.experts import label_problems
+    from aapa_rl.data.rows import DataError, check_row, read_rows
 
     input_key, label_key = get("data.input_key"), get("data.label_key")
     template, chat = get("data.input_template"), get("data.apply_chat_template")
-    if label_key is None:
-        bad.append("--data.label_key is required with AAPA: the label dicts carry the expert responses")
-        return
-    bank = ExpertBank.load(aapa.expert_bank) if aapa.expert_bank else None
-    rows = missing = disagree = 0
+    bank = ExpertBank.load(aapa.expert_bank) if aapa is not None and aapa.expert_bank else None
+    rows, numbers, labels, bad_rows, missing, disagree = 0, [], [], [], [], []
     try:
-        for _, row in read_rows(data):
-            if isinstance(row, DataError):
-                bad.append(str(row))
-                return
+        for number, row in read_rows(data):
             rows += 1
-            label = row.get(label_key)
-            built = None if chat else row.get(input_key)  # the prompt OpenRLHF builds
+            # With a chat template OpenRLHF also takes a list of messages there (its preprocess_data).
+            messages = chat and isinstance(row, dict) and isinstance(row.get(input_key), list)
+            try:
+                check_row(data, number, row, () if messages else (input_key,))
+            except DataError as e:
+                bad_rows.append(str(e))
+                continue
+            numbers.append(number)
+            labels.append(row.get(label_key) if label_key is not None else None)
+            if aapa is None:
+                continue
+            label = labels[-1]
+            built = None if chat else row[input_key]  # the prompt OpenRLHF builds
             if template and "{}" in template and isinstance(built, str):
                 built = template.format(built)
             _, at_run = label_expert(label, built if isinstance(built, str) else "", bank)
@@ -292,23 +313,49 @@ def _check_labels(aapa: AapaSettings, data: str, get: Callable, ok: list[str], b
                 by_data = bank.expert_for(id=label["id"])
             elif bank is not None and isinstance(raw, str):
                 by_data = bank.expert_for(prompt=raw)
-            missing += not at_run
-            disagree += bool(label.get("expert") and by_data and label["expert"] != by_data)
+            if not at_run:
+                missing.append(number)
+            if label.get("expert") and by_data and label["expert"] != by_data:
+                disagree.append(number)
     except DataError as e:  # a format read_rows does not read (OpenRLHF reads more): say so, do not fail
-        ok.append(f"{data}: expert labels not checked ({e})")
+        ok.append(f"{data}: rows not checked ({e})")
         return
+
+    def first(problems: list[str]) -> str:
+        return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
     where = f"{data} ({rows} rows)"
+    if bad_rows:
+        bad.append(f"{where}: {len(bad_rows)} bad rows: "
+                   + first([problem.removeprefix(f"{data}: ") for problem in bad_rows]))
+    if label_key is None:
+        rewards = {}  # OpenRLHF gives every row the label "": there is no label to check
+    for url, reward in rewards.items():
+        try:
+            problems = label_problems(reward, labels)
+        except RewardError as e:  # the reward broke its output contract, whatever the labels
+            bad.append(f"--reward.remote_url {url}: {e}")
+            continue
+        if problems:
+            bad.append(f"{where}: {len(problems)} labels the reward {url} rejects: " + first(
+                [f"row {numbers[i]}: field '{label_key}': {problem}" for i, problem in problems.items()]))
+        else:
+            ok.append(f"{where}: the reward {url} reads every label '{label_key}'")
+    if aapa is None:
+        return
     if missing and aapa.missing_expert == "error":
         built = " (the prompt after the chat template, which the dry run cannot build)" if chat else \
             " (the prompt after --data.input_template)" if template else ""
-        bad.append(f"{where}: {missing} rows have no expert: no label '{label_key}' with an 'expert', and "
-                   f"the expert bank has none for the label's 'id' or 'prompt' or the row's prompt{built}; "
-                   "put the raw 'prompt' or the 'id' in the label, or set aapa.missing_expert: skip")
+        bad.append(f"{where}: {len(missing)} rows have no expert (first: row {missing[0]}): no label "
+                   f"'{label_key}' with an 'expert', and the expert bank has none for the label's 'id' or "
+                   f"'prompt' or the row's prompt{built}; put the raw 'prompt' or the 'id' in the label, or "
+                   "set aapa.missing_expert: skip")
     if disagree:
-        bad.append(f"{where}: {disagree} label experts differ from the expert bank {aapa.expert_bank}")
+        bad.append(f"{where}: {len(disagree)} label experts differ from the expert bank {aapa.expert_bank} "
+                   f"(first: row {disagree[0]})")
     if not (missing and aapa.missing_expert == "error") and not disagree:
-        skipped = f", {missing} without one (skipped from H)" if missing else ""
-        ok.append(f"{where}: experts for {rows - missing} rows{skipped}")
+        skipped = f", {len(missing)} without one (skipped from H)" if missing else ""
+        ok.append(f"{where}: experts for {len(numbers) - len(missing)} rows{skipped}")
 
 
 def _check_layout(get: Callable, ok: list[str], bad: list[str]) -> None:
