@@ -66,10 +66,10 @@ def load_reward(spec: str | dict | list) -> RewardFn:
 def call_reward(
     reward: RewardFn, responses: list[str], labels: list, prompts: list[str]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(rewards, metrics) of a loaded reward; one adapted from a `reward_func` also gets the prompts. Every
-    backend calls rewards here, so the output is checked here: one finite float32 reward per response and
-    metrics of the same length, else a RewardError (a ValueError) naming the reward and the count or
-    the sample."""
+    """(rewards, metrics) of a loaded reward; one adapted from a `reward_func` also gets the prompts. The
+    local and TRL backends call rewards here (OpenRLHF calls its own), so the output is checked here: one
+    finite float32 reward per response and metrics of the same length, else a RewardError (a ValueError)
+    naming the reward and the count or the sample."""
     name = reward_name(reward)
     # A reward that hangs never returns and nothing else would name it: say which, without stopping it.
     notice = threading.Timer(SLOW_REWARD_NOTICE_S, print, [

@@ -223,3 +223,55 @@ def test_ppo_train_normalises_anchors_over_the_optimizer_step(monkeypatch):
     from openrlhf.utils.loss_utils import iter_grad_accum_global_norm
 
     assert ppo_actor.iter_grad_accum_global_norm is iter_grad_accum_global_norm  # restored after the call
+
+
+def weights_and_grads(model) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone(), grads(model)
+
+
+@pytest.mark.parametrize("broken", ["anchor term", "host policy loss"])
+def test_a_non_finite_loss_stops_before_backward_and_leaves_the_weights(monkeypatch, broken):
+    """A NaN anchor term (through lam * L_anchor) or host loss (NaN advantages, with no expert term at all)
+    stops the micro-step before strategy.backward: no gradient, no optimizer step, the weights unchanged."""
+    import aapa_rl.openrlhf_adapter.ppo_actor as adapter
+
+    marks = {0: (1.0, 0.0)}
+    trainer = make_trainer("grpo", lam=0.7 if broken == "anchor term" else 0.0)
+    samples = training_samples(marks)
+    if broken == "anchor term":
+        monkeypatch.setattr(adapter, "anchor_loss", lambda *a, **k: torch.tensor(float("nan")))
+    else:
+        samples[2].advantages = samples[2].advantages * float("nan")
+    model = trainer.actor.model
+    model.zero_grad(set_to_none=False)
+    before = weights_and_grads(model)
+    with pytest.raises(FloatingPointError) as stopped:
+        trainer.training_step(batch(samples), 0.01, 5)
+    message = str(stopped.value)
+    for part in ("non-finite loss at step 3, micro-batch 5", f"on some rank: {broken})",
+                 "the last checkpoint is intact", "--ckpt.load_enable"):
+        assert part in message, (part, message)
+    assert trainer.strategy.backward_calls == 0 and trainer.strategy.optimizer_steps == 0
+    after = weights_and_grads(model)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert "backward" not in vars(trainer.strategy)
+
+
+def test_a_non_finite_loss_on_another_rank_stops_this_one_too():
+    """Every rank max-reduces the flags of (total loss, host, SFT, anchor) before backward: a rank whose own
+    loss is finite stops with the others, naming the term that broke there, instead of waiting for them in
+    DeepSpeed's next collective."""
+    trainer = make_trainer("sft", lam=0.7)
+    reduced = []
+
+    def all_reduce(flags, op="mean"):
+        reduced.append((flags.clone(), op))
+        return torch.maximum(flags, torch.tensor([1.0, 0.0, 1.0, 0.0]))  # the other rank: a NaN SFT term
+
+    trainer.strategy.all_reduce = all_reduce
+    model = trainer.actor.model
+    model.zero_grad(set_to_none=False)
+    with pytest.raises(FloatingPointError, match=r"micro-batch 0 \(non-finite on some rank: SFT term\)"):
+        trainer.training_step(batch(training_samples({0: (1.0, 1.0)})), 0.01, 0)
+    assert [(f.tolist(), op) for f, op in reduced] == [([0.0, 0.0, 0.0, 0.0], "max")]  # one, finite here
+    assert trainer.strategy.backward_calls == 0 and not grads(model).any()

@@ -21,6 +21,7 @@ from aapa_rl.openrlhf_adapter.ppo_trainer import AapaExperienceMaker
 from aapa_rl.openrlhf_adapter.scoring import build_critic
 from aapa_rl.openrlhf_adapter.settings import split_argv
 from aapa_rl.schedule import ScheduleValues
+from reward_fns.combine import RewardError
 
 TOKENIZER = char_tokenizer()
 PROBLEMS = [(12, "+", 34), (57, "-", 18), (23, "*", 4), (45, "+", 45)]
@@ -44,7 +45,8 @@ def make_args(disc_dir: str, *, n: int = GROUP, estimator: str = "group_norm", a
         train=ns(dynamic_batch_enable=False),
         algo=ns(advantage=ns(estimator=estimator, gamma=1.0, lambd=1.0, no_std_norm=False),
                 kl=ns(use_loss=True)),
-        reward=ns(clip_range=(-10, 10), overlong_buffer_len=None, stop_properly_penalty_coef=None),
+        reward=ns(clip_range=(-10, 10), overlong_buffer_len=None, stop_properly_penalty_coef=None,
+                  remote_url=["reward_fns/math.py"], model_name_or_path=None),
         data=ns(max_len=256),
         ds=ns(ring_attn_size=1, tensor_parallel_size=1),
         actor=ns(num_nodes=1, num_gpus_per_node=1),
@@ -290,6 +292,29 @@ def test_mixed_groups_and_missing_experts_are_errors(disc_dir):
     assert skip.last_metrics["aapa/missing_experts"] == 1
     weights = torch.stack(by_index(experiences, lambda e: e.info["aapa_w"])).view(-1, GROUP)
     assert (weights[0] == 0).all()  # a prompt without an expert is never anchored
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+@pytest.mark.parametrize("remote_url, named", [(["my/reward.py", "http://rm:5000"], "my/reward.py,http://rm:5000"),
+                                               (None, "my/reward-model")])
+def test_a_non_finite_task_reward_stops_before_shaping_naming_the_reward_step_and_prompt(
+        disc_dir, bad, remote_url, named):
+    """OpenRLHF calls the --reward.remote_url file (or reward model) itself, past call_reward's check: the
+    experience maker stops on a non-finite reward before it reaches the shaping, advantages and weights."""
+    maker = make_maker(make_args(disc_dir))
+    maker.args.reward.remote_url, maker.args.reward.model_name_or_path = remote_url, "my/reward-model"
+    maker.values, maker.step = step_values("grpo", lam=0.5, alpha=0.3, rho=0.5), 7
+    samples, rows = rollout_batch()
+    for i in (6, 13):
+        samples[i].rewards = torch.tensor([bad])
+    experiences = make_experiences_from(maker, samples)
+    maker._score = lambda *a: pytest.fail("scored a batch with a non-finite reward")
+    with pytest.raises(RewardError) as stopped:
+        maker.compute_advantages_and_returns(experiences)
+    message = str(stopped.value)
+    for part in (f"reward {named!r}: non-finite reward {bad} at step 7 for prompt {rows[6][0][:120]!r}",
+                 "(2 of 16 rewards)", "--ckpt.load_enable"):
+        assert part in message, (part, message)
 
 
 def make_experiences_from(maker, samples):

@@ -21,6 +21,7 @@ from aapa_rl.openrlhf_adapter.ppo_actor import AapaPolicyModelActor
 from aapa_rl.openrlhf_adapter.ppo_trainer import AapaPPOTrainer
 from aapa_rl.openrlhf_adapter.scoring import build_critic
 from aapa_rl.schedule import ScheduleValues
+from reward_fns.combine import RewardError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -214,3 +215,23 @@ def test_train_step_skips_empty_histograms(disc_dir, tmp_path, monkeypatch, poli
     _, step = trainer.train_step([None] * (4 * GROUP), 0)
     trainer.tensorboard_logger.close()
     assert step == 1
+
+
+def test_a_non_finite_reward_stops_the_train_step_naming_its_global_step(disc_dir, tmp_path, monkeypatch,
+                                                                          policy_group):
+    """The driver hands the experience maker its global step with the schedule values, so a reward_func's NaN
+    is reported at the step OpenRLHF is training."""
+    trainer = make_trainer(disc_dir, tmp_path, policy_group)
+
+    def host_train_step(self, rollout_samples, global_step):
+        experiences, _ = make_experiences(self.experience_maker)
+        experiences[2].rewards[0] = math.nan
+        self.experience_maker.compute_advantages_and_returns(experiences)
+        return {}, global_step + 1
+
+    monkeypatch.setattr(ppo_trainer.BasePPOTrainer, "train_step", host_train_step)
+    try:
+        with pytest.raises(RewardError, match=r"reward_fns/math.py.: non-finite reward nan at step 4 for"):
+            trainer.train_step([None] * (4 * GROUP), 4)
+    finally:
+        trainer.tensorboard_logger.close()

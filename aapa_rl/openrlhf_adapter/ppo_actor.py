@@ -7,7 +7,8 @@ Per micro-step the loss handed to `strategy.backward` becomes
     chord: (1 - mu) * L_host + mu * L_sft_phi + lam * L_anchor
 where L_host is OpenRLHF's own policy (+ KL, entropy, aux) loss. The expert terms are token means over the
 optimizer step's expert tokens on all DP ranks, normalised like OpenRLHF's policy loss (total / gas, times
-dp_size), so DeepSpeed's 1/gas scaling and DP averaging leave exactly the token mean of the spec.
+dp_size), so DeepSpeed's 1/gas scaling and DP averaging leave exactly the token mean of the spec. A loss
+that is non-finite on any rank stops every rank before its backward (FloatingPointError).
 """
 
 from __future__ import annotations
@@ -133,35 +134,51 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
             batch = experience.__dict__.pop("aapa_batch")
         experience.info.pop("aapa_w", None)
         experience.info.pop("aapa_sft", None)
-        if batch is None:
-            return super().training_step(experience, kl_ctl, step, loss_batch_info)
-
-        saved = self.actor.temperature
-        self.actor.temperature = 1.0  # the expert NLL is under the policy, not the sampling temperature
-        try:
-            log_probs = self.actor(batch["sequences"], batch["action_mask"],
-                                   attention_mask=batch["attention_mask"],
-                                   ring_attn_group=self.strategy.ring_attn_group)
-        finally:
-            self.actor.temperature = saved
-        mask = batch["action_mask"].float()
-        anchor_mask = mask * (batch["anchor_w"] > 0)[:, None]
-        sft_mask = mask * (batch["sft_w"] > 0)[:, None]
-        state, dp_size = self.aapa_state, dist.get_world_size() if dist.is_initialized() else 1
-        # The objectives return local token means; times the local count gives the sums the window normalises.
-        anchor_mean = anchor_loss(log_probs, anchor_mask, batch["anchor_w"], phi=self.args.aapa.anchor_phi)
-        anchor_sum = anchor_mean * anchor_mask.sum().clamp(min=1)
-        chord_phi = state["objective"] == "chord" and self.args.aapa.chord.phi
-        sft_mean = sft_loss(log_probs, sft_mask, phi=chord_phi)
-        sft_sum = sft_mean * sft_mask.sum().clamp(min=1)
-        anchor_term = anchor_sum / batch["anchor_norm"].to(anchor_sum.device) * dp_size
-        sft_term = sft_sum / batch["sft_norm"].to(sft_sum.device) * dp_size
+        state, terms = self.aapa_state, {}
+        if batch is not None:
+            saved = self.actor.temperature
+            self.actor.temperature = 1.0  # the expert NLL is under the policy, not the sampling temperature
+            try:
+                log_probs = self.actor(batch["sequences"], batch["action_mask"],
+                                       attention_mask=batch["attention_mask"],
+                                       ring_attn_group=self.strategy.ring_attn_group)
+            finally:
+                self.actor.temperature = saved
+            mask = batch["action_mask"].float()
+            anchor_mask = mask * (batch["anchor_w"] > 0)[:, None]
+            sft_mask = mask * (batch["sft_w"] > 0)[:, None]
+            dp_size = dist.get_world_size() if dist.is_initialized() else 1
+            # The objectives return local token means; times the local count gives the sums the window
+            # normalises.
+            anchor_mean = anchor_loss(log_probs, anchor_mask, batch["anchor_w"],
+                                      phi=self.args.aapa.anchor_phi)
+            anchor_sum = anchor_mean * anchor_mask.sum().clamp(min=1)
+            chord_phi = state["objective"] == "chord" and self.args.aapa.chord.phi
+            sft_mean = sft_loss(log_probs, sft_mask, phi=chord_phi)
+            sft_sum = sft_mean * sft_mask.sum().clamp(min=1)
+            anchor_term = anchor_sum / batch["anchor_norm"].to(anchor_sum.device) * dp_size
+            sft_term = sft_sum / batch["sft_norm"].to(sft_sum.device) * dp_size
+            terms = {"SFT term": sft_term, "anchor term": anchor_term}
 
         original, shadowed, calls = self.strategy.backward, vars(self.strategy).get("backward"), []
 
         def backward(loss, model, optimizer, **kwargs):
             calls.append(loss)
-            loss = stage_loss(loss, sft_term, anchor_term, state["objective"], state["mu"], state["lam"])
+            parts = {"host policy loss": loss, **terms}
+            if batch is not None:
+                loss = stage_loss(loss, sft_term, anchor_term, state["objective"], state["mu"], state["lam"])
+            # ZeRO-3 bf16 would apply NaN gradients and later checkpoints rotate the good ones away. A max
+            # over the DP group stops all ranks here together (one raising alone leaves the rest hanging in
+            # the next collective): one all-reduce of a few floats per micro-batch.
+            bad = ~torch.isfinite(loss.detach())
+            flags = torch.stack([bad, *(bad & ~torch.isfinite(t.detach()) for t in parts.values())]).float()
+            flags = self.strategy.all_reduce(flags, op="max").tolist()
+            if flags[0]:
+                names = [name for name, flag in zip(parts, flags[1:], strict=True) if flag] or ["their sum"]
+                raise FloatingPointError(
+                    f"non-finite loss at step {state['step']}, micro-batch {step} (non-finite on some rank: "
+                    f"{', '.join(names)}); stopped before its backward, so the last checkpoint is intact: "
+                    "relaunch with --ckpt.load_enable to resume from it (with a lower learning rate or fp32)")
             return original(loss, model, optimizer, **kwargs)
 
         self.strategy.backward = backward
@@ -174,6 +191,8 @@ class AapaActorPPOTrainer(ActorPPOTrainer):
                 self.strategy.backward = shadowed
         if len(calls) != 1:
             raise RuntimeError(f"OpenRLHF's training_step called strategy.backward {len(calls)} times")
+        if batch is None:
+            return status
 
         added = {
             "aapa/anchor_nll_sum": anchor_sum.detach(), "aapa/anchor_tokens": anchor_mask.sum(),

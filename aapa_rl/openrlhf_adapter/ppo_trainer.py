@@ -23,6 +23,7 @@ from openrlhf.utils.logging_utils import init_logger
 from aapa_rl.anchor import CriticScores, ExpertBank, anchor_step, label_expert
 from aapa_rl.objectives import EXPERT_OBJECTIVES, stage_estimator
 from aapa_rl.schedule import ScheduleValues
+from reward_fns.combine import RewardError
 
 from .scoring import build_critic
 from .settings import stage_list_refusal
@@ -43,6 +44,7 @@ class AapaExperienceMaker(RemoteExperienceMaker):
     (aapa_rl.anchor.anchor_step) and mark its anchors in `info` for the policy ranks."""
 
     values: ScheduleValues | None = None  # this step's schedule values, set by AapaPPOTrainer.train_step
+    step: int | None = None  # this batch's global step, set with the values
     _critic = None
     _bank = None
 
@@ -87,6 +89,17 @@ class AapaExperienceMaker(RemoteExperienceMaker):
             exp.info["aapa_w"] = torch.zeros(len(exp.index))
             exp.info["aapa_sft"] = torch.zeros(len(exp.index))
         rewards = torch.stack([torch.stack([exp.rewards[row] for _, exp, row in group]) for group in groups])
+        # OpenRLHF calls the reward itself, not through call_reward and its finiteness check: a NaN here
+        # would reach the shaped rewards, the advantages and the weights.
+        bad = (~rewards.isfinite()).nonzero()
+        if len(bad):
+            p, j = bad[0].tolist()
+            urls = args.reward.remote_url
+            reward = ",".join(urls) if urls else args.reward.model_name_or_path
+            raise RewardError(
+                f"reward {reward!r}: non-finite reward {rewards[p, j].item()} at step {self.step} for prompt "
+                f"{prompts[p][:120]!r} ({len(bad)} of {rewards.numel()} rewards); fix the reward, then "
+                "relaunch with --ckpt.load_enable to resume from the last checkpoint")
         scored = self._score(prompts, experts, rollouts)
         anchor = anchor_step(values, aapa, scored, rewards.cpu())
         anchor_w = torch.zeros(len(groups))
@@ -190,7 +203,7 @@ class AapaPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     def train_step(self, rollout_samples, global_step: int):
         values = self.aapa_schedule.at(global_step)
-        self.experience_maker.values = values
+        self.experience_maker.values, self.experience_maker.step = values, global_step
         ray.get(self.actor_model_group.async_run_method(method_name="aapa_set_state", step=global_step,
                                                         objective=values.objective, lam=values.lam,
                                                         mu=values.mu))
