@@ -97,6 +97,25 @@ def call_reward(
     return rewards, metrics
 
 
+def stopping_reward(reward: RewardFn, where: str) -> RewardFn:
+    """`reward`, with an exception it raises (the user's code) turned into a RewardError naming it, the
+    exception and `where` ("at step 3"): every backend stops a run on it as on a broken output (its CLI
+    prints the traceback, then the last checkpoint)."""
+    name = reward_name(reward)
+
+    def scored(*args, **kwargs):
+        try:
+            return reward(*args, **kwargs)
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(f"reward {name!r} raised {type(exc).__name__} {where}: {exc}") from exc
+
+    # What call_reward reads: the name errors give, and whether the reward takes the prompts.
+    scored.reward_name, scored.takes_prompts = name, getattr(reward, "takes_prompts", False)
+    return scored
+
+
 def reward_name(reward: RewardFn) -> str:
     """How errors name a reward: its spec (set by the wrappers load_reward builds), else the file and name
     of the function."""

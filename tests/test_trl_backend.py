@@ -117,7 +117,54 @@ def test_aapa_rl_trl_trains_checkpoints_and_resumes_with_the_schedule_state(tmp_
 def test_resume_without_a_checkpoint_is_a_named_error(tmp_path, capsys):
     config = write_config(tmp_path)
     assert cli_main(["trl", "--config", str(config), "--resume"]) == 2
-    assert "holds no checkpoint-* to resume from" in capsys.readouterr().out
+    assert "holds no complete checkpoint-* to resume from" in capsys.readouterr().out
+
+
+def test_a_checkpoint_whose_save_was_cut_short_is_skipped_on_resume(tmp_path, capsys):
+    """A kill mid-save leaves the newest checkpoint without trainer_state.json (the Trainer's last file) or,
+    from earlier versions, aapa_state.json: resuming names each and starts from the newest complete one (it
+    used to fail on the newest, whatever it held)."""
+    config = write_config(tmp_path, max_steps=3, save_steps=1)
+    assert cli_main(["trl", "--config", str(config)]) == 0
+    out = tmp_path / "out"
+    (out / "checkpoint-3" / "aapa_state.json").unlink()
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    capsys.readouterr()
+    assert cli_main(["trl", "--config", str(config), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out / 'checkpoint-3'} is incomplete (no aapa_state.json: a save cut short)" in err
+    assert f"warning: {out / 'checkpoint-2'} is incomplete (no trainer_state.json: a save cut short)" in err
+    for step in (2, 3):  # steps 2 and 3 trained again from checkpoint-1, and saved whole
+        assert (out / f"checkpoint-{step}" / "trainer_state.json").exists()
+        assert (out / f"checkpoint-{step}" / "aapa_state.json").exists()
+    assert [row["step"] for row in history(out) if "aapa/lambda" in row] == [1, 2, 3]
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in scores] == [0, 1, 2]  # from checkpoint-1 on, each step once
+
+
+def test_a_kill_once_old_checkpoints_are_deleted_leaves_the_new_one_complete(tmp_path, monkeypatch):
+    """The Trainer deletes checkpoints beyond save_total_limit at the end of a save: the AAPA state must be in
+    the new checkpoint by then, else a kill there leaves no checkpoint to resume from."""
+    import transformers.trainer
+
+    class Killed(BaseException):
+        pass
+
+    rotate = transformers.trainer.rotate_checkpoints
+
+    def killed_after_the_second(*args, **kwargs):
+        rotate(*args, **kwargs)
+        if (tmp_path / "out" / "checkpoint-2").exists():
+            raise Killed
+
+    monkeypatch.setattr(transformers.trainer, "rotate_checkpoints", killed_after_the_second)
+    config = write_config(tmp_path, max_steps=3, save_steps=1, save_total_limit=1)
+    with pytest.raises(Killed):
+        cli_main(["trl", "--config", str(config)])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert (out / "checkpoint-2" / "aapa_state.json").exists()
 
 
 def test_an_evaluation_between_reused_batches_keeps_the_aapa_terms(tmp_path):
@@ -152,6 +199,29 @@ def test_a_non_finite_loss_stops_the_run_with_a_named_error(tmp_path, monkeypatc
     monkeypatch.setattr(GRPOTrainer, "compute_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="non-finite loss nan at step 0"):
         trainer.compute_loss(trainer.model, trainer._buffered_inputs[0])
+
+
+def test_a_reward_that_raises_mid_run_stops_it_with_a_named_error(tmp_path, capsys):
+    """As in the local trainer: the reward's traceback (the user's aid), then the error naming the reward, the
+    exception and the step, and the last checkpoint, exit code 2 (it used to end in a bare traceback)."""
+    raising = tmp_path / "raising.py"  # raises from the third step's rollouts on (the label check scores "")
+    raising.write_text(
+        "import torch\nCALLS = []\n"
+        "def batch_reward(responses, labels):\n"
+        "    CALLS.extend([1] if any(responses) else [])\n"
+        "    if len(CALLS) >= 3:\n"
+        "        raise KeyError('no such label')\n"
+        "    return torch.ones(len(responses)), {}\n"
+    )
+    config = write_config(tmp_path, max_steps=3, save_steps=2)
+    config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "reward": str(raising)}))
+    assert cli_main(["trl", "--config", str(config)]) == 2
+    printed = capsys.readouterr()
+    assert f'File "{raising}", line 6, in batch_reward' in printed.err
+    assert "KeyError: 'no such label'" in printed.err
+    last = tmp_path / "out" / "checkpoint-2"
+    assert f"aapa-rl trl: reward '{raising}:batch_reward' raised KeyError at step 2: 'no such label'\n" \
+        f"last checkpoint: {last} (fix the cause, then --resume)" in printed.out
 
 
 @pytest.mark.parametrize("aapa", [PLAIN, None], ids=["plain", "aapa"])

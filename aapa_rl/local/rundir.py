@@ -82,7 +82,7 @@ def _with_defaults(saved: dict) -> dict:
         return saved
 
 
-def _replace_text(path: Path, text: str) -> None:
+def replace_text(path: Path, text: str) -> None:
     """Replace `path` whole (written as path.tmp, then renamed): a kill leaves the old file or the new one,
     never one cut off."""
     tmp = path.with_name(path.name + ".tmp")
@@ -91,7 +91,7 @@ def _replace_text(path: Path, text: str) -> None:
 
 
 def _write_config(run_dir: Path, config: dict) -> None:
-    _replace_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    replace_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 def check_resume_config(run_dir: Path, config: dict, found: list[Path]) -> None:
@@ -233,7 +233,7 @@ class RunLog:
             if path.exists():
                 keep = [row for row in plots.read_log(path) if row["step"] < step]
                 # Replaced whole, as in `add`: a kill while rewriting in place lost the rows not yet written.
-                _replace_text(path, "".join(json.dumps(row) + "\n" for row in keep))
+                replace_text(path, "".join(json.dumps(row) + "\n" for row in keep))
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_file = open(self.metrics_path, "a")
         self.scores_file = open(run_dir / "scores.jsonl", "a")
@@ -262,7 +262,7 @@ class RunLog:
         else:  # no row: a run killed in its final eval when the row was written after it
             rows.append({"step": step, **metrics})
         self.metrics_file.close()
-        _replace_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
+        replace_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows))
         self.metrics_file = open(self.metrics_path, "a")
         self._scalars(metrics, step)
 

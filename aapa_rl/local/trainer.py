@@ -58,7 +58,7 @@ from aapa_rl.objectives import (
     stage_loss_weights,
     token_log_probs,
 )
-from reward_fns.combine import RewardError, call_reward, reward_name
+from reward_fns.combine import RewardError, call_reward, reward_name, stopping_reward
 
 if TYPE_CHECKING:
     from aapa_rl.anchor import ExpertBank
@@ -379,31 +379,13 @@ class Trainer:
         group = self.recipe.rollout.group_size
         labels = [x["label"] for x in rows for _ in range(group)]
         rewards, extras = call_reward(
-            self.stopping_reward(f"at step {self.step}"),
+            stopping_reward(self.reward_fn, f"at step {self.step}"),
             texts,
             labels,
             [x["prompt"] for x in rows for _ in range(group)],
         )
         elapsed = time.perf_counter() - t0
         return rewards.float().cpu(), extras, elapsed
-
-    def stopping_reward(self, where: str) -> RewardFn:
-        """The reward, for the rollouts and the evals alike: an exception it raises (the user's code) becomes
-        a RewardError naming it, the exception and `where`, which stops the run as a broken output does (the
-        CLI prints the traceback, then the last checkpoint)."""
-        reward_fn, name = self.reward_fn, reward_name(self.reward_fn)
-
-        def scored(*args, **kwargs):
-            try:
-                return reward_fn(*args, **kwargs)
-            except RewardError:
-                raise
-            except Exception as exc:
-                raise RewardError(f"reward {name!r} raised {type(exc).__name__} {where}: {exc}") from exc
-
-        # What call_reward reads: the name errors give, and whether the reward takes the prompts.
-        scored.reward_name, scored.takes_prompts = name, getattr(reward_fn, "takes_prompts", False)
-        return scored
 
     def experts(self, rows: list[dict]) -> tuple[list[str], list[str | None]]:
         """The prompts the discriminator sees and their experts (aapa_rl.anchor.label_expert's rule)."""
@@ -578,7 +560,7 @@ class Trainer:
             self.policy,
             self.tokenizer,
             self.eval_rows,
-            self.stopping_reward(where),
+            stopping_reward(self.reward_fn, where),
             max_new_tokens=r.rollout.max_new_tokens,
             dtype=r.model.dtype,
             discriminator=self.discriminator,

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,7 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
     from scores.jsonl)."""
     from aapa_rl.local.plots import histograms, read_log
 
-    from .trainer import SCORES_FILE
+    from .trainer import SCORES_FILE, last_checkpoint
 
     ok, bad, loaded = check(run)
     if bad:
@@ -294,12 +295,14 @@ def train(run: TrlRun, *, resume: bool = False) -> dict:
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose "
             "another trl.output_dir"
         )
-    if resume and not any(out.glob("checkpoint-*")):
-        raise ConfigError(f"--resume: {out} holds no checkpoint-* to resume from")
+    # TRL's own resume takes the newest checkpoint-N, even one whose save was cut short
+    checkpoint = last_checkpoint(out, warn=True) if resume else None
+    if resume and checkpoint is None:
+        raise ConfigError(f"--resume: {out} holds no complete checkpoint-* to resume from")
     if not resume:
         (out / SCORES_FILE).unlink(missing_ok=True)  # an earlier run's, without checkpoints
     trainer = build_trainer(run, loaded)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(out / "final"))
     if trainer.accelerator.is_main_process:
         with open(out / "metrics.jsonl", "w") as f:
@@ -349,7 +352,7 @@ def run_command(args: argparse.Namespace) -> int:
     from reward_fns.combine import RewardError
 
     try:
-        from . import trainer  # noqa: F401  (TRL present, at the pinned version)
+        from . import trainer  # TRL present, at the pinned version
     except ImportError as e:
         print(f"aapa-rl trl: {e}; pip install 'aapa-rl[trl]' (trl==1.16.0, Python >= 3.11)")
         return 2
@@ -368,7 +371,14 @@ def run_command(args: argparse.Namespace) -> int:
             )
             return 1 if bad else 0
         train(run, resume=args.resume)
-    except (ConfigError, OSError, yaml.YAMLError, FloatingPointError, RewardError) as e:
+    except RewardError as e:  # a reward that broke its contract, or raised (trainer.trl_reward), mid-run
+        if e.__cause__ is not None:  # it raised: its traceback points into the user's reward file
+            traceback.print_exception(e.__cause__)
+        good = trainer.last_checkpoint(run.config.output_dir)
+        print(f"aapa-rl trl: {e}\nlast checkpoint: {good or 'none'}"
+              + (" (fix the cause, then --resume)" if good else ""))
+        return 2
+    except (ConfigError, OSError, yaml.YAMLError, FloatingPointError) as e:
         print(f"aapa-rl trl: {e}")
         return 2
     return 0

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +31,12 @@ from pathlib import Path
 import torch
 import trl
 from accelerate.utils import broadcast_object_list, gather_object
+from transformers.trainer import TRAINER_STATE_NAME
 from trl import GRPOTrainer
 
 from aapa_rl.anchor import AnchorCritic, ExpertBank, anchor_step, label_expert
 from aapa_rl.local.plots import read_log
+from aapa_rl.local.rundir import replace_text
 from aapa_rl.objectives import (
     EXPERT_OBJECTIVES,
     ORACLE_NEEDS_FLAW_BONUS,
@@ -72,13 +75,18 @@ def labels_of(label_json: list | None, label: list | None, n: int) -> list:
 def trl_reward(reward, name: str) -> Callable:
     """A reward of reward_fns (reward_fns.combine.load_reward: a module name, a .py file or a weighted sum) as
     a TRL reward function, so that one reward file serves the local trainer, OpenRLHF and TRL. Its extra
-    metrics are logged as `reward/<name>` like the other backends."""
-    from reward_fns.combine import call_reward
+    metrics are logged as `reward/<name>` like the other backends. An exception it raises (the user's code)
+    becomes a RewardError naming it, the exception and the step (reward_fns.combine.stopping_reward):
+    `aapa-rl trl` stops on it with the last checkpoint."""
+    from reward_fns.combine import call_reward, stopping_reward
 
-    def reward_function(prompts, completions, label_json=None, label=None, log_metric=None, **_) -> list:
+    def reward_function(
+        prompts, completions, label_json=None, label=None, log_metric=None, trainer_state=None, **_
+    ) -> list:
         labels = labels_of(label_json, label, len(completions))
         texts, prompt_texts = [text_of(c) for c in completions], [text_of(p) for p in prompts]
-        rewards, extras = call_reward(reward, texts, labels, prompt_texts)
+        where = "outside training" if trainer_state is None else f"at step {trainer_state.global_step}"
+        rewards, extras = call_reward(stopping_reward(reward, where), texts, labels, prompt_texts)
         if log_metric is not None:
             for key, value in extras.items():
                 log_metric(f"reward/{key}", float(value.float().mean()))
@@ -344,11 +352,15 @@ class AapaGRPOTrainer(GRPOTrainer):
         }
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Trainer writes trainer_state.json last, then deletes checkpoints beyond save_total_limit: the AAPA
+        # state goes in first, so one with trainer_state.json is complete (last_checkpoint) before older ones
+        # go. A save of this step cut short (the run resumed before it) left a trainer_state.json: out first.
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(self.aapa_state_dict(), f, indent=1)
+            folder = Path(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TRAINER_STATE_NAME).unlink(missing_ok=True)
+            (folder / STATE_FILE).write_text(json.dumps(self.aapa_state_dict(), indent=1))
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -370,7 +382,22 @@ class AapaGRPOTrainer(GRPOTrainer):
         scores = Path(self.args.output_dir) / SCORES_FILE
         if self.accelerator.is_main_process and scores.exists():  # drop the steps after the checkpoint
             kept = [row for row in read_log(scores) if row["step"] < self.state.global_step]
-            scores.write_text("".join(json.dumps(row) + "\n" for row in kept))
+            replace_text(scores, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def last_checkpoint(output_dir: str | Path, *, warn: bool = False) -> Path | None:
+    """The newest complete checkpoint-N in output_dir (None: none is). A save cut short leaves one without
+    trainer_state.json or the AAPA state (AapaGRPOTrainer._save_checkpoint); `warn`: name each one passed
+    over, as the local backend's read_checkpoint does."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    for checkpoint in sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True):
+        missing = [name for name in (TRAINER_STATE_NAME, STATE_FILE) if not (checkpoint / name).exists()]
+        if not missing:
+            return checkpoint
+        if warn:
+            print(f"warning: {checkpoint} is incomplete (no {' or '.join(missing)}: a save cut short); "
+                  "trying the checkpoint before it", file=sys.stderr)
+    return None
 
 
 def check_trainer_config(aapa: AapaSettings, args, has_critic: bool) -> list[str]:
