@@ -177,7 +177,7 @@ def test_resuming_with_other_stages_is_refused_before_any_model_loads(stop_at_st
     checkpoint = tmp_path / "ckpt" / "_actor"
     (checkpoint / "global_step3").mkdir(parents=True)
     (checkpoint / "latest").write_text("global_step3")
-    torch.save({"module": {"weight": torch.zeros(3)}, "global_step": 3,
+    torch.save({"module": {"weight": torch.zeros(3)}, "global_step": 3, "dp_world_size": 8,
                 "aapa": {"schedule": saved, "counters": {}, "discriminator": str(data / "disc")}},
                checkpoint / "global_step3" / "mp_rank_00_model_states.pt")
     resume = ["--ckpt.path", str(tmp_path / "ckpt"), "--ckpt.load_enable"]
@@ -195,6 +195,10 @@ def test_resuming_with_other_stages_is_refused_before_any_model_loads(stop_at_st
 
     with pytest.raises(StoppedBeforeGPU):  # the saved list resumes; so does a path without a checkpoint
         launch.main([*BASE, *aapa_flags(data, saved_stages), *resume])
+    # Written by 8 ranks: DeepSpeed would refuse its ZeRO optimizer state on 16, after the models load.
+    ranks = f"checkpoint {checkpoint / 'global_step3'} was written by 8 policy ranks and this layout has 16"
+    with pytest.raises(SystemExit, match=re.escape(ranks)):
+        launch.main([*BASE, *aapa_flags(data, saved_stages), *resume, *TWO_NODES])
     with pytest.raises(StoppedBeforeGPU):
         launch.main([*BASE, *aapa_flags(data), "--ckpt.path", str(tmp_path / "none"), "--ckpt.load_enable"])
 

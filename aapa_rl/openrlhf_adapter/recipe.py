@@ -51,6 +51,7 @@ DEFAULTS = {
     "data.prompt_dataset": None, "actor.model_name_or_path": None, "reward.remote_url": None,
     "eval.dataset": None, "data.input_template": None, "data.apply_chat_template": False,
     "ckpt.path": "./ckpt/checkpoints_ppo_ray", "ckpt.load_enable": False, "ckpt.output_dir": "./ckpt",
+    "ds.zero_stage": 2, "ds.use_universal_ckpt": False,
     "logger.tensorboard_dir": None,
 }
 

@@ -138,19 +138,31 @@ def refused(get: Callable[[str], object], aapa: AapaSettings) -> list[str]:
 
 
 def resume_refusals(get: Callable[[str], object], aapa: AapaSettings) -> list[str]:
-    """With --ckpt.load_enable, the checkpoint OpenRLHF would resume from must hold this stage list: read
-    here, before any model loads (the trainer checks again where it restores the checkpoint)."""
+    """With --ckpt.load_enable, the checkpoint OpenRLHF would resume from must fit this run: its stage list,
+    and as many policy ranks as wrote its ZeRO optimizer state (DeepSpeed refuses another count, after the
+    models load). Read here, before anything starts; the trainer checks the stages again where it restores
+    the checkpoint."""
     actor = Path(str(get("ckpt.path"))) / "_actor"
     latest = actor / "latest"  # DeepSpeed's pointer to the newest tag, which OpenRLHF's resume loads
     if not get("ckpt.load_enable") or not latest.is_file():
         return []
-    files = sorted((actor / latest.read_text().strip()).glob("*model_states.pt"))
+    tag = actor / latest.read_text().strip()
     try:  # mmap: the weights stored beside the client state are not read
-        saved = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get("aapa")
+        state = torch.load(sorted(tag.glob("*model_states.pt"))[0], map_location="cpu", mmap=True,
+                           weights_only=False)
     except (IndexError, OSError, RuntimeError, pickle.UnpicklingError):
         return []  # not readable here: DeepSpeed's own load will say why
-    problem = saved and stage_list_refusal(saved, aapa, str(actor))
-    return [problem] if problem else []
+    problems = []
+    ranks, saved_ranks = get("actor.num_nodes") * get("actor.num_gpus_per_node"), state.get("dp_world_size")
+    if get("ds.zero_stage") and not get("ds.use_universal_ckpt") and saved_ranks not in (None, ranks):
+        problems.append(f"--ckpt.load_enable: the checkpoint {tag} was written by {saved_ranks} policy ranks "
+                        f"and this layout has {ranks} (--actor.num_nodes x --actor.num_gpus_per_node): "
+                        "DeepSpeed cannot split its ZeRO optimizer state over another number of ranks; "
+                        "resume with the saved layout, or start afresh with another --ckpt.path or without "
+                        "--ckpt.load_enable")
+    if state.get("aapa") and (problem := stage_list_refusal(state["aapa"], aapa, str(actor))):
+        problems.append(problem)
+    return problems
 
 
 def stage_list_refusal(saved: dict, aapa: AapaSettings, checkpoint: str) -> str | None:

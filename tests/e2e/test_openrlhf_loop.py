@@ -156,8 +156,8 @@ def test_resume_continues_step_schedule_and_counters(resumed: tuple[Run, Run]):
 
 
 def test_resuming_with_other_stages_is_refused_before_launching(run_layout, assets: Assets):
-    """The checks read the AAPA state from the run's DeepSpeed checkpoint, so another stage list is refused
-    before Ray, the models or the engines start; the saved list passes."""
+    """The checks read the run's DeepSpeed checkpoint, so another stage list, or another number of policy
+    ranks, is refused before Ray, the models or the engines start; the saved run's settings pass."""
     first = run_layout("zero2-1rank")
     resume = [*assets.flags(), "--ckpt.path", str(first.ckpt), "--ckpt.load_enable"]
     stages = yaml.safe_load(RECIPE.read_text())["aapa"]["stages"]
@@ -165,6 +165,9 @@ def test_resuming_with_other_stages_is_refused_before_launching(run_layout, asse
     refusal = f"FAIL  --aapa.stages differs from the stage list saved in the checkpoint {first.ckpt}/_actor"
     assert refusal in dry_run([*resume, "--aapa.stages", json.dumps(stages)])
     assert "FAIL" not in dry_run(resume)
+    # Its ZeRO optimizer state was written by 1 rank: DeepSpeed would refuse it on 2, after the models load.
+    assert "was written by 1 policy ranks and this layout has 2" in dry_run(
+        [*resume, "--actor.num_gpus_per_node", "2"])
 
 
 def test_data_without_experts_fails_before_any_gpu_work(run_layout, assets: Assets):
