@@ -16,6 +16,15 @@ from pathlib import Path
 import torch
 
 # A small version of the demo task: enough rows for a few steps, quick to write.
+# A reward file that raises from the third step's rollouts on (the startup label check scores "" only).
+RAISING_REWARD = (
+    "import torch\nCALLS = []\n"
+    "def batch_reward(responses, labels):\n"
+    "    CALLS.extend([1] if any(responses) else [])\n"
+    "    if len(CALLS) >= 3:\n"
+    "        raise KeyError('no such label')\n"
+    "    return torch.ones(len(responses)), {}\n"
+)
 TASK = {"seed": 0, "n_sft": 300, "n_train": 64, "n_eval": 16, "flawed_fraction": 0.05}
 _ROOT = Path(tempfile.mkdtemp(prefix="aapa-local-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from local_helpers import base_recipe, discriminator_dir, warm_run
+from local_helpers import RAISING_REWARD, base_recipe, discriminator_dir, warm_run
 
 from aapa_rl.cli import main
 
@@ -237,15 +237,8 @@ def test_a_reward_that_breaks_its_contract_is_named_and_the_checkpoints_kept(tmp
 def test_a_reward_that_raises_mid_run_stops_it_like_a_broken_one(tmp_path, capsys):
     """A reward that raises mid-run: its traceback (the user's aid), then the error naming the file, the
     exception and the step, and the last checkpoint, exit code 2 (it used to end in a traceback, exit 1)."""
-    raising = tmp_path / "raising.py"  # raises from the third step's rollouts on (the label check scores "")
-    raising.write_text(
-        "import torch\nCALLS = []\n"
-        "def batch_reward(responses, labels):\n"
-        "    CALLS.extend([1] if any(responses) else [])\n"
-        "    if len(CALLS) >= 3:\n"
-        "        raise KeyError('no such label')\n"
-        "    return torch.ones(len(responses)), {}\n"
-    )
+    raising = tmp_path / "raising.py"
+    raising.write_text(RAISING_REWARD)
     assert main(["train", "--config", str(_reward_recipe(tmp_path, raising)), "--no-progress"]) == 2
     err = capsys.readouterr().err
     last = tmp_path / "raising" / "checkpoints" / "step_000002"

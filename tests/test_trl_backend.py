@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import gpu_stand_ins_hidden
-from local_helpers import TASK, base_recipe, discriminator_dir, warm_run
+from local_helpers import RAISING_REWARD, TASK, base_recipe, discriminator_dir, warm_run
 
 if sys.version_info < (3, 11):  # pyproject's `trl` extra is not installed there: nothing to test
     pytest.skip("TRL 1.16.0 needs Python >= 3.11", allow_module_level=True)
@@ -204,15 +204,8 @@ def test_a_non_finite_loss_stops_the_run_with_a_named_error(tmp_path, monkeypatc
 def test_a_reward_that_raises_mid_run_stops_it_with_a_named_error(tmp_path, capsys):
     """As in the local trainer: the reward's traceback (the user's aid), then the error naming the reward, the
     exception and the step, and the last checkpoint, exit code 2 (it used to end in a bare traceback)."""
-    raising = tmp_path / "raising.py"  # raises from the third step's rollouts on (the label check scores "")
-    raising.write_text(
-        "import torch\nCALLS = []\n"
-        "def batch_reward(responses, labels):\n"
-        "    CALLS.extend([1] if any(responses) else [])\n"
-        "    if len(CALLS) >= 3:\n"
-        "        raise KeyError('no such label')\n"
-        "    return torch.ones(len(responses)), {}\n"
-    )
+    raising = tmp_path / "raising.py"
+    raising.write_text(RAISING_REWARD)
     config = write_config(tmp_path, max_steps=3, save_steps=2)
     config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "reward": str(raising)}))
     assert cli_main(["trl", "--config", str(config)]) == 2
