@@ -342,6 +342,24 @@ def test_dry_run_loads_the_reward_file_to_check_the_labels(data, monkeypatch, ca
         assert sum(line.startswith("  FAIL") for line in out) == (url != server), out
 
 
+def test_a_recipe_without_a_label_key_is_refused_when_the_reward_needs_labels(data, monkeypatch, capsys,
+                                                                            tmp_path):
+    """Without --data.label_key OpenRLHF gives every row the label "", and reward_fns/math.py would score
+    every rollout 0 (logging an error per sample) for the whole run."""
+    monkeypatch.chdir(REPO)
+    recipe = yaml.safe_load((REPO / "configs" / "qwen3-0.6b-grpo.yaml").read_text())
+    del recipe["openrlhf"]["data.label_key"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    flags = data_flags(data, aapa=False)
+    assert cli.main(["launch", "--config", str(tmp_path / "recipe.yaml"), "--dry-run", "--", *flags]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  FAIL")]
+    assert len(fails) == 2, fails  # the prompt and the eval dataset
+    assert all("no --data.label_key, so OpenRLHF gives every row the label '', which the reward "
+               "reward_fns/math.py rejects" in line for line in fails), fails
+    assert cli.main(["launch", "--config", str(tmp_path / "recipe.yaml"), "--dry-run", "--", *flags,
+                     "--data.label_key", "label"]) == 0
+
+
 def test_dry_run_finds_experts_as_the_run_does(data, monkeypatch, capsys, tmp_path):
     """A label without an expert finds it in the bank by its id, its raw `prompt`, or else by the prompt
     OpenRLHF builds (after the recipe's input_template), as aapa_rl.anchor.label_expert does at run time."""

@@ -329,8 +329,16 @@ def _check_rows(data: str, get: Callable, rewards: dict[str, RewardFn], aapa: Aa
     if bad_rows:
         bad.append(f"{where}: {len(bad_rows)} bad rows: "
                    + first([problem.removeprefix(f"{data}: ") for problem in bad_rows]))
-    if label_key is None:
-        rewards = {}  # OpenRLHF gives every row the label "": there is no label to check
+    if label_key is None:  # OpenRLHF gives every row the label "": a reward that needs labels scores 0
+        for url, reward in rewards.items():
+            try:
+                problem = label_problems(reward, [""]).get(0)
+            except RewardError as e:
+                problem = str(e)
+            if problem:
+                bad.append(f"{where}: no --data.label_key, so OpenRLHF gives every row the label '', which "
+                           f"the reward {url} rejects ({problem}); set --data.label_key")
+        rewards = {}
     for url, reward in rewards.items():
         try:
             problems = label_problems(reward, labels)
